@@ -1,0 +1,124 @@
+//! Length-prefixed bincode frames: a little-endian `u32` length, then the
+//! payload. The length is checked against the maximum before the payload is
+//! allocated, and bincode's own limit bounds what a payload may claim.
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame either side accepts. Restores and flushes are chunked to stay
+/// well below it.
+pub const MAX_FRAME_BYTES: u32 = 64 << 20;
+/// No message encodes to fewer bytes than this (an enum tag).
+pub const MIN_FRAME_BYTES: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("connection ended inside a frame ({got} of {expected} bytes)")]
+    Truncated { got: usize, expected: usize },
+    #[error("frame declares {len} bytes, above the maximum of {max}")]
+    TooLarge { len: u32, max: u32 },
+    #[error("frame declares {len} bytes, below the minimum of {MIN_FRAME_BYTES}")]
+    Undersized { len: u32 },
+    #[error("frame payload does not decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("frame payload has {0} bytes after the message")]
+    TrailingBytes(usize),
+    #[error("message does not encode: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("handshake: peer is not an analytics process (bad magic)")]
+    BadMagic,
+    #[error("handshake: protocol version {theirs} does not match ours ({ours})")]
+    VersionMismatch { ours: u32, theirs: u32 },
+    #[error("handshake: expected a {expected:?} peer, got {got:?}")]
+    UnexpectedRole { expected: crate::Role, got: crate::Role },
+    #[error("i/o on the frame stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// A closed or truncated stream means the peer is gone; everything else
+    /// means the peer (or we) broke the protocol. Neither is retried on the
+    /// same connection: the supervisor replaces the peer.
+    pub fn is_peer_gone(&self) -> bool {
+        matches!(self, FrameError::Closed | FrameError::Truncated { .. })
+    }
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_FRAME_BYTES as usize }>()
+}
+
+/// Encodes a message as one frame (length prefix included) into `out`.
+pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    out.clear();
+    out.extend_from_slice(&[0; 4]);
+    bincode::serde::encode_into_std_write(msg, out, config())?;
+    let len = out.len() - 4;
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_FRAME_BYTES)
+        .ok_or(FrameError::TooLarge { len: u32::try_from(len).unwrap_or(u32::MAX), max: MAX_FRAME_BYTES })?;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Checks a declared payload length before anything is allocated for it.
+pub fn check_len(len: u32) -> Result<usize, FrameError> {
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    if len < MIN_FRAME_BYTES {
+        return Err(FrameError::Undersized { len });
+    }
+    Ok(len as usize)
+}
+
+/// Decodes one payload; every byte must belong to the message.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let (msg, used) = bincode::serde::decode_from_slice(payload, config())?;
+    if used != payload.len() {
+        return Err(FrameError::TrailingBytes(payload.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Reads one frame's payload into `buf`.
+pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    let mut len_bytes = [0u8; 4];
+    let got = read_full(r, &mut len_bytes).await?;
+    if got == 0 {
+        return Err(FrameError::Closed);
+    }
+    if got < 4 {
+        return Err(FrameError::Truncated { got, expected: 4 });
+    }
+    let len = check_len(u32::from_le_bytes(len_bytes))?;
+    buf.clear();
+    buf.resize(len, 0);
+    let got = read_full(r, buf).await?;
+    if got < len {
+        return Err(FrameError::Truncated { got, expected: len });
+    }
+    Ok(())
+}
+
+/// Like `read_exact`, but reports how much arrived before end of stream.
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]).await? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
+/// Writes an encoded frame and flushes it.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> Result<(), FrameError> {
+    w.write_all(frame).await?;
+    w.flush().await?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Messages between the supervisor and its children, and the handshake.
+
+use crate::model::*;
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a message changes shape; peers of different versions
+/// refuse each other at the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// First bytes of every hello, so a stray connection is told apart.
+pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
+
+pub type RequestId = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Supervisor,
+    Worker,
+    Storage,
+}
+
+/// The first frame each side sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub role: Role,
+    pub pid: u32,
+}
+
+impl Hello {
+    pub fn new(role: Role) -> Hello {
+        Hello { magic: MAGIC, version: PROTOCOL_VERSION, role, pid: std::process::id() }
+    }
+}
+
+/// Settings a worker needs to fold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    pub low_stock_threshold: i64,
+    pub max_event_bytes: u32,
+}
+
+/// Raw event values of one shard and stream, packed into one buffer:
+/// event `i` is `payload[ends[i-1]..ends[i]]` at `offsets[i]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub shard: Shard,
+    pub stream: Box<str>,
+    pub offsets: Vec<Offset>,
+    pub ends: Vec<u32>,
+    pub payload: Vec<u8>,
+}
+
+impl EventBatch {
+    pub fn new(shard: Shard, stream: Box<str>) -> EventBatch {
+        EventBatch { shard, stream, ..EventBatch::default() }
+    }
+
+    pub fn push(&mut self, offset: Offset, value: &[u8]) {
+        self.payload.extend_from_slice(value);
+        self.offsets.push(offset);
+        self.ends.push(self.payload.len() as u32);
+    }
+
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    pub fn last_offset(&self) -> Option<Offset> {
+        self.offsets.last().copied()
+    }
+
+    /// The events as (offset, bytes). A batch whose `ends` are inconsistent
+    /// with its payload yields nothing past the first bad entry.
+    pub fn iter(&self) -> impl Iterator<Item = (Offset, &[u8])> {
+        let mut start = 0usize;
+        self.offsets.iter().zip(&self.ends).map_while(move |(&offset, &end)| {
+            let end = end as usize;
+            let bytes = self.payload.get(start..end)?;
+            start = end;
+            Some((offset, bytes))
+        })
+    }
+}
+
+/// A slice of one shard's durable state, sent by storage when a shard is
+/// loaded and forwarded to the worker that will own it. Large states come in
+/// several chunks; the last has `last = true`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardState {
+    pub shard: Shard,
+    pub positions: Vec<Position>,
+    pub products: Vec<(ProductId, ProductState)>,
+    /// `lastEventAt` of the entities the shard has seen (the rest of an
+    /// entity's totals is derived from the products).
+    pub entity_times: Vec<(EntityKey, i64)>,
+    pub last: bool,
+}
+
+/// What changed in one shard since the previous flush, as absolute values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardChanges {
+    pub shard: Shard,
+    /// Last applied offset per stream, after these changes.
+    pub positions: Vec<Position>,
+    pub products: Vec<(ProductId, ProductState)>,
+    pub entities: Vec<(EntityKey, EntityTotals)>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl ShardChanges {
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+            && self.products.is_empty()
+            && self.entities.is_empty()
+            && self.dead_letters.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    Configure(WorkerConfig),
+    /// Durable state of a shard the worker now owns; events for the shard
+    /// follow only after the chunk with `last = true`.
+    Restore(ShardState),
+    Events(EventBatch),
+    /// Answer with everything changed since the previous flush.
+    Flush { id: RequestId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    Changes { id: RequestId, shards: Vec<ShardChanges> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToStorage {
+    /// Stream the durable state of a shard back as `Loaded` chunks.
+    Load { id: RequestId, shard: Shard },
+    /// Write changes atomically and idempotently, then answer `Written`.
+    Write { id: RequestId, changes: Vec<ShardChanges> },
+    /// Write a snapshot of every metric record to the archive.
+    Snapshot { id: RequestId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromStorage {
+    Loaded { id: RequestId, state: ShardState },
+    Written { id: RequestId },
+    Snapshotted { id: RequestId, key: String },
+    Failed { id: RequestId, error: String, retryable: bool },
+}

@@ -1,0 +1,2 @@
+//! The fold engine of the analytics service.
+pub mod records;
