@@ -1,2 +1,16 @@
 //! The fold engine of the analytics service.
+//!
+//! Layout:
+//! - [`decode`]: one raw event value → a typed [`decode::Event`] or a
+//!   [`decode::Rejection`] with a reason code.
+//! - [`fold`]: product state as last-writer-wins registers and exact
+//!   per-shard seller/category totals; changes out, restores in.
+//! - [`intern`]: 4-byte symbols for repeated strings.
+//! - [`records`]: the metric record format every output shares.
+//! - [`serve`]: the worker process: the fold behind a proto channel.
+//! - [`generate`]: a deterministic generator of realistic events.
+
+pub mod decode;
+pub mod fold;
+pub mod intern;
 pub mod records;

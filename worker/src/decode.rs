@@ -1,0 +1,545 @@
+//! Decoding of one event value (DESIGN §2) into an [`Event`], or a typed
+//! [`Rejection`] saying why it is bad input (DESIGN §7).
+//!
+//! Both producer dialects are accepted: the published contract (updates carry
+//! `data.changes = {field: {old, new}}`, thin deletes) and the backend as it
+//! runs (full rows, `data.previousData` in snake_case, prices as strings).
+//! Numbers are read from their JSON text, never through f64, so prices are
+//! exact cents.
+
+use proto::ProductId;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// Timestamps are packed into versions as `ts * 4 + rank`.
+const MAX_TIMESTAMP: i64 = i64::MAX / 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventKind {
+    Created = 0,
+    Updated = 1,
+    Deleted = 2,
+}
+
+/// A decoded event. Borrowed strings point into the raw value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub kind: EventKind,
+    pub timestamp: i64,
+    pub product_id: ProductId,
+    pub seller: Cow<'a, str>,
+    /// New field values the event carries (absent = not carried).
+    pub category: Option<Cow<'a, str>>,
+    pub name: Option<Cow<'a, str>>,
+    pub price_cents: Option<i64>,
+    pub quantity: Option<i64>,
+    /// Previous seller and category the event names (`changes.*.old`,
+    /// `previousData`): they are mentioned by the event too.
+    pub old_seller: Option<Cow<'a, str>>,
+    pub old_category: Option<Cow<'a, str>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("event is {len} bytes, above the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    #[error("field {field} is invalid: {why}")]
+    InvalidField { field: &'static str, why: String },
+    #[error("field {0} is negative")]
+    NegativeValue(&'static str),
+    #[error("unknown eventType {0:?}")]
+    UnknownEventType(String),
+}
+
+impl Rejection {
+    /// Stable reason code, used for counting and in dead letters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::MissingField(_) => "missing_field",
+            Rejection::InvalidField { .. } => "invalid_field",
+            Rejection::NegativeValue(_) => "negative_value",
+            Rejection::UnknownEventType(_) => "unknown_event_type",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(rename = "eventType", borrow)]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<RawData<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawData<'a> {
+    #[serde(rename = "productId", borrow)]
+    product_id: Option<&'a RawValue>,
+    #[serde(rename = "sellerId", borrow)]
+    seller_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    category: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    price: Option<&'a RawValue>,
+    #[serde(borrow)]
+    quantity: Option<&'a RawValue>,
+    #[serde(borrow)]
+    changes: Option<RawChanges<'a>>,
+    #[serde(rename = "previousData", borrow)]
+    previous: Option<RawPrevious<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawChanges<'a> {
+    #[serde(borrow)]
+    price: Option<RawChange<&'a RawValue>>,
+    #[serde(borrow)]
+    quantity: Option<RawChange<&'a RawValue>>,
+    #[serde(borrow)]
+    category: Option<RawChange<Cow<'a, str>>>,
+    #[serde(borrow)]
+    name: Option<RawChange<Cow<'a, str>>>,
+    #[serde(rename = "sellerId", borrow)]
+    seller_id: Option<RawChange<Cow<'a, str>>>,
+}
+
+#[derive(Deserialize)]
+struct RawChange<T> {
+    old: Option<T>,
+    new: Option<T>,
+}
+
+#[derive(Deserialize)]
+struct RawPrevious<'a> {
+    #[serde(borrow)]
+    seller_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    category: Option<Cow<'a, str>>,
+}
+
+/// Decodes one event value.
+pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejection> {
+    if bytes.len() > max_event_bytes {
+        return Err(Rejection::TooLarge {
+            len: bytes.len(),
+            max: max_event_bytes,
+        });
+    }
+    let raw: RawEvent<'_> = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Rejection::InvalidField {
+            field: "event",
+            why: e.to_string(),
+        },
+        _ => Rejection::InvalidJson(e.to_string()),
+    })?;
+    let kind = match raw.event_type.as_deref() {
+        None => return Err(Rejection::MissingField("eventType")),
+        Some("ProductCreated") => EventKind::Created,
+        Some("ProductUpdated") => EventKind::Updated,
+        Some("ProductDeleted") => EventKind::Deleted,
+        Some(other) => return Err(Rejection::UnknownEventType(other.to_string())),
+    };
+    let timestamp = integer(
+        raw.timestamp.ok_or(Rejection::MissingField("timestamp"))?,
+        "timestamp",
+    )?;
+    if timestamp > MAX_TIMESTAMP {
+        return Err(Rejection::InvalidField {
+            field: "timestamp",
+            why: "too large".into(),
+        });
+    }
+    let data = raw.data.ok_or(Rejection::MissingField("data"))?;
+    let product_id = product_id(
+        data.product_id
+            .ok_or(Rejection::MissingField("data.productId"))?,
+    )?;
+    let seller = data
+        .seller_id
+        .ok_or(Rejection::MissingField("data.sellerId"))?;
+    if seller.is_empty() {
+        return Err(Rejection::InvalidField {
+            field: "data.sellerId",
+            why: "empty".into(),
+        });
+    }
+
+    let mut event = Event {
+        kind,
+        timestamp,
+        product_id,
+        seller,
+        category: data.category,
+        name: data.name,
+        price_cents: data
+            .price
+            .map(|p| price_cents(p, "data.price"))
+            .transpose()?,
+        quantity: data
+            .quantity
+            .map(|q| integer(q, "data.quantity"))
+            .transpose()?,
+        old_seller: None,
+        old_category: None,
+    };
+    if let Some(prev) = data.previous {
+        event.old_seller = prev.seller_id;
+        event.old_category = prev.category;
+    }
+    // `changes` is the contract's explicit statement of new values: it wins
+    // over the top-level fields.
+    if let Some(ch) = data.changes {
+        if let Some(c) = ch.price {
+            if let Some(new) = c.new {
+                event.price_cents = Some(price_cents(new, "data.changes.price.new")?);
+            }
+        }
+        if let Some(c) = ch.quantity {
+            if let Some(new) = c.new {
+                event.quantity = Some(integer(new, "data.changes.quantity.new")?);
+            }
+        }
+        if let Some(c) = ch.category {
+            event.old_category = c.old.or(event.old_category);
+            event.category = c.new.or(event.category);
+        }
+        if let Some(c) = ch.name {
+            event.name = c.new.or(event.name);
+        }
+        if let Some(c) = ch.seller_id {
+            event.old_seller = c.old.or(event.old_seller);
+            if let Some(new) = c.new.filter(|s| !s.is_empty()) {
+                event.seller = new;
+            }
+        }
+    }
+    Ok(event)
+}
+
+/// The text of a JSON number, or of a string holding one.
+fn numeric_text<'a>(raw: &'a RawValue, field: &'static str) -> Result<&'a str, Rejection> {
+    let text = raw.get();
+    let text = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) => inner.trim(),
+        None => text,
+    };
+    if text.is_empty()
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
+    {
+        return Err(Rejection::InvalidField {
+            field,
+            why: format!("not a number: {}", raw.get()),
+        });
+    }
+    Ok(text)
+}
+
+/// Parses a decimal number exactly and scales it by `10^scale`; fails if the
+/// result is not an integer or does not fit an i64.
+fn scaled_decimal(text: &str, scale: u32, field: &'static str) -> Result<i64, Rejection> {
+    let invalid = |why: &str| Rejection::InvalidField {
+        field,
+        why: format!("{why}: {text}"),
+    };
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => {
+            let exp: i32 = rest[i + 1..].parse().map_err(|_| invalid("bad exponent"))?;
+            (&rest[..i], exp)
+        }
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return Err(invalid("not a decimal number"));
+    }
+    // value = digits * 10^(exponent - frac.len()); we want value * 10^scale.
+    let shift = exponent as i64 + scale as i64 - frac.len() as i64;
+    let mut digits: i128 = 0;
+    for b in int.bytes().chain(frac.bytes()) {
+        digits = digits
+            .checked_mul(10)
+            .and_then(|d| d.checked_add((b - b'0') as i128))
+            .ok_or_else(|| invalid("too large"))?;
+    }
+    let scaled = if shift >= 0 {
+        10i128
+            .checked_pow(shift as u32)
+            .and_then(|p| digits.checked_mul(p))
+    } else {
+        let p = 10i128.checked_pow((-shift) as u32);
+        match p {
+            Some(p) if digits % p == 0 => Some(digits / p),
+            Some(_) => {
+                return Err(invalid(if scale == 0 {
+                    "not an integer"
+                } else {
+                    "more than two decimals"
+                }));
+            }
+            None if digits == 0 => Some(0),
+            None => return Err(invalid("more decimals than representable")),
+        }
+    };
+    let scaled = scaled
+        .and_then(|s| i64::try_from(s).ok())
+        .ok_or_else(|| invalid("too large"))?;
+    if negative && scaled != 0 {
+        return Err(Rejection::NegativeValue(field));
+    }
+    Ok(scaled)
+}
+
+fn integer(raw: &RawValue, field: &'static str) -> Result<i64, Rejection> {
+    scaled_decimal(numeric_text(raw, field)?, 0, field)
+}
+
+fn price_cents(raw: &RawValue, field: &'static str) -> Result<i64, Rejection> {
+    scaled_decimal(numeric_text(raw, field)?, 2, field)
+}
+
+/// A non-negative integer (number or canonical digit string) is numeric;
+/// any other non-empty string is a text id.
+fn product_id(raw: &RawValue) -> Result<ProductId, Rejection> {
+    const FIELD: &str = "data.productId";
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: Cow<'_, str> = serde_json::from_str(text).map_err(|e| Rejection::InvalidField {
+            field: FIELD,
+            why: e.to_string(),
+        })?;
+        if s.is_empty() {
+            return Err(Rejection::InvalidField {
+                field: FIELD,
+                why: "empty".into(),
+            });
+        }
+        let canonical =
+            s.bytes().all(|b| b.is_ascii_digit()) && (s.len() == 1 || !s.starts_with('0'));
+        return Ok(match s.parse::<u64>() {
+            Ok(n) if canonical => ProductId::Num(n),
+            _ => ProductId::Text(s.into()),
+        });
+    }
+    let n = scaled_decimal(numeric_text(raw, FIELD)?, 0, FIELD)?;
+    Ok(ProductId::Num(n as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn ok(json: &str) -> Event<'_> {
+        match decode(json.as_bytes(), MAX) {
+            Ok(e) => e,
+            Err(r) => panic!("rejected {json}: {r}"),
+        }
+    }
+
+    fn reason(json: &str) -> &'static str {
+        match decode(json.as_bytes(), MAX) {
+            Ok(e) => panic!("accepted {json}: {e:?}"),
+            Err(r) => r.reason(),
+        }
+    }
+
+    #[test]
+    fn created_with_full_data() {
+        let e = ok(
+            r#"{"eventId":"x","eventType":"ProductCreated","timestamp":1696176060000,
+            "data":{"productId":12345,"sellerId":"seller-1","name":"Wireless Mouse","description":"d",
+            "price":29.99,"quantity":150,"category":"Electronics","createdAt":"2023","extra":{"a":[1,2]}}}"#,
+        );
+        assert_eq!(e.kind, EventKind::Created);
+        assert_eq!(e.timestamp, 1_696_176_060_000);
+        assert_eq!(e.product_id, ProductId::Num(12345));
+        assert_eq!(e.seller, "seller-1");
+        assert_eq!(e.price_cents, Some(2999));
+        assert_eq!(e.quantity, Some(150));
+        assert_eq!(e.category.as_deref(), Some("Electronics"));
+        assert_eq!(e.name.as_deref(), Some("Wireless Mouse"));
+    }
+
+    #[test]
+    fn contract_update_changes_win_and_name_old_values() {
+        let e = ok(
+            r#"{"eventType":"ProductUpdated","timestamp":5,"data":{"productId":"7","sellerId":"s",
+            "changes":{"price":{"old":10,"new":12.5},"category":{"old":"Books","new":"Games"},"description":{"old":"a","new":"b"}}}}"#,
+        );
+        assert_eq!(e.product_id, ProductId::Num(7));
+        assert_eq!(e.price_cents, Some(1250));
+        assert_eq!(e.quantity, None);
+        assert_eq!(e.category.as_deref(), Some("Games"));
+        assert_eq!(e.old_category.as_deref(), Some("Books"));
+    }
+
+    #[test]
+    fn backend_update_with_previous_data_and_string_price() {
+        let e = ok(
+            r#"{"eventType":"ProductUpdated","timestamp":5,"data":{"productId":7,"sellerId":"s","price":"15.00",
+            "quantity":"8","category":"Games","previousData":{"id":7,"seller_id":"s","price":"30.00","quantity":2,"category":"Books"}}}"#,
+        );
+        assert_eq!(e.price_cents, Some(1500));
+        assert_eq!(e.quantity, Some(8));
+        assert_eq!(e.old_category.as_deref(), Some("Books"));
+        assert_eq!(e.old_seller.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn thin_and_full_deletes() {
+        let thin = ok(
+            r#"{"eventType":"ProductDeleted","timestamp":1,"data":{"productId":"sku-1","sellerId":"s","name":"n","category":"c","deletedAt":"x"}}"#,
+        );
+        assert_eq!(thin.kind, EventKind::Deleted);
+        assert_eq!(thin.product_id, ProductId::Text("sku-1".into()));
+        assert_eq!(thin.price_cents, None);
+        let full = ok(
+            r#"{"eventType":"ProductDeleted","timestamp":1,"data":{"productId":1,"sellerId":"s","price":1,"quantity":0,"category":"c"}}"#,
+        );
+        assert_eq!(full.price_cents, Some(100));
+        assert_eq!(full.quantity, Some(0));
+    }
+
+    #[test]
+    fn product_ids_normalise() {
+        let id = |v: &str| {
+            let j = format!(
+                r#"{{"eventType":"ProductDeleted","timestamp":1,"data":{{"productId":{v},"sellerId":"s"}}}}"#
+            );
+            decode(j.as_bytes(), MAX).map(|e| e.product_id)
+        };
+        assert_eq!(id("12"), Ok(ProductId::Num(12)));
+        assert_eq!(id(r#""12""#), Ok(ProductId::Num(12)));
+        assert_eq!(id(r#""012""#), Ok(ProductId::Text("012".into())));
+        assert_eq!(id("1.5").map_err(|r| r.reason()), Err("invalid_field"));
+        assert_eq!(id("-3").map_err(|r| r.reason()), Err("negative_value"));
+        assert_eq!(id(r#""""#).map_err(|r| r.reason()), Err("invalid_field"));
+    }
+
+    #[test]
+    fn exact_decimals() {
+        let cents = |t: &str| scaled_decimal(t, 2, "p");
+        assert_eq!(cents("29.99"), Ok(2999));
+        assert_eq!(cents("29.990"), Ok(2999));
+        assert_eq!(cents("0.1"), Ok(10));
+        assert_eq!(cents("1e2"), Ok(10000));
+        assert_eq!(cents("2999e-2"), Ok(2999));
+        assert_eq!(cents("-0.00"), Ok(0));
+        assert!(cents("29.999").is_err());
+        assert!(cents("0.30000000000000004").is_err());
+        assert!(cents("1e400").is_err());
+        assert!(cents("99999999999999999999").is_err());
+        assert_eq!(scaled_decimal("150", 0, "q"), Ok(150));
+        assert_eq!(scaled_decimal("1.5e1", 0, "q"), Ok(15));
+        assert!(scaled_decimal("1.5", 0, "q").is_err());
+    }
+
+    #[test]
+    fn bad_input_is_typed() {
+        assert_eq!(reason("not json"), "invalid_json");
+        assert_eq!(reason(""), "invalid_json");
+        assert_eq!(
+            reason(r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1"#),
+            "invalid_json"
+        );
+        assert_eq!(reason("[1,2]"), "invalid_field");
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductExploded","timestamp":1,"data":{"productId":1,"sellerId":"s"}}"#
+            ),
+            "unknown_event_type"
+        );
+        assert_eq!(
+            reason(r#"{"timestamp":1,"data":{"productId":1,"sellerId":"s"}}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(r#"{"eventType":"ProductCreated","data":{"productId":1,"sellerId":"s"}}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(r#"{"eventType":"ProductCreated","timestamp":1}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(r#"{"eventType":"ProductCreated","timestamp":1,"data":{"sellerId":"s"}}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1}}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","quantity":-1}}"#
+            ),
+            "negative_value"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","price":{"a":1}}}"#
+            ),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","price":"NaN"}}"#
+            ),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","price":"Infinity"}}"#
+            ),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":"soon","data":{"productId":1,"sellerId":"s"}}"#
+            ),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":-5,"data":{"productId":1,"sellerId":"s"}}"#
+            ),
+            "negative_value"
+        );
+        assert_eq!(
+            reason(
+                r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":7}}"#
+            ),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(r#"{"eventType":"ProductCreated","timestamp":1,"data":"x"}"#),
+            "invalid_field"
+        );
+        let big = format!(
+            r#"{{"eventType":"ProductCreated","pad":"{}"}}"#,
+            "x".repeat(100)
+        );
+        assert_eq!(
+            decode(big.as_bytes(), 64).map_err(|r| r.reason()),
+            Err("too_large")
+        );
+    }
+}

@@ -1,0 +1,662 @@
+//! The fold: events in, exact metrics out (DESIGN §3).
+//!
+//! Each product is a set of last-writer-wins registers (seller, category,
+//! name, price, quantity, deleted), each written only by an event whose
+//! version (timestamp, then created < updated < deleted) is at least the
+//! register's. Field values therefore do not depend on how the three topics
+//! interleave, and a replayed event changes nothing. Seller and category
+//! totals are exact integer sums kept per shard, adjusted by each product's
+//! old and new contribution; an entity's `lastEventAt` is the largest
+//! timestamp of an event that named it (new or old value).
+//!
+//! A shard also remembers the last applied offset of each stream: events at
+//! or below it are skipped, which is how replays after a restore are absorbed.
+
+use crate::decode::{Event, EventKind, Rejection, decode};
+use crate::intern::{Interner, Sym};
+use crate::records::{LowStockRecord, MetricRecord, Money};
+use foldhash::{HashMap, HashSet};
+use proto::{
+    DeadLetter, EntityKey, EntityTotals, EventBatch, Field, Offset, Position, ProductId,
+    ProductState, Shard, ShardChanges, ShardState, Version,
+};
+use std::collections::BTreeMap;
+
+const NO_SYM: Sym = Sym::MAX;
+const UNKNOWN: i64 = i64::MIN;
+
+/// The compact in-memory form of [`ProductState`].
+struct Product {
+    price: i64,
+    quantity: i64,
+    low_since: i64,
+    seller_v: Version,
+    category_v: Version,
+    name_v: Version,
+    price_v: Version,
+    quantity_v: Version,
+    deleted_v: Version,
+    name: Option<Box<str>>,
+    seller: Sym,
+    category: Sym,
+    deleted: bool,
+    dirty: bool,
+}
+
+/// Product identity as a map key: numeric ids as themselves, text ids as an
+/// interned symbol with the top bit set.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct ProductKey(u64);
+
+const TEXT_ID: u64 = 1 << 63;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Entity {
+    Seller(Sym),
+    Category(Sym),
+}
+
+/// What a product adds to its seller's and category's totals.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Contribution {
+    seller: Sym,
+    category: Sym,
+    deleted: bool,
+    value_cents: i128,
+    price_cents: i128,
+    low: bool,
+}
+
+#[derive(Default)]
+struct ShardFold {
+    index: HashMap<ProductKey, u32>,
+    products: Vec<(ProductKey, Product)>,
+    entities: HashMap<Entity, EntityTotals>,
+    positions: Vec<(Box<str>, Offset, bool)>,
+    dirty_products: Vec<u32>,
+    dirty_entities: HashSet<Entity>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+/// Counts of one `apply_batch`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub applied: u64,
+    pub rejected: u64,
+    pub skipped: u64,
+}
+
+pub struct Fold {
+    low_stock_threshold: i64,
+    max_event_bytes: usize,
+    strings: Interner,
+    shards: BTreeMap<Shard, ShardFold>,
+}
+
+impl Fold {
+    pub fn new(low_stock_threshold: i64, max_event_bytes: usize) -> Fold {
+        Fold {
+            low_stock_threshold,
+            max_event_bytes,
+            strings: Interner::default(),
+            shards: BTreeMap::new(),
+        }
+    }
+
+    /// Folds a batch of raw event values. Bad events become dead letters.
+    pub fn apply_batch(&mut self, batch: &EventBatch) -> BatchStats {
+        let mut stats = BatchStats::default();
+        let shard = self.shards.entry(batch.shard).or_default();
+        let pos = position_slot(&mut shard.positions, &batch.stream);
+        for (offset, bytes) in batch.iter() {
+            if offset <= shard.positions[pos].1 {
+                stats.skipped += 1;
+                continue;
+            }
+            shard.positions[pos].1 = offset;
+            shard.positions[pos].2 = true;
+            match decode(bytes, self.max_event_bytes) {
+                Ok(event) => {
+                    shard.apply(&mut self.strings, &event, self.low_stock_threshold);
+                    stats.applied += 1;
+                }
+                Err(rejection) => {
+                    shard
+                        .dead_letters
+                        .push(dead_letter(batch, offset, bytes, &rejection));
+                    stats.rejected += 1;
+                }
+            }
+        }
+        stats
+    }
+
+    /// Applies one decoded event to a shard, ignoring positions.
+    pub fn apply_event(&mut self, shard: Shard, event: &Event<'_>) {
+        let threshold = self.low_stock_threshold;
+        self.shards
+            .entry(shard)
+            .or_default()
+            .apply(&mut self.strings, event, threshold);
+    }
+
+    /// Everything changed since the previous call, as absolute values.
+    pub fn take_changes(&mut self) -> Vec<ShardChanges> {
+        let strings = &self.strings;
+        let mut out = Vec::new();
+        for (&shard, s) in &mut self.shards {
+            let mut changes = ShardChanges {
+                shard,
+                ..ShardChanges::default()
+            };
+            for (stream, offset, dirty) in &mut s.positions {
+                if std::mem::take(dirty) {
+                    changes.positions.push(Position {
+                        stream: stream.clone(),
+                        offset: *offset,
+                    });
+                }
+            }
+            for i in s.dirty_products.drain(..) {
+                let (key, p) = &mut s.products[i as usize];
+                p.dirty = false;
+                changes
+                    .products
+                    .push((product_id(strings, *key), wire_state(strings, p)));
+            }
+            for e in s.dirty_entities.drain() {
+                changes
+                    .entities
+                    .push((entity_key(strings, e), s.entities[&e]));
+            }
+            changes.dead_letters = std::mem::take(&mut s.dead_letters);
+            if !changes.is_empty() {
+                out.push(changes);
+            }
+        }
+        out
+    }
+
+    /// Loads one chunk of a shard's durable state. The first chunk of a
+    /// shard replaces whatever the fold held for it.
+    pub fn restore(&mut self, chunk: ShardState, first: bool) {
+        if first {
+            self.shards.insert(chunk.shard, ShardFold::default());
+        }
+        let strings = &mut self.strings;
+        let shard = self.shards.entry(chunk.shard).or_default();
+        for p in chunk.positions {
+            let slot = position_slot(&mut shard.positions, &p.stream);
+            shard.positions[slot].1 = shard.positions[slot].1.max(p.offset);
+        }
+        for (id, state) in chunk.products {
+            let key = product_key(strings, &id);
+            let product = compact_state(strings, &state);
+            let c = product.contribution();
+            shard.add(c, 1);
+            if let Some(&i) = shard.index.get(&key) {
+                let old = shard.products[i as usize].1.contribution();
+                shard.add(old, -1);
+                shard.products[i as usize].1 = product;
+            } else {
+                shard.index.insert(key, shard.products.len() as u32);
+                shard.products.push((key, product));
+            }
+        }
+        for (key, at) in chunk.entity_times {
+            let e = match &key {
+                EntityKey::Seller(s) => Entity::Seller(strings.intern(s)),
+                EntityKey::Category(c) => Entity::Category(strings.intern(c)),
+            };
+            let t = shard.entities.entry(e).or_insert_with(empty_totals);
+            t.last_event_at = t.last_event_at.max(at);
+        }
+        shard.dirty_entities.clear();
+        shard.dirty_products.clear();
+        for (_, p) in &mut shard.products {
+            p.dirty = false;
+        }
+    }
+
+    /// Drops a shard (it moved to another owner).
+    pub fn release(&mut self, shard: Shard) {
+        self.shards.remove(&shard);
+    }
+
+    /// Number of products held, over all shards.
+    pub fn product_count(&self) -> usize {
+        self.shards.values().map(|s| s.products.len()).sum()
+    }
+
+    /// Every metric record, entity totals summed over shards, sorted by key.
+    pub fn records(&self) -> Vec<MetricRecord> {
+        let mut totals: BTreeMap<EntityKey, EntityTotals> = BTreeMap::new();
+        let mut out = Vec::new();
+        for shard in self.shards.values() {
+            for (&e, t) in &shard.entities {
+                totals
+                    .entry(entity_key(&self.strings, e))
+                    .or_insert_with(empty_totals)
+                    .merge(t);
+            }
+            for (key, p) in &shard.products {
+                if p.low_since != UNKNOWN {
+                    out.push(MetricRecord::LowStock(LowStockRecord {
+                        seller_id: self.strings.name(p.seller).to_string(),
+                        product_id: product_id(&self.strings, *key),
+                        name: p.name.as_deref().unwrap_or_default().to_string(),
+                        category: sym_name(&self.strings, p.category).to_string(),
+                        quantity: p.quantity,
+                        price: Money(known_or_zero(p.price) as i128),
+                    }));
+                }
+            }
+        }
+        out.extend(totals.iter().map(|(k, t)| MetricRecord::entity(k, t)));
+        crate::records::sort_records(&mut out);
+        out
+    }
+}
+
+fn empty_totals() -> EntityTotals {
+    EntityTotals {
+        last_event_at: -1,
+        ..EntityTotals::default()
+    }
+}
+
+fn position_slot(positions: &mut Vec<(Box<str>, Offset, bool)>, stream: &str) -> usize {
+    match positions.iter().position(|(s, _, _)| &**s == stream) {
+        Some(i) => i,
+        None => {
+            positions.push((stream.into(), Offset::MIN, false));
+            positions.len() - 1
+        }
+    }
+}
+
+fn dead_letter(
+    batch: &EventBatch,
+    offset: Offset,
+    bytes: &[u8],
+    rejection: &Rejection,
+) -> DeadLetter {
+    DeadLetter {
+        stream: batch.stream.clone(),
+        shard: batch.shard,
+        offset,
+        reason: rejection.reason().into(),
+        detail: rejection.to_string().into(),
+        raw: bytes.to_vec(),
+    }
+}
+
+impl ShardFold {
+    fn apply(&mut self, strings: &mut Interner, e: &Event<'_>, threshold: i64) {
+        let version = Version(e.timestamp * 4 + e.kind as i64);
+        let key = product_key(strings, &e.product_id);
+        let (i, is_new) = match self.index.get(&key) {
+            Some(&i) => (i, false),
+            None => {
+                let i = self.products.len() as u32;
+                self.index.insert(key, i);
+                self.products.push((key, Product::new()));
+                (i, true)
+            }
+        };
+        let p = &mut self.products[i as usize].1;
+        let before = p.contribution();
+        let old_low_since = p.low_since;
+        let mut changed = false;
+
+        let seller = strings.intern(&e.seller);
+        changed |= write(&mut p.seller, &mut p.seller_v, seller, version);
+        if let Some(c) = &e.category {
+            changed |= write(
+                &mut p.category,
+                &mut p.category_v,
+                strings.intern(c),
+                version,
+            );
+        }
+        if let Some(n) = &e.name {
+            if version >= p.name_v && p.name.as_deref() != Some(&**n) {
+                p.name = Some((**n).into());
+                changed = true;
+            }
+            p.name_v = p.name_v.max(version);
+        }
+        if let Some(price) = e.price_cents {
+            changed |= write(&mut p.price, &mut p.price_v, price, version);
+        }
+        if let Some(q) = e.quantity {
+            changed |= write(&mut p.quantity, &mut p.quantity_v, q, version);
+        }
+        match e.kind {
+            EventKind::Created => {
+                changed |= write(&mut p.deleted, &mut p.deleted_v, false, version)
+            }
+            EventKind::Deleted => changed |= write(&mut p.deleted, &mut p.deleted_v, true, version),
+            EventKind::Updated => {}
+        }
+        let is_low = p.is_low(threshold);
+        p.low_since = match (is_low, p.low_since) {
+            (false, _) => UNKNOWN,
+            (true, UNKNOWN) => e.timestamp,
+            (true, since) => since,
+        };
+        changed |= p.low_since != old_low_since;
+        let after = p.contribution();
+
+        if changed && !std::mem::replace(&mut p.dirty, true) {
+            self.dirty_products.push(i);
+        }
+        if before != after || is_new {
+            if !is_new {
+                self.add(before, -1);
+            }
+            self.add(after, 1);
+        }
+        // `lastEventAt` goes to the entities the event names, not to the
+        // product's category at the moment of applying: that would depend on
+        // how the topics interleave.
+        self.touch(Entity::Seller(seller), e.timestamp);
+        if let Some(c) = &e.category {
+            self.touch(Entity::Category(strings.intern(c)), e.timestamp);
+        }
+        if let Some(c) = &e.old_category {
+            self.touch(Entity::Category(strings.intern(c)), e.timestamp);
+        }
+        if let Some(s) = &e.old_seller {
+            self.touch(Entity::Seller(strings.intern(s)), e.timestamp);
+        }
+    }
+
+    /// Adds (`sign = 1`) or removes (`-1`) a product's contribution.
+    fn add(&mut self, c: Contribution, sign: i64) {
+        let mut apply = |entity: Entity, count_products: bool| {
+            let t = self.entities.entry(entity).or_insert_with(empty_totals);
+            let s = sign as i128;
+            if count_products {
+                t.products = t.products.wrapping_add_signed(sign);
+            }
+            if c.deleted {
+                t.deleted = t.deleted.wrapping_add_signed(sign);
+            } else {
+                t.active = t.active.wrapping_add_signed(sign);
+                t.value_cents += s * c.value_cents;
+                t.price_sum_cents += s * c.price_cents;
+                if c.low {
+                    t.low_stock = t.low_stock.wrapping_add_signed(sign);
+                }
+            }
+            self.dirty_entities.insert(entity);
+        };
+        if c.seller != NO_SYM {
+            apply(Entity::Seller(c.seller), true);
+        }
+        if c.category != NO_SYM {
+            apply(Entity::Category(c.category), true);
+        }
+    }
+
+    fn touch(&mut self, entity: Entity, timestamp: i64) {
+        let t = self.entities.entry(entity).or_insert_with(empty_totals);
+        if timestamp > t.last_event_at {
+            t.last_event_at = timestamp;
+            self.dirty_entities.insert(entity);
+        }
+    }
+}
+
+/// Writes a register if the version is at least its own; true if the value
+/// changed.
+fn write<T: PartialEq>(value: &mut T, current: &mut Version, new: T, version: Version) -> bool {
+    if version < *current {
+        return false;
+    }
+    *current = version;
+    if *value == new {
+        return false;
+    }
+    *value = new;
+    true
+}
+
+fn known_or_zero(v: i64) -> i64 {
+    if v == UNKNOWN { 0 } else { v }
+}
+
+impl Product {
+    fn new() -> Product {
+        Product {
+            price: UNKNOWN,
+            quantity: UNKNOWN,
+            low_since: UNKNOWN,
+            seller_v: Version::NONE,
+            category_v: Version::NONE,
+            name_v: Version::NONE,
+            price_v: Version::NONE,
+            quantity_v: Version::NONE,
+            deleted_v: Version::NONE,
+            name: None,
+            seller: NO_SYM,
+            category: NO_SYM,
+            deleted: false,
+            dirty: false,
+        }
+    }
+
+    fn is_low(&self, threshold: i64) -> bool {
+        !self.deleted && self.quantity != UNKNOWN && self.quantity < threshold
+    }
+
+    fn contribution(&self) -> Contribution {
+        let price = known_or_zero(self.price) as i128;
+        Contribution {
+            seller: self.seller,
+            category: self.category,
+            deleted: self.deleted,
+            value_cents: price * known_or_zero(self.quantity) as i128,
+            price_cents: price,
+            low: self.low_since != UNKNOWN,
+        }
+    }
+}
+
+fn product_key(strings: &mut Interner, id: &ProductId) -> ProductKey {
+    match id {
+        ProductId::Num(n) if *n < TEXT_ID => ProductKey(*n),
+        ProductId::Num(n) => ProductKey(TEXT_ID | strings.intern(&n.to_string()) as u64),
+        ProductId::Text(t) => ProductKey(TEXT_ID | strings.intern(t) as u64),
+    }
+}
+
+fn product_id(strings: &Interner, key: ProductKey) -> ProductId {
+    if key.0 & TEXT_ID == 0 {
+        return ProductId::Num(key.0);
+    }
+    let text = strings.name((key.0 & !TEXT_ID) as Sym);
+    match text.parse::<u64>() {
+        Ok(n) if n >= TEXT_ID => ProductId::Num(n),
+        _ => ProductId::Text(text.into()),
+    }
+}
+
+fn sym_name(strings: &Interner, sym: Sym) -> &str {
+    if sym == NO_SYM { "" } else { strings.name(sym) }
+}
+
+fn entity_key(strings: &Interner, e: Entity) -> EntityKey {
+    match e {
+        Entity::Seller(s) => EntityKey::Seller(strings.name(s).into()),
+        Entity::Category(c) => EntityKey::Category(strings.name(c).into()),
+    }
+}
+
+fn field<T>(value: Option<T>, version: Version) -> Field<T> {
+    Field { value, version }
+}
+
+fn known(v: i64) -> Option<i64> {
+    (v != UNKNOWN).then_some(v)
+}
+
+fn wire_state(strings: &Interner, p: &Product) -> ProductState {
+    let sym = |s: Sym| (s != NO_SYM).then(|| Box::<str>::from(strings.name(s)));
+    ProductState {
+        seller: field(sym(p.seller), p.seller_v),
+        category: field(sym(p.category), p.category_v),
+        name: field(p.name.clone(), p.name_v),
+        price_cents: field(known(p.price), p.price_v),
+        quantity: field(known(p.quantity), p.quantity_v),
+        deleted: field(Some(p.deleted), p.deleted_v),
+        low_stock_since: known(p.low_since),
+    }
+}
+
+fn compact_state(strings: &mut Interner, s: &ProductState) -> Product {
+    let mut sym = |v: &Option<Box<str>>| v.as_deref().map_or(NO_SYM, |n| strings.intern(n));
+    Product {
+        seller: sym(&s.seller.value),
+        category: sym(&s.category.value),
+        price: s.price_cents.value.unwrap_or(UNKNOWN),
+        quantity: s.quantity.value.unwrap_or(UNKNOWN),
+        low_since: s.low_stock_since.unwrap_or(UNKNOWN),
+        seller_v: s.seller.version,
+        category_v: s.category.version,
+        name_v: s.name.version,
+        price_v: s.price_cents.version,
+        quantity_v: s.quantity.version,
+        deleted_v: s.deleted.version,
+        name: s.name.value.clone(),
+        deleted: s.deleted.value.unwrap_or(false),
+        dirty: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(events: &[&str]) -> EventBatch {
+        let mut b = EventBatch::new(0, "test".into());
+        for (i, e) in events.iter().enumerate() {
+            b.push(i as Offset, e.as_bytes());
+        }
+        b
+    }
+
+    /// The worked check of DESIGN §3, in the contract dialect and then in the
+    /// backend dialect: both must give the same records.
+    #[test]
+    fn worked_check_of_design_section_3() {
+        let contract = [
+            r#"{"eventType":"ProductCreated","timestamp":1000,"data":{"productId":"A","sellerId":"s1","name":"Alpha","category":"Books","price":30.00,"quantity":2}}"#,
+            r#"{"eventType":"ProductCreated","timestamp":2000,"data":{"productId":"B","sellerId":"s1","name":"Beta","category":"Books","price":10.00,"quantity":5}}"#,
+            r#"{"eventType":"ProductUpdated","timestamp":3000,"data":{"productId":"A","sellerId":"s1","changes":{"price":{"old":30,"new":15},"quantity":{"old":2,"new":8},"category":{"old":"Books","new":"Games"}}}}"#,
+            r#"{"eventType":"ProductDeleted","timestamp":4000,"data":{"productId":"B","sellerId":"s1","name":"Beta","category":"Books","deletedAt":"x"}}"#,
+        ];
+        let backend = [
+            contract[0],
+            contract[1],
+            r#"{"eventType":"ProductUpdated","timestamp":3000,"data":{"productId":"A","sellerId":"s1","name":"Alpha","category":"Games","price":"15.00","quantity":8,
+                "previousData":{"id":"A","seller_id":"s1","name":"Alpha","category":"Books","price":"30.00","quantity":2}}}"#,
+            r#"{"eventType":"ProductDeleted","timestamp":4000,"data":{"productId":"B","sellerId":"s1","name":"Beta","category":"Books","price":"10.00","quantity":5}}"#,
+        ];
+        let expected: Vec<String> = [
+            r#"{"type":"category","category":"Books","totalProducts":0,"totalValue":"0.00","averagePrice":"0.00","lastEventAt":4000}"#,
+            r#"{"type":"category","category":"Games","totalProducts":1,"totalValue":"120.00","averagePrice":"15.00","lastEventAt":3000}"#,
+            r#"{"type":"lowStock","sellerId":"s1","productId":"A","name":"Alpha","category":"Games","quantity":8,"price":"15.00"}"#,
+            r#"{"type":"seller","sellerId":"s1","totalProducts":2,"activeProducts":1,"deletedProducts":1,"totalValue":"120.00","lowStockCount":1,"lastEventAt":4000}"#,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for events in [contract, backend] {
+            let mut fold = Fold::new(10, 1 << 20);
+            let stats = fold.apply_batch(&batch(&events));
+            assert_eq!(
+                stats,
+                BatchStats {
+                    applied: 4,
+                    rejected: 0,
+                    skipped: 0
+                }
+            );
+            let lines: Vec<String> = fold
+                .records()
+                .iter()
+                .map(MetricRecord::to_json_line)
+                .collect();
+            assert_eq!(lines, expected);
+        }
+    }
+
+    #[test]
+    fn money_is_exact_after_a_million_add_and_remove_cycles() {
+        let mut fold = Fold::new(10, 1 << 20);
+        let mut b = EventBatch::new(0, "t".into());
+        for i in 0..1_000_000i64 {
+            let (kind, qty) = if i % 2 == 0 {
+                ("ProductCreated", 3)
+            } else {
+                ("ProductDeleted", 3)
+            };
+            let e = format!(
+                r#"{{"eventType":"{kind}","timestamp":{i},"data":{{"productId":1,"sellerId":"s","category":"c","price":29.99,"quantity":{qty}}}}}"#
+            );
+            b.push(i, e.as_bytes());
+        }
+        fold.apply_batch(&b);
+        let records = fold.records();
+        let seller = records.iter().find_map(|r| match r {
+            MetricRecord::Seller(s) => Some(s.clone()),
+            _ => None,
+        });
+        assert_eq!(seller.map(|s| s.total_value), Some(Money(0)));
+    }
+
+    #[test]
+    fn bad_events_become_dead_letters_and_advance_the_position() {
+        let mut fold = Fold::new(10, 1 << 20);
+        let stats = fold.apply_batch(&batch(&[
+            "nope",
+            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s"}}"#,
+        ]));
+        assert_eq!(
+            stats,
+            BatchStats {
+                applied: 1,
+                rejected: 1,
+                skipped: 0
+            }
+        );
+        let changes = fold.take_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].dead_letters.len(), 1);
+        assert_eq!(&*changes[0].dead_letters[0].reason, "invalid_json");
+        assert_eq!(changes[0].dead_letters[0].raw, b"nope");
+        assert_eq!(
+            changes[0].positions,
+            vec![Position {
+                stream: "test".into(),
+                offset: 1
+            }]
+        );
+        assert!(
+            fold.take_changes().is_empty(),
+            "changes are handed out once"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_replay_dirties_nothing() {
+        let e = r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}"#;
+        let mut fold = Fold::new(10, 1 << 20);
+        fold.apply_event(0, &crate::decode::decode(e.as_bytes(), 1 << 20).unwrap());
+        fold.take_changes();
+        fold.apply_event(0, &crate::decode::decode(e.as_bytes(), 1 << 20).unwrap());
+        assert!(fold.take_changes().is_empty());
+    }
+}

@@ -1,0 +1,370 @@
+//! Property tests of the fold (DESIGN §5, §11): for any generated trace, any
+//! split into batches, any replay of already-applied events, any crash that
+//! loses the unflushed work and restores from what was flushed, and any
+//! interleaving of the three topics, the metrics equal one straight pass.
+
+use analytics_worker::fold::Fold;
+use analytics_worker::records::MetricRecord;
+use proptest::prelude::*;
+use proto::{
+    EntityKey, EventBatch, Offset, Position, ProductId, ProductState, Shard, ShardChanges,
+    ShardState,
+};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+const SHARDS: u32 = 2;
+const MAX_EVENT: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create {
+        price: i64,
+        qty: i64,
+        category: u8,
+    },
+    UpdateContract {
+        price: Option<i64>,
+        qty: Option<i64>,
+        category: Option<u8>,
+    },
+    UpdateBackend {
+        price: i64,
+        qty: i64,
+        category: u8,
+    },
+    DeleteThin,
+    DeleteFull,
+    Garbage,
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    product: u8,
+    op: Op,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let price = 0i64..5_000;
+    let qty = 0i64..20;
+    let cat = 0u8..4;
+    prop_oneof![
+        3 => (price.clone(), qty.clone(), cat.clone()).prop_map(|(price, qty, category)| Op::Create { price, qty, category }),
+        3 => (proptest::option::of(price.clone()), proptest::option::of(qty.clone()), proptest::option::of(cat.clone()))
+            .prop_map(|(price, qty, category)| Op::UpdateContract { price, qty, category }),
+        3 => (price, qty, cat).prop_map(|(price, qty, category)| Op::UpdateBackend { price, qty, category }),
+        1 => Just(Op::DeleteThin),
+        1 => Just(Op::DeleteFull),
+        1 => Just(Op::Garbage),
+    ]
+}
+
+fn trace() -> impl Strategy<Value = Vec<Step>> {
+    proptest::collection::vec(
+        (0u8..10, op()).prop_map(|(product, op)| Step { product, op }),
+        1..120,
+    )
+}
+
+/// "12.34": how the backend writes NUMERIC columns.
+fn money_text(cents: i64) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+/// 12.34 as a JSON number (the shortest float text is the exact decimal).
+fn money_number(cents: i64) -> serde_json::Value {
+    json!(money_text(cents).parse::<f64>().unwrap_or_default())
+}
+
+/// A product's seller is fixed (product p → seller p % 3), so a product
+/// always lives in one shard, as with Kafka keys.
+fn seller(product: u8) -> String {
+    format!("s{}", product % 3)
+}
+
+fn shard_of(product: u8) -> Shard {
+    (product as u32 % 3) % SHARDS
+}
+
+/// Renders a step as the raw event value at timestamp `ts`, with its topic.
+fn render(step: &Step, ts: i64) -> (String, &'static str) {
+    let id = step.product as u64;
+    let s = seller(step.product);
+    let cat = |c: u8| format!("cat{c}");
+    let v = match &step.op {
+        Op::Create {
+            price,
+            qty,
+            category,
+        } => json!({"eventType":"ProductCreated","timestamp":ts,
+            "data":{"productId":id,"sellerId":s,"name":format!("p{id}"),"price":money_number(*price),
+            "quantity":qty,"category":cat(*category),"description":"x"}}),
+        Op::UpdateContract {
+            price,
+            qty,
+            category,
+        } => {
+            let mut changes = serde_json::Map::new();
+            if let Some(p) = price {
+                changes.insert("price".into(), json!({"old":1,"new":money_number(*p)}));
+            }
+            if let Some(q) = qty {
+                changes.insert("quantity".into(), json!({"old":1,"new":q}));
+            }
+            if let Some(c) = category {
+                changes.insert("category".into(), json!({"old":"cat9","new":cat(*c)}));
+            }
+            json!({"eventType":"ProductUpdated","timestamp":ts,"data":{"productId":id.to_string(),"sellerId":s,"changes":changes}})
+        }
+        Op::UpdateBackend {
+            price,
+            qty,
+            category,
+        } => json!({"eventType":"ProductUpdated","timestamp":ts,
+            "data":{"productId":id,"sellerId":s,"name":format!("p{id}"),"price":money_text(*price),"quantity":qty,"category":cat(*category),
+            "previousData":{"id":id,"seller_id":s,"category":"cat9","price":"1.00","quantity":1}}}),
+        Op::DeleteThin => json!({"eventType":"ProductDeleted","timestamp":ts,
+            "data":{"productId":id,"sellerId":s,"name":format!("p{id}"),"category":"cat1"}}),
+        Op::DeleteFull => json!({"eventType":"ProductDeleted","timestamp":ts,
+            "data":{"productId":id,"sellerId":s,"price":"2.50","quantity":3,"category":"cat2"}}),
+        Op::Garbage => {
+            let bad = format!(
+                r#"{{"eventType":"ProductCreated","timestamp":{ts},"data":{{"productId":-1}}}}"#
+            );
+            return (bad, "product.created");
+        }
+    };
+    let topic = match step.op {
+        Op::Create { .. } | Op::Garbage => "product.created",
+        Op::UpdateContract { .. } | Op::UpdateBackend { .. } => "product.updated",
+        Op::DeleteThin | Op::DeleteFull => "product.deleted",
+    };
+    (v.to_string(), topic)
+}
+
+struct Rendered {
+    bytes: String,
+    topic: &'static str,
+    shard: Shard,
+}
+
+fn render_all(steps: &[Step]) -> Vec<Rendered> {
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let (bytes, topic) = render(step, 1_000 + 10 * i as i64);
+            Rendered {
+                bytes,
+                topic,
+                shard: shard_of(step.product),
+            }
+        })
+        .collect()
+}
+
+fn lines(records: &[MetricRecord]) -> Vec<String> {
+    records.iter().map(MetricRecord::to_json_line).collect()
+}
+
+/// Folds events `range` of the trace as one stream ("file"), offsets = index.
+fn feed(fold: &mut Fold, events: &[Rendered], range: std::ops::Range<usize>) {
+    let mut batches: BTreeMap<Shard, EventBatch> = BTreeMap::new();
+    for i in range {
+        let e = &events[i];
+        batches
+            .entry(e.shard)
+            .or_insert_with(|| EventBatch::new(e.shard, "file".into()))
+            .push(i as Offset, e.bytes.as_bytes());
+    }
+    for b in batches.values() {
+        fold.apply_batch(b);
+    }
+}
+
+fn straight(events: &[Rendered]) -> Vec<String> {
+    let mut fold = Fold::new(10, MAX_EVENT);
+    feed(&mut fold, events, 0..events.len());
+    lines(&fold.records())
+}
+
+/// What storage keeps: the last absolute state of each product, entity
+/// times, positions and dead letters. A minimal model of the store.
+#[derive(Default)]
+struct StoreModel {
+    products: BTreeMap<(Shard, ProductId), ProductState>,
+    times: BTreeMap<(Shard, EntityKey), i64>,
+    positions: BTreeMap<(Shard, String), Offset>,
+    dead_letters: Vec<(Shard, Offset)>,
+}
+
+impl StoreModel {
+    fn write(&mut self, changes: Vec<ShardChanges>) {
+        for sc in changes {
+            for (id, st) in sc.products {
+                self.products.insert((sc.shard, id), st);
+            }
+            for (k, t) in sc.entities {
+                self.times.insert((sc.shard, k), t.last_event_at);
+            }
+            for p in sc.positions {
+                let slot = self
+                    .positions
+                    .entry((sc.shard, p.stream.to_string()))
+                    .or_insert(Offset::MIN);
+                *slot = (*slot).max(p.offset);
+            }
+            self.dead_letters
+                .extend(sc.dead_letters.iter().map(|d| (sc.shard, d.offset)));
+        }
+    }
+
+    fn restore_into(&self, fold: &mut Fold) {
+        for shard in 0..SHARDS {
+            let mine = |s: &Shard| *s == shard;
+            let state = ShardState {
+                shard,
+                positions: self
+                    .positions
+                    .iter()
+                    .filter(|((s, _), _)| mine(s))
+                    .map(|((_, stream), &offset)| Position {
+                        stream: stream.as_str().into(),
+                        offset,
+                    })
+                    .collect(),
+                products: self
+                    .products
+                    .iter()
+                    .filter(|((s, _), _)| mine(s))
+                    .map(|((_, id), st)| (id.clone(), st.clone()))
+                    .collect(),
+                entity_times: self
+                    .times
+                    .iter()
+                    .filter(|((s, _), _)| mine(s))
+                    .map(|((_, k), &t)| (k.clone(), t))
+                    .collect(),
+                last: true,
+            };
+            fold.restore(state, true);
+        }
+    }
+
+    /// Where a restarted source resumes: after the lowest durable position.
+    fn resume_from(&self) -> usize {
+        (0..SHARDS)
+            .map(|s| {
+                self.positions
+                    .get(&(s, "file".to_string()))
+                    .map_or(0, |&o| o as usize + 1)
+            })
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    /// Fold the next `n` events.
+    Feed(usize),
+    /// Hand the changes to storage.
+    Flush,
+    /// Re-send the last `n` events already fed (a redelivery).
+    Replay(usize),
+    /// Lose the fold; restore from storage and resume after its position.
+    Crash,
+}
+
+fn actions() -> impl Strategy<Value = Vec<Action>> {
+    proptest::collection::vec(
+        prop_oneof![
+            4 => (1usize..30).prop_map(Action::Feed),
+            2 => Just(Action::Flush),
+            1 => (1usize..20).prop_map(Action::Replay),
+            1 => Just(Action::Crash),
+        ],
+        0..40,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Any batching, replay and crash/restore schedule ends in the straight
+    /// fold's records, both in the live fold and in what storage holds.
+    #[test]
+    fn batches_replays_and_crashes_equal_the_straight_fold(steps in trace(), plan in actions()) {
+        let events = render_all(&steps);
+        let expected = straight(&events);
+
+        let mut store = StoreModel::default();
+        let mut fold = Fold::new(10, MAX_EVENT);
+        let mut cursor = 0usize;
+        for action in plan {
+            match action {
+                Action::Feed(n) => {
+                    let end = (cursor + n).min(events.len());
+                    feed(&mut fold, &events, cursor..end);
+                    cursor = end;
+                }
+                Action::Flush => store.write(fold.take_changes()),
+                Action::Replay(n) => feed(&mut fold, &events, cursor.saturating_sub(n)..cursor),
+                Action::Crash => {
+                    fold = Fold::new(10, MAX_EVENT);
+                    store.restore_into(&mut fold);
+                    cursor = store.resume_from();
+                }
+            }
+        }
+        feed(&mut fold, &events, cursor..events.len());
+        store.write(fold.take_changes());
+        prop_assert_eq!(&lines(&fold.records()), &expected);
+
+        let mut restored = Fold::new(10, MAX_EVENT);
+        store.restore_into(&mut restored);
+        prop_assert_eq!(&lines(&restored.records()), &expected);
+
+        // Every rejected event reached storage exactly once.
+        let mut dls = store.dead_letters.clone();
+        dls.sort();
+        let written = dls.len();
+        dls.dedup();
+        prop_assert_eq!(written, dls.len());
+        let garbage = steps.iter().filter(|s| matches!(s.op, Op::Garbage)).count();
+        prop_assert_eq!(dls.len(), garbage);
+    }
+
+    /// The consumer reads the three topics in any interleaving (each topic in
+    /// order); the metrics are those of the events in timestamp order.
+    #[test]
+    fn any_interleaving_of_the_topics_gives_the_same_metrics(
+        steps in trace(),
+        picks in proptest::collection::vec(0usize..3, 0..400),
+    ) {
+        let events = render_all(&steps);
+        let expected = straight(&events);
+
+        let topics = ["product.created", "product.updated", "product.deleted"];
+        let mut queues: Vec<Vec<usize>> =
+            topics.iter().map(|t| (0..events.len()).rev().filter(|&i| events[i].topic == *t).collect()).collect();
+        let mut order = Vec::new();
+        let mut picks = picks.into_iter();
+        while queues.iter().any(|q| !q.is_empty()) {
+            let mut t = picks.next().unwrap_or(0);
+            while queues[t].is_empty() {
+                t = (t + 1) % 3;
+            }
+            order.extend(queues[t].pop());
+        }
+
+        let mut fold = Fold::new(10, MAX_EVENT);
+        for i in order {
+            let e = &events[i];
+            let mut b = EventBatch::new(e.shard, e.topic.into());
+            b.push(i as Offset, e.bytes.as_bytes());
+            fold.apply_batch(&b);
+        }
+        prop_assert_eq!(lines(&fold.records()), expected);
+    }
+}
