@@ -1,0 +1,15 @@
+//! The analytics service: CLI, configuration, storage process, embedded store.
+//!
+//! Layout:
+//! - [`store`]: the embedded store, one redb file with the DynamoDB item model
+//!   (metric items with TTL) and the service's own durable state.
+//! - [`storage`]: the storage process, serving the supervisor's load, write
+//!   and snapshot requests over the proto channel.
+//! - [`archive`]: the archive directory with the S3 key layout (metric
+//!   snapshots as gzip JSON lines).
+//! - [`query`]: `analytics query` and `analytics export` output.
+
+pub mod archive;
+pub mod query;
+pub mod storage;
+pub mod store;

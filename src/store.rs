@@ -1,0 +1,1382 @@
+//! The embedded default's durable store (DESIGN §8): one redb file,
+//! `<data_dir>/analytics.redb`, holding the metric items with the DynamoDB
+//! item model of DESIGN §6 (PK, SK, attributes, `TTL` in epoch seconds) and
+//! the service's own state (product states, per-shard entity contributions,
+//! stream positions), plus a JSON-lines dead-letter file beside it.
+//!
+//! Tables:
+//! - `items`: `(PK, SK)` → the item's attributes as a JSON object. An item
+//!   whose `TTL` is in the past is absent for every read, as in DynamoDB.
+//! - `products`: `(shard, product key)` → the product's last-writer-wins state.
+//! - `contributions`: `(entity PK, shard)` → what the shard adds to the entity.
+//! - `positions`: `(stream, shard)` → the last applied offset.
+//! - `meta`: small named values (the dead-letter file's committed length).
+//!
+//! A [`EmbeddedStore::write`] is one transaction: a replayed batch (every
+//! position already stored) is skipped, so values never move backwards and
+//! nothing is added twice.
+
+use analytics_worker::records::{
+    CategoryRecord, LowStockRecord, MetricRecord, Money, SellerRecord, low_stock_key, sort_records,
+};
+use proto::{
+    DeadLetter, EntityKey, EntityTotals, FrameError, Offset, Position, ProductId, ProductState,
+    Shard, ShardChanges, ShardState,
+};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const ITEMS: TableDefinition<(&str, &str), &str> = TableDefinition::new("items");
+const PRODUCTS: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("products");
+const CONTRIBUTIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("contributions");
+const POSITIONS: TableDefinition<(&str, u32), i64> = TableDefinition::new("positions");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// `meta` key: length of the dead-letter file as of the last commit.
+const DEAD_LETTERS_LEN: &str = "dead_letters.committed_len";
+
+pub const DB_FILE: &str = "analytics.redb";
+pub const DEAD_LETTER_FILE: &str = "dead-letters.jsonl";
+pub const CURRENT: &str = "CURRENT";
+const LOW_STOCK_PREFIX: &str = "LOWSTOCK#";
+const MS_PER_DAY: i64 = 86_400_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("creating the data directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("opening the database {path}: {source}")]
+    OpenDatabase {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    /// Boxed: redb's error can hold a whole read transaction.
+    #[error("beginning a transaction: {0}")]
+    BeginTransaction(Box<redb::TransactionError>),
+    #[error("opening a table: {0}")]
+    OpenTable(#[from] redb::TableError),
+    #[error("accessing a table: {0}")]
+    Access(#[from] redb::StorageError),
+    #[error("committing a transaction: {0}")]
+    Commit(#[from] redb::CommitError),
+    #[error("dead-letter file {path}: {source}")]
+    DeadLetterFile { path: PathBuf, source: io::Error },
+    #[error("encoding {what}: {detail}")]
+    Encode { what: &'static str, detail: String },
+    #[error("decoding stored {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
+}
+
+impl From<redb::TransactionError> for StoreError {
+    fn from(e: redb::TransactionError) -> Self {
+        StoreError::BeginTransaction(Box::new(e))
+    }
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later on the same store: I/O trouble
+    /// (a full disk, a lock held by another process) may pass; corrupt or
+    /// undecodable data will not.
+    pub fn is_retryable(&self) -> bool {
+        fn io(e: &redb::StorageError) -> bool {
+            matches!(e, redb::StorageError::Io(_))
+        }
+        match self {
+            StoreError::CreateDir { .. } | StoreError::DeadLetterFile { .. } => true,
+            StoreError::OpenDatabase { source, .. } => match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => true,
+                redb::DatabaseError::Storage(e) => io(e),
+                _ => false,
+            },
+            StoreError::BeginTransaction(e) => {
+                matches!(&**e, redb::TransactionError::Storage(e) if io(e))
+            }
+            StoreError::OpenTable(redb::TableError::Storage(e))
+            | StoreError::Access(e)
+            | StoreError::Commit(redb::CommitError::Storage(e)) => io(e),
+            StoreError::OpenTable(_) | StoreError::Commit(_) => false,
+            StoreError::Encode { .. } | StoreError::Decode { .. } => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Lifetime of metric items after their last write (DESIGN §6).
+    pub ttl: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// What one [`EmbeddedStore::write`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub shards_applied: u64,
+    /// Shard changes skipped as replays of something already durable.
+    pub shards_skipped: u64,
+    /// Product states written.
+    pub products: u64,
+    /// Distinct entities whose items were rebuilt.
+    pub entities: u64,
+    pub low_stock_puts: u64,
+    pub low_stock_deletes: u64,
+    pub dead_letters: u64,
+}
+
+pub struct EmbeddedStore {
+    db: Database,
+    dead_letter_path: PathBuf,
+    ttl_secs: i64,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `data_dir`, and drops any dead-letter
+    /// lines a crashed write appended without committing.
+    pub fn open(data_dir: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let db_path = data_dir.join(DB_FILE);
+        let db = Database::create(&db_path).map_err(|source| StoreError::OpenDatabase {
+            path: db_path,
+            source,
+        })?;
+        let store = EmbeddedStore {
+            db,
+            dead_letter_path: data_dir.join(DEAD_LETTER_FILE),
+            ttl_secs: i64::try_from(opts.ttl.as_secs()).unwrap_or(i64::MAX),
+        };
+        let txn = store.db.begin_write()?;
+        {
+            txn.open_table(ITEMS)?;
+            txn.open_table(PRODUCTS)?;
+            txn.open_table(CONTRIBUTIONS)?;
+            txn.open_table(POSITIONS)?;
+            let mut meta = txn.open_table(META)?;
+            let committed = meta
+                .get(DEAD_LETTERS_LEN)?
+                .map(|g| decode_len(g.value()))
+                .transpose()?;
+            let file_len = match std::fs::metadata(&store.dead_letter_path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(source) => return Err(store.dead_letter_error(source)),
+            };
+            match committed {
+                // A file that predates the database is kept as it is.
+                None => {
+                    meta.insert(DEAD_LETTERS_LEN, &file_len.to_le_bytes()[..])?;
+                }
+                Some(len) if file_len > len => store.truncate_dead_letters(len)?,
+                Some(_) => {}
+            }
+        }
+        txn.commit()?;
+        Ok(store)
+    }
+
+    pub fn dead_letter_path(&self) -> PathBuf {
+        self.dead_letter_path.clone()
+    }
+
+    /// Applies a slice of shard changes in one transaction (DESIGN §5).
+    pub fn write(
+        &mut self,
+        changes: &[ShardChanges],
+        now_ms: i64,
+    ) -> Result<WriteStats, StoreError> {
+        let mut stats = WriteStats::default();
+        let ttl = self.ttl_at(now_ms);
+        let mut dead_lines: Vec<u8> = Vec::new();
+        let txn = self.db.begin_write()?;
+        {
+            let mut items = txn.open_table(ITEMS)?;
+            let mut products = txn.open_table(PRODUCTS)?;
+            let mut contributions = txn.open_table(CONTRIBUTIONS)?;
+            let mut positions = txn.open_table(POSITIONS)?;
+            let mut changed: BTreeMap<String, EntityKey> = BTreeMap::new();
+
+            for sc in changes {
+                let mut newer = false;
+                for p in &sc.positions {
+                    let stored = positions.get((&*p.stream, sc.shard))?.map(|g| g.value());
+                    if stored.is_none_or(|s| p.offset > s) {
+                        newer = true;
+                    }
+                }
+                if !newer {
+                    stats.shards_skipped += 1;
+                    continue;
+                }
+                stats.shards_applied += 1;
+                for p in &sc.positions {
+                    let stored = positions.get((&*p.stream, sc.shard))?.map(|g| g.value());
+                    if stored.is_none_or(|s| p.offset > s) {
+                        positions.insert((&*p.stream, sc.shard), p.offset)?;
+                    }
+                }
+
+                for (id, state) in &sc.products {
+                    let key = encode("product id", id)?;
+                    let prev: Option<ProductState> =
+                        match products.get((sc.shard, key.as_slice()))? {
+                            Some(g) => Some(decode("product state", g.value())?),
+                            None => None,
+                        };
+                    products.insert(
+                        (sc.shard, key.as_slice()),
+                        encode("product state", state)?.as_slice(),
+                    )?;
+                    stats.products += 1;
+
+                    let new_key = state
+                        .low_stock_since
+                        .map(|_| low_stock_key(seller_of(state), id));
+                    if let Some((pk, sk)) = &new_key {
+                        items.insert(
+                            (pk.as_str(), sk.as_str()),
+                            low_stock_item(id, state)?.as_str(),
+                        )?;
+                        stats.low_stock_puts += 1;
+                    }
+                    let old_key = prev
+                        .filter(|p| p.low_stock_since.is_some())
+                        .map(|p| low_stock_key(seller_of(&p), id));
+                    if let Some((pk, sk)) = old_key
+                        && new_key.as_ref() != Some(&(pk.clone(), sk.clone()))
+                        && items.remove((pk.as_str(), sk.as_str()))?.is_some()
+                    {
+                        stats.low_stock_deletes += 1;
+                    }
+                }
+
+                for (key, totals) in &sc.entities {
+                    let pk = entity_pk(key);
+                    contributions.insert(
+                        (pk.as_str(), sc.shard),
+                        encode("entity totals", totals)?.as_slice(),
+                    )?;
+                    changed.insert(pk, key.clone());
+                }
+
+                for dl in &sc.dead_letters {
+                    dead_lines.extend_from_slice(dead_letter_line(dl)?.as_bytes());
+                    dead_lines.push(b'\n');
+                    stats.dead_letters += 1;
+                }
+            }
+
+            for (pk, key) in &changed {
+                let mut sum = EntityTotals {
+                    last_event_at: -1,
+                    ..EntityTotals::default()
+                };
+                for entry in contributions.range((pk.as_str(), 0u32)..=(pk.as_str(), u32::MAX))? {
+                    let (_, v) = entry?;
+                    sum.merge(&decode::<EntityTotals>("entity totals", v.value())?);
+                }
+                let record = MetricRecord::entity(key, &sum);
+                let item = entity_item(&record, now_ms, ttl)?;
+                let day_ms = if sum.last_event_at >= 0 {
+                    sum.last_event_at
+                } else {
+                    now_ms
+                };
+                let day = format!("DAY#{}", utc_day(day_ms));
+                items.insert((pk.as_str(), CURRENT), item.as_str())?;
+                items.insert((pk.as_str(), day.as_str()), item.as_str())?;
+                stats.entities += 1;
+            }
+        }
+
+        if !dead_lines.is_empty() {
+            let mut meta = txn.open_table(META)?;
+            let committed = meta
+                .get(DEAD_LETTERS_LEN)?
+                .map(|g| decode_len(g.value()))
+                .transpose()?
+                .unwrap_or(0);
+            let new_len = self.append_dead_letters(committed, &dead_lines)?;
+            meta.insert(DEAD_LETTERS_LEN, &new_len.to_le_bytes()[..])?;
+        }
+        txn.commit()?;
+        Ok(stats)
+    }
+
+    /// The durable state of one shard, in chunks of at most
+    /// `max_products_per_chunk` products. Positions and entity times travel in
+    /// the first chunk; only the last has `last = true`.
+    pub fn load_shard(
+        &self,
+        shard: Shard,
+        max_products_per_chunk: usize,
+    ) -> Result<Vec<ShardState>, StoreError> {
+        let max = max_products_per_chunk.max(1);
+        let txn = self.db.begin_read()?;
+        let mut first = ShardState {
+            shard,
+            ..ShardState::default()
+        };
+
+        let positions = txn.open_table(POSITIONS)?;
+        for entry in positions.iter()? {
+            let (k, v) = entry?;
+            let (stream, s) = k.value();
+            if s == shard {
+                first.positions.push(Position {
+                    stream: stream.into(),
+                    offset: v.value(),
+                });
+            }
+        }
+        let contributions = txn.open_table(CONTRIBUTIONS)?;
+        for entry in contributions.iter()? {
+            let (k, v) = entry?;
+            let (pk, s) = k.value();
+            if s == shard {
+                let key = parse_entity_pk(pk)?;
+                let totals: EntityTotals = decode("entity totals", v.value())?;
+                first.entity_times.push((key, totals.last_event_at));
+            }
+        }
+
+        let mut chunks = vec![first];
+        let products = txn.open_table(PRODUCTS)?;
+        for entry in products.range((shard, &[][..])..)? {
+            let (k, v) = entry?;
+            let (s, key) = k.value();
+            if s != shard {
+                break;
+            }
+            let id: ProductId = decode("product id", key)?;
+            let state: ProductState = decode("product state", v.value())?;
+            if chunks.last().is_some_and(|c| c.products.len() >= max) {
+                chunks.push(ShardState {
+                    shard,
+                    ..ShardState::default()
+                });
+            }
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.products.push((id, state));
+            }
+        }
+        if let Some(last) = chunks.last_mut() {
+            last.last = true;
+        }
+        Ok(chunks)
+    }
+
+    /// Every stored (shard, position).
+    pub fn positions(&self) -> Result<Vec<(Shard, Position)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(POSITIONS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let (stream, shard) = k.value();
+            out.push((
+                shard,
+                Position {
+                    stream: stream.into(),
+                    offset: v.value(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every live current seller and category item and every low-stock item,
+    /// sorted by key.
+    pub fn current_records(&self, now_ms: i64) -> Result<Vec<MetricRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let items = txn.open_table(ITEMS)?;
+        let mut out = Vec::new();
+        for entry in items.iter()? {
+            let (k, v) = entry?;
+            let (pk, sk) = k.value();
+            if (sk == CURRENT || pk.starts_with(LOW_STOCK_PREFIX))
+                && let Some(r) = parse_item(pk, v.value(), now_ms)?
+            {
+                out.push(r);
+            }
+        }
+        sort_records(&mut out);
+        Ok(out)
+    }
+
+    /// The seller's current record and its daily history (oldest day first).
+    pub fn seller(&self, id: &str, now_ms: i64) -> Result<Option<History>, StoreError> {
+        self.entity(&format!("SELLER#{id}"), now_ms)
+    }
+
+    /// The category's current record and its daily history (oldest day first).
+    pub fn category(&self, name: &str, now_ms: i64) -> Result<Option<History>, StoreError> {
+        self.entity(&format!("CATEGORY#{name}"), now_ms)
+    }
+
+    fn entity(&self, pk: &str, now_ms: i64) -> Result<Option<History>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let items = txn.open_table(ITEMS)?;
+        let current = match items.get((pk, CURRENT))? {
+            Some(v) => parse_item(pk, v.value(), now_ms)?,
+            None => None,
+        };
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        let mut days = Vec::new();
+        for entry in items.range((pk, "DAY#")..)? {
+            let (k, v) = entry?;
+            let (p, sk) = k.value();
+            let Some(day) = sk.strip_prefix("DAY#").filter(|_| p == pk) else {
+                break;
+            };
+            if let Some(r) = parse_item(pk, v.value(), now_ms)? {
+                days.push((day.to_string(), r));
+            }
+        }
+        Ok(Some((current, days)))
+    }
+
+    /// Low-stock items, of one seller or of all, sorted by key.
+    pub fn low_stock(&self, seller: Option<&str>) -> Result<Vec<MetricRecord>, StoreError> {
+        let prefix = match seller {
+            Some(s) => format!("{LOW_STOCK_PREFIX}{s}"),
+            None => LOW_STOCK_PREFIX.to_string(),
+        };
+        let txn = self.db.begin_read()?;
+        let items = txn.open_table(ITEMS)?;
+        let mut out = Vec::new();
+        for entry in items.range((prefix.as_str(), "")..)? {
+            let (k, v) = entry?;
+            let (pk, _) = k.value();
+            let matches = if seller.is_some() {
+                pk == prefix
+            } else {
+                pk.starts_with(&prefix)
+            };
+            if !matches {
+                break;
+            }
+            // Low-stock items carry no TTL.
+            if let Some(r) = parse_item(pk, v.value(), i64::MIN)? {
+                out.push(r);
+            }
+        }
+        sort_records(&mut out);
+        Ok(out)
+    }
+
+    /// Rewrites the TTL of every current item, so entities the store still
+    /// holds contributions for never expire, and deletes expired daily items.
+    /// Current items are refreshed even when already expired: they are derived
+    /// from contributions, which never expire. Returns the items refreshed.
+    pub fn refresh_ttl(&mut self, now_ms: i64) -> Result<u64, StoreError> {
+        let ttl = self.ttl_at(now_ms);
+        let now_s = now_ms.div_euclid(1000);
+        let txn = self.db.begin_write()?;
+        let mut refreshed = 0;
+        {
+            let mut items = txn.open_table(ITEMS)?;
+            let mut rewrite = Vec::new();
+            let mut expired = Vec::new();
+            for entry in items.iter()? {
+                let (k, v) = entry?;
+                let (pk, sk) = k.value();
+                let mut obj = parse_object(v.value())?;
+                if sk == CURRENT {
+                    obj.insert("TTL".into(), ttl.into());
+                    rewrite.push((pk.to_string(), json_string(&obj)?));
+                } else if obj
+                    .get("TTL")
+                    .and_then(|t| t.as_i64())
+                    .is_some_and(|t| t < now_s)
+                {
+                    expired.push((pk.to_string(), sk.to_string()));
+                }
+            }
+            for (pk, item) in &rewrite {
+                items.insert((pk.as_str(), CURRENT), item.as_str())?;
+                refreshed += 1;
+            }
+            for (pk, sk) in &expired {
+                items.remove((pk.as_str(), sk.as_str()))?;
+            }
+            tracing::debug!(refreshed, purged = expired.len(), "refreshed item TTLs");
+        }
+        txn.commit()?;
+        Ok(refreshed)
+    }
+
+    fn ttl_at(&self, now_ms: i64) -> i64 {
+        now_ms.div_euclid(1000).saturating_add(self.ttl_secs)
+    }
+
+    fn dead_letter_error(&self, source: io::Error) -> StoreError {
+        StoreError::DeadLetterFile {
+            path: self.dead_letter_path.clone(),
+            source,
+        }
+    }
+
+    fn truncate_dead_letters(&self, len: u64) -> Result<(), StoreError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.dead_letter_path)
+            .map_err(|e| self.dead_letter_error(e))?;
+        file.set_len(len).map_err(|e| self.dead_letter_error(e))?;
+        file.sync_all().map_err(|e| self.dead_letter_error(e))
+    }
+
+    /// Appends `bytes` after the committed length (dropping any uncommitted
+    /// tail of a failed write) and syncs; returns the new length.
+    fn append_dead_letters(&self, committed: u64, bytes: &[u8]) -> Result<u64, StoreError> {
+        let run = || -> io::Result<u64> {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.dead_letter_path)?;
+            let start = file.metadata()?.len().min(committed);
+            file.set_len(start)?;
+            file.seek(SeekFrom::Start(start))?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            Ok(start + bytes.len() as u64)
+        };
+        run().map_err(|e| self.dead_letter_error(e))
+    }
+
+    #[cfg(test)]
+    fn dump_items(&self) -> Vec<(String, String, String)> {
+        let txn = self.db.begin_read().unwrap();
+        let items = txn.open_table(ITEMS).unwrap();
+        items
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                let (pk, sk) = k.value();
+                (pk.to_string(), sk.to_string(), v.value().to_string())
+            })
+            .collect()
+    }
+}
+
+/// A current record and its daily history as (YYYY-MM-DD, record).
+pub type History = (MetricRecord, Vec<(String, MetricRecord)>);
+
+/// The partition key of an entity's items and contributions.
+pub fn entity_pk(key: &EntityKey) -> String {
+    match key {
+        EntityKey::Seller(s) => format!("SELLER#{s}"),
+        EntityKey::Category(c) => format!("CATEGORY#{c}"),
+    }
+}
+
+fn parse_entity_pk(pk: &str) -> Result<EntityKey, StoreError> {
+    if let Some(s) = pk.strip_prefix("SELLER#") {
+        Ok(EntityKey::Seller(s.into()))
+    } else if let Some(c) = pk.strip_prefix("CATEGORY#") {
+        Ok(EntityKey::Category(c.into()))
+    } else {
+        Err(StoreError::Decode {
+            what: "entity key",
+            detail: format!("unknown entity key {pk:?}"),
+        })
+    }
+}
+
+fn seller_of(state: &ProductState) -> &str {
+    state.seller.value.as_deref().unwrap_or("")
+}
+
+/// Bincode through the proto crate's codec (the frame without its prefix).
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut buf = Vec::new();
+    proto::frame::encode_into(value, &mut buf).map_err(|e| StoreError::Encode {
+        what,
+        detail: e.to_string(),
+    })?;
+    buf.drain(..4);
+    Ok(buf)
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    proto::frame::decode(bytes).map_err(|e: FrameError| StoreError::Decode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn decode_len(bytes: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Decode {
+        what: "dead-letter length",
+        detail: format!("{} bytes instead of 8", bytes.len()),
+    })?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+fn parse_object(text: &str) -> Result<JsonObject, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Decode {
+        what: "item",
+        detail: e.to_string(),
+    })
+}
+
+fn json_string(obj: &JsonObject) -> Result<String, StoreError> {
+    serde_json::to_string(obj).map_err(|e| StoreError::Encode {
+        what: "item",
+        detail: e.to_string(),
+    })
+}
+
+/// A record's attributes (without its `type` tag) as a JSON object.
+fn record_object(record: &MetricRecord) -> Result<JsonObject, StoreError> {
+    match serde_json::to_value(record) {
+        Ok(serde_json::Value::Object(mut obj)) => {
+            obj.remove("type");
+            Ok(obj)
+        }
+        Ok(_) => Err(StoreError::Encode {
+            what: "item",
+            detail: "record is not an object".into(),
+        }),
+        Err(e) => Err(StoreError::Encode {
+            what: "item",
+            detail: e.to_string(),
+        }),
+    }
+}
+
+fn entity_item(record: &MetricRecord, now_ms: i64, ttl: i64) -> Result<String, StoreError> {
+    let mut obj = record_object(record)?;
+    obj.insert("updatedAt".into(), now_ms.into());
+    obj.insert("TTL".into(), ttl.into());
+    json_string(&obj)
+}
+
+fn low_stock_item(id: &ProductId, state: &ProductState) -> Result<String, StoreError> {
+    let record = MetricRecord::LowStock(LowStockRecord {
+        seller_id: seller_of(state).to_string(),
+        product_id: id.clone(),
+        name: state.name.value.as_deref().unwrap_or("").to_string(),
+        category: state.category.value.as_deref().unwrap_or("").to_string(),
+        quantity: state.quantity.value.unwrap_or(0),
+        price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
+    });
+    let mut obj = record_object(&record)?;
+    obj.insert("since".into(), state.low_stock_since.into());
+    json_string(&obj)
+}
+
+/// The record an item holds, or `None` when its TTL has passed.
+fn parse_item(pk: &str, text: &str, now_ms: i64) -> Result<Option<MetricRecord>, StoreError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| StoreError::Decode {
+        what: "item",
+        detail: e.to_string(),
+    })?;
+    if let Some(ttl) = value.get("TTL").and_then(|t| t.as_i64())
+        && ttl < now_ms.div_euclid(1000)
+    {
+        return Ok(None);
+    }
+    let bad = |e: serde_json::Error| StoreError::Decode {
+        what: "item",
+        detail: format!("{pk}: {e}"),
+    };
+    let record = if pk.starts_with("SELLER#") {
+        MetricRecord::Seller(serde_json::from_value::<SellerRecord>(value).map_err(bad)?)
+    } else if pk.starts_with("CATEGORY#") {
+        MetricRecord::Category(serde_json::from_value::<CategoryRecord>(value).map_err(bad)?)
+    } else if pk.starts_with(LOW_STOCK_PREFIX) {
+        MetricRecord::LowStock(serde_json::from_value::<LowStockRecord>(value).map_err(bad)?)
+    } else {
+        return Err(StoreError::Decode {
+            what: "item",
+            detail: format!("unknown partition key {pk:?}"),
+        });
+    };
+    Ok(Some(record))
+}
+
+#[derive(Serialize)]
+struct DeadLetterLine<'a> {
+    stream: &'a str,
+    shard: Shard,
+    offset: Offset,
+    line: Offset,
+    reason: &'a str,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<&'a str>,
+    #[serde(rename = "rawHex", skip_serializing_if = "Option::is_none")]
+    raw_hex: Option<String>,
+}
+
+fn dead_letter_line(dl: &DeadLetter) -> Result<String, StoreError> {
+    let (raw, raw_hex) = match std::str::from_utf8(&dl.raw) {
+        Ok(s) => (Some(s), None),
+        Err(_) => (
+            None,
+            Some(dl.raw.iter().map(|b| format!("{b:02x}")).collect()),
+        ),
+    };
+    let line = DeadLetterLine {
+        stream: &dl.stream,
+        shard: dl.shard,
+        offset: dl.offset,
+        line: dl.offset.saturating_add(1),
+        reason: &dl.reason,
+        detail: &dl.detail,
+        raw,
+        raw_hex,
+    };
+    serde_json::to_string(&line).map_err(|e| StoreError::Encode {
+        what: "dead letter",
+        detail: e.to_string(),
+    })
+}
+
+/// (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, proleptic Gregorian).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m as u32, d as u32)
+}
+
+/// The UTC day (`YYYY-MM-DD`) of an epoch-millisecond time.
+pub fn utc_day(ms: i64) -> String {
+    let (y, m, d) = civil_from_days(ms.div_euclid(MS_PER_DAY));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proto::{Field, Version};
+
+    const T0: i64 = 1_696_176_060_000; // 2023-10-01T16:01:00Z
+    const DAY: i64 = MS_PER_DAY;
+
+    fn f<T>(v: T) -> Field<T> {
+        Field {
+            value: Some(v),
+            version: Version(0),
+        }
+    }
+
+    fn product(
+        seller: &str,
+        cat: &str,
+        price: i64,
+        qty: i64,
+        deleted: bool,
+        low: Option<i64>,
+    ) -> ProductState {
+        ProductState {
+            seller: f(seller.into()),
+            category: f(cat.into()),
+            name: f(format!("name-{seller}-{cat}").into()),
+            price_cents: f(price),
+            quantity: f(qty),
+            deleted: f(deleted),
+            low_stock_since: low,
+        }
+    }
+
+    fn totals(
+        products: u64,
+        active: u64,
+        deleted: u64,
+        value: i128,
+        price_sum: i128,
+        low: u64,
+        last: i64,
+    ) -> EntityTotals {
+        EntityTotals {
+            products,
+            active,
+            deleted,
+            value_cents: value,
+            price_sum_cents: price_sum,
+            low_stock: low,
+            last_event_at: last,
+        }
+    }
+
+    fn pos(stream: &str, offset: i64) -> Position {
+        Position {
+            stream: stream.into(),
+            offset,
+        }
+    }
+
+    fn seller(s: &str) -> EntityKey {
+        EntityKey::Seller(s.into())
+    }
+
+    fn cat(c: &str) -> EntityKey {
+        EntityKey::Category(c.into())
+    }
+
+    fn open(dir: &Path) -> EmbeddedStore {
+        EmbeddedStore::open(dir, StoreOptions::default()).unwrap()
+    }
+
+    fn entity_changes(
+        shard: Shard,
+        offset: i64,
+        entities: Vec<(EntityKey, EntityTotals)>,
+    ) -> ShardChanges {
+        ShardChanges {
+            shard,
+            positions: vec![pos("events", offset)],
+            entities,
+            ..ShardChanges::default()
+        }
+    }
+
+    fn record(store: &EmbeddedStore, key: &str) -> Option<MetricRecord> {
+        store
+            .current_records(T0)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.key().0 == key)
+    }
+
+    /// DESIGN §3's worked check, flushed in two batches.
+    pub(crate) fn worked_check_changes() -> Vec<ShardChanges> {
+        let (a, b) = (ProductId::Num(1), ProductId::Text("B".into()));
+        let first = ShardChanges {
+            shard: 0,
+            positions: vec![pos("events", 1)],
+            products: vec![
+                (a.clone(), product("s1", "Books", 3000, 2, false, Some(T0))),
+                (
+                    b.clone(),
+                    product("s1", "Books", 1000, 5, false, Some(T0 + 1000)),
+                ),
+            ],
+            entities: vec![
+                (seller("s1"), totals(2, 2, 0, 11000, 4000, 2, T0 + 1000)),
+                (cat("Books"), totals(2, 2, 0, 11000, 4000, 2, T0 + 1000)),
+            ],
+            dead_letters: vec![],
+        };
+        let second = ShardChanges {
+            shard: 0,
+            positions: vec![pos("events", 3)],
+            products: vec![
+                (a, product("s1", "Games", 1500, 8, false, Some(T0 + 2000))),
+                (b, product("s1", "Books", 1000, 5, true, None)),
+            ],
+            entities: vec![
+                (seller("s1"), totals(2, 1, 1, 12000, 1500, 1, T0 + 3000)),
+                (cat("Books"), totals(1, 0, 1, 0, 0, 0, T0 + 3000)),
+                (cat("Games"), totals(1, 1, 0, 12000, 1500, 1, T0 + 2000)),
+            ],
+            dead_letters: vec![],
+        };
+        vec![first, second]
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
+        assert_eq!(utc_day(T0), "2023-10-01");
+        assert_eq!(utc_day(-1), "1969-12-31");
+        assert_eq!(utc_day(951_868_799_999), "2000-02-29");
+        assert_eq!(utc_day(4_107_542_400_000), "2100-03-01");
+    }
+
+    #[test]
+    fn worked_check_comes_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let changes = worked_check_changes();
+        store.write(&changes[..1], T0).unwrap();
+        let stats = store.write(&changes[1..], T0).unwrap();
+        assert_eq!(stats.shards_applied, 1);
+        assert_eq!(stats.products, 2);
+        assert_eq!(stats.entities, 3);
+        assert_eq!(stats.low_stock_puts, 1);
+        assert_eq!(stats.low_stock_deletes, 1);
+
+        let lines: Vec<String> = store
+            .current_records(T0)
+            .unwrap()
+            .iter()
+            .map(MetricRecord::to_json_line)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                r#"{"type":"category","category":"Books","totalProducts":0,"totalValue":"0.00","averagePrice":"0.00","lastEventAt":1696176063000}"#,
+                r#"{"type":"category","category":"Games","totalProducts":1,"totalValue":"120.00","averagePrice":"15.00","lastEventAt":1696176062000}"#,
+                r#"{"type":"lowStock","sellerId":"s1","productId":1,"name":"name-s1-Games","category":"Games","quantity":8,"price":"15.00"}"#,
+                r#"{"type":"seller","sellerId":"s1","totalProducts":2,"activeProducts":1,"deletedProducts":1,"totalValue":"120.00","lowStockCount":1,"lastEventAt":1696176063000}"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn items_have_dynamodb_attributes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        store.write(&worked_check_changes(), T0 + 5000).unwrap();
+        let items = store.dump_items();
+        let get = |pk: &str, sk: &str| -> serde_json::Value {
+            let (_, _, v) = items.iter().find(|(p, s, _)| p == pk && s == sk).unwrap();
+            serde_json::from_str(v).unwrap()
+        };
+        let ttl = (T0 + 5000) / 1000 + 30 * 24 * 3600;
+        assert_eq!(
+            get("SELLER#s1", "CURRENT"),
+            serde_json::json!({"sellerId":"s1","totalProducts":2,"activeProducts":1,"deletedProducts":1,
+                "totalValue":"120.00","lowStockCount":1,"lastEventAt":T0 + 3000,"updatedAt":T0 + 5000,"TTL":ttl})
+        );
+        assert_eq!(
+            get("CATEGORY#Games", "CURRENT"),
+            serde_json::json!({"category":"Games","totalProducts":1,"totalValue":"120.00","averagePrice":"15.00",
+                "lastEventAt":T0 + 2000,"updatedAt":T0 + 5000,"TTL":ttl})
+        );
+        assert_eq!(
+            get("LOWSTOCK#s1", "PRODUCT#1"),
+            serde_json::json!({"productId":1,"sellerId":"s1","name":"name-s1-Games","category":"Games",
+                "quantity":8,"price":"15.00","since":T0 + 2000})
+        );
+    }
+
+    #[test]
+    fn categories_sum_across_shards_and_a_shard_replaces_its_contribution() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        store
+            .write(
+                &[
+                    entity_changes(
+                        0,
+                        10,
+                        vec![(cat("Books"), totals(2, 2, 0, 1000, 700, 0, T0))],
+                    ),
+                    entity_changes(
+                        1,
+                        4,
+                        vec![(cat("Books"), totals(1, 1, 0, 500, 300, 0, T0 + 7))],
+                    ),
+                ],
+                T0,
+            )
+            .unwrap();
+        let expect = |total, value, avg, last| {
+            MetricRecord::Category(CategoryRecord {
+                category: "Books".into(),
+                total_products: total,
+                total_value: Money(value),
+                average_price: Money(avg),
+                last_event_at: last,
+            })
+        };
+        assert_eq!(
+            record(&store, "CATEGORY#Books"),
+            Some(expect(3, 1500, 333, T0 + 7))
+        );
+
+        store
+            .write(
+                &[entity_changes(
+                    0,
+                    11,
+                    vec![(cat("Books"), totals(1, 1, 0, 200, 200, 0, T0 + 9))],
+                )],
+                T0,
+            )
+            .unwrap();
+        assert_eq!(
+            record(&store, "CATEGORY#Books"),
+            Some(expect(2, 700, 250, T0 + 9))
+        );
+    }
+
+    #[test]
+    fn replays_are_skipped_and_never_move_values_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let newer = ShardChanges {
+            shard: 2,
+            positions: vec![pos("a", 10), pos("b", 5)],
+            products: vec![(
+                ProductId::Num(9),
+                product("s1", "Books", 100, 3, false, Some(T0)),
+            )],
+            entities: vec![(seller("s1"), totals(1, 1, 0, 300, 100, 1, T0))],
+            dead_letters: vec![],
+        };
+        let first = store.write(std::slice::from_ref(&newer), T0).unwrap();
+        assert_eq!((first.shards_applied, first.shards_skipped), (1, 0));
+        let before = store.dump_items();
+
+        // The same write again, later: skipped, nothing rewritten (not even updatedAt).
+        let again = store
+            .write(std::slice::from_ref(&newer), T0 + 1000)
+            .unwrap();
+        assert_eq!(
+            again,
+            WriteStats {
+                shards_skipped: 1,
+                ..WriteStats::default()
+            }
+        );
+        assert_eq!(store.dump_items(), before);
+
+        // An older batch after the newer one: skipped.
+        let older = ShardChanges {
+            shard: 2,
+            positions: vec![pos("a", 7), pos("b", 5)],
+            products: vec![(
+                ProductId::Num(9),
+                product("s1", "Books", 100, 50, false, None),
+            )],
+            entities: vec![(seller("s1"), totals(1, 1, 0, 5000, 100, 0, T0 - 5))],
+            dead_letters: vec![],
+        };
+        assert_eq!(store.write(&[older], T0 + 2000).unwrap().shards_skipped, 1);
+        assert_eq!(store.dump_items(), before);
+
+        // A batch that is newer on one stream is applied; each position keeps its maximum.
+        let mixed = ShardChanges {
+            shard: 2,
+            positions: vec![pos("a", 3), pos("b", 6)],
+            ..ShardChanges::default()
+        };
+        assert_eq!(store.write(&[mixed], T0).unwrap().shards_applied, 1);
+        let mut positions = store.positions().unwrap();
+        positions.sort_by(|x, y| x.1.stream.cmp(&y.1.stream));
+        assert_eq!(positions, vec![(2, pos("a", 10)), (2, pos("b", 6))]);
+
+        // No positions at all: nothing to prove it is new, so skipped.
+        let blank = ShardChanges {
+            shard: 2,
+            entities: newer.entities.clone(),
+            ..ShardChanges::default()
+        };
+        assert_eq!(store.write(&[blank], T0).unwrap().shards_skipped, 1);
+    }
+
+    #[test]
+    fn low_stock_put_move_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let id = ProductId::Num(42);
+        let at = |shard_offset: i64, state: ProductState| ShardChanges {
+            shard: 0,
+            positions: vec![pos("events", shard_offset)],
+            products: vec![(id.clone(), state)],
+            ..ShardChanges::default()
+        };
+        let keys = |store: &EmbeddedStore| -> Vec<(String, String)> {
+            store
+                .low_stock(None)
+                .unwrap()
+                .iter()
+                .map(MetricRecord::key)
+                .collect()
+        };
+
+        let s = store
+            .write(&[at(1, product("s1", "Toys", 250, 3, false, Some(T0)))], T0)
+            .unwrap();
+        assert_eq!((s.low_stock_puts, s.low_stock_deletes), (1, 0));
+        assert_eq!(
+            keys(&store),
+            vec![("LOWSTOCK#s1".to_string(), "PRODUCT#42".to_string())]
+        );
+        assert_eq!(store.low_stock(Some("s1")).unwrap().len(), 1);
+        assert!(store.low_stock(Some("s")).unwrap().is_empty());
+
+        // The seller changes: the item moves.
+        let s = store
+            .write(&[at(2, product("s2", "Toys", 250, 4, false, Some(T0)))], T0)
+            .unwrap();
+        assert_eq!((s.low_stock_puts, s.low_stock_deletes), (1, 1));
+        assert_eq!(
+            keys(&store),
+            vec![("LOWSTOCK#s2".to_string(), "PRODUCT#42".to_string())]
+        );
+        assert!(store.low_stock(Some("s1")).unwrap().is_empty());
+        match &store.low_stock(Some("s2")).unwrap()[..] {
+            [MetricRecord::LowStock(r)] => assert_eq!((r.quantity, r.price), (4, Money(250))),
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // Restocked: the item goes.
+        let s = store
+            .write(&[at(3, product("s2", "Toys", 250, 40, false, None))], T0)
+            .unwrap();
+        assert_eq!((s.low_stock_puts, s.low_stock_deletes), (0, 1));
+        assert!(keys(&store).is_empty());
+    }
+
+    #[test]
+    fn daily_items_ttl_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_secs(3600);
+        let mut store = EmbeddedStore::open(dir.path(), StoreOptions { ttl }).unwrap();
+        let now = T0 + 3 * DAY;
+        store
+            .write(
+                &[entity_changes(
+                    0,
+                    1,
+                    vec![(seller("s1"), totals(1, 1, 0, 100, 100, 0, T0))],
+                )],
+                now,
+            )
+            .unwrap();
+        store
+            .write(
+                &[entity_changes(
+                    0,
+                    2,
+                    vec![(seller("s1"), totals(2, 2, 0, 300, 300, 0, T0 + DAY))],
+                )],
+                now,
+            )
+            .unwrap();
+        // An entity that has no event time yet files under the day of the write.
+        store
+            .write(
+                &[entity_changes(
+                    0,
+                    3,
+                    vec![(cat("Empty"), totals(0, 0, 0, 0, 0, 0, -1))],
+                )],
+                now,
+            )
+            .unwrap();
+
+        let (current, days) = store.seller("s1", now).unwrap().unwrap();
+        let MetricRecord::Seller(current) = current else {
+            panic!()
+        };
+        assert_eq!(current.total_products, 2);
+        let days: Vec<(String, u64)> = days
+            .into_iter()
+            .map(|(d, r)| match r {
+                MetricRecord::Seller(r) => (d, r.total_products),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            days,
+            vec![("2023-10-01".to_string(), 1), ("2023-10-02".to_string(), 2)]
+        );
+        let (_, empty_days) = store.category("Empty", now).unwrap().unwrap();
+        assert_eq!(
+            empty_days
+                .iter()
+                .map(|(d, _)| d.as_str())
+                .collect::<Vec<_>>(),
+            ["2023-10-04"]
+        );
+        assert!(store.seller("nobody", now).unwrap().is_none());
+
+        for (_, sk, item) in store.dump_items() {
+            let v: serde_json::Value = serde_json::from_str(&item).unwrap();
+            assert_eq!(v["TTL"], serde_json::json!(now / 1000 + 3600), "{sk}");
+        }
+
+        // Past the TTL every item is invisible.
+        let later = now + 3601 * 1000;
+        assert_eq!(store.current_records(now).unwrap().len(), 2);
+        assert!(store.current_records(later).unwrap().is_empty());
+        assert!(store.seller("s1", later).unwrap().is_none());
+
+        // A refresh brings current items back and purges expired daily ones.
+        assert_eq!(store.refresh_ttl(later).unwrap(), 2);
+        assert_eq!(store.current_records(later).unwrap().len(), 2);
+        let (_, days) = store.seller("s1", later).unwrap().unwrap();
+        assert!(days.is_empty());
+        assert!(store.dump_items().iter().all(|(_, sk, _)| sk == CURRENT));
+    }
+
+    #[test]
+    fn dead_letters_are_appended_and_an_uncommitted_tail_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let dl = |offset, raw: &[u8]| DeadLetter {
+            stream: "events".into(),
+            shard: 1,
+            offset,
+            reason: "invalid_json".into(),
+            detail: "expected value".into(),
+            raw: raw.to_vec(),
+        };
+        let changes = ShardChanges {
+            shard: 1,
+            positions: vec![pos("events", 8)],
+            dead_letters: vec![dl(4, b"{nope"), dl(7, &[0xff, 0x00])],
+            ..ShardChanges::default()
+        };
+        assert_eq!(
+            store
+                .write(std::slice::from_ref(&changes), T0)
+                .unwrap()
+                .dead_letters,
+            2
+        );
+        let path = store.dead_letter_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"stream":"events","shard":1,"offset":4,"line":5,"reason":"invalid_json","detail":"expected value","raw":"{nope"}"#,
+                "\n",
+                r#"{"stream":"events","shard":1,"offset":7,"line":8,"reason":"invalid_json","detail":"expected value","rawHex":"ff00"}"#,
+                "\n"
+            )
+        );
+
+        // A replay writes nothing more.
+        assert_eq!(store.write(&[changes], T0).unwrap().dead_letters, 0);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+        // A crash after the append but before the commit leaves a tail; open drops it.
+        drop(store);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"stream\":\"events\",\"offset\":9}\n")
+            .unwrap();
+        drop(file);
+        let _store = open(dir.path());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+
+    #[test]
+    fn load_shard_returns_what_was_written_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let mut written: Vec<(ProductId, ProductState)> = (0..5)
+            .map(|i| {
+                (
+                    ProductId::Num(i),
+                    product("s1", "Books", 100 + i as i64, 20, false, None),
+                )
+            })
+            .collect();
+        written.push((
+            ProductId::Text("x-1".into()),
+            product("s1", "Games", 5, 1, false, Some(T0)),
+        ));
+        store
+            .write(
+                &[
+                    ShardChanges {
+                        shard: 3,
+                        positions: vec![pos("events", 77)],
+                        products: written.clone(),
+                        entities: vec![
+                            (seller("s1"), totals(6, 6, 0, 0, 0, 1, T0 + 1)),
+                            (cat("Books"), totals(5, 5, 0, 0, 0, 0, T0)),
+                        ],
+                        dead_letters: vec![],
+                    },
+                    ShardChanges {
+                        shard: 4,
+                        positions: vec![pos("events", 5)],
+                        products: vec![(
+                            ProductId::Num(100),
+                            product("s9", "Books", 1, 1, false, None),
+                        )],
+                        entities: vec![(seller("s9"), totals(1, 1, 0, 1, 1, 0, T0 + 2))],
+                        dead_letters: vec![],
+                    },
+                ],
+                T0,
+            )
+            .unwrap();
+
+        let chunks = store.load_shard(3, 4).unwrap();
+        assert_eq!(
+            chunks
+                .iter()
+                .map(|c| (c.products.len(), c.last))
+                .collect::<Vec<_>>(),
+            vec![(4, false), (2, true)]
+        );
+        assert!(chunks.iter().all(|c| c.shard == 3));
+        assert_eq!(chunks[0].positions, vec![pos("events", 77)]);
+        assert!(chunks[1].positions.is_empty() && chunks[1].entity_times.is_empty());
+        let mut times = chunks[0].entity_times.clone();
+        times.sort();
+        assert_eq!(times, vec![(seller("s1"), T0 + 1), (cat("Books"), T0)]);
+        let mut loaded: Vec<_> = chunks.into_iter().flat_map(|c| c.products).collect();
+        loaded.sort_by(|a, b| a.0.cmp(&b.0));
+        written.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(loaded, written);
+
+        let exact = store.load_shard(3, 6).unwrap();
+        assert_eq!(exact.len(), 1);
+        assert!(exact[0].last);
+
+        let empty = store.load_shard(9, 4).unwrap();
+        assert_eq!(
+            empty,
+            vec![ShardState {
+                shard: 9,
+                last: true,
+                ..ShardState::default()
+            }]
+        );
+
+        // Reopening finds the same state.
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.load_shard(4, 10).unwrap()[0].products.len(), 1);
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(
+            StoreError::DeadLetterFile {
+                path: "x".into(),
+                source: io::Error::other("disk full")
+            }
+            .is_retryable()
+        );
+        assert!(
+            !StoreError::Decode {
+                what: "item",
+                detail: "bad".into()
+            }
+            .is_retryable()
+        );
+        assert!(StoreError::Access(redb::StorageError::Io(io::Error::other("eio"))).is_retryable());
+        assert!(!StoreError::Access(redb::StorageError::Corrupted("x".into())).is_retryable());
+    }
+}
