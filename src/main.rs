@@ -1,1 +1,336 @@
-fn main(){}
+//! `analytics`: the product analytics service.
+//!
+//! - `analytics run`: the process tree on the embedded default (DESIGN §8).
+//! - `analytics query …` / `analytics export`: read the metrics back.
+//! - `analytics storage`: the storage process, spawned by `run` (internal).
+
+use analytics::query;
+use analytics::storage::now_ms;
+use analytics::store::{EmbeddedStore, StoreOptions};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use supervisor::restart::RestartPolicy;
+use supervisor::source::{FileSource, Input, stream_name};
+use supervisor::tree::{TreeConfig, run};
+
+/// Virtual partitions of a file source. Fixed: shard state in the store is
+/// keyed by it.
+const FILE_SHARDS: u32 = 16;
+
+#[derive(Parser)]
+#[command(
+    name = "analytics",
+    version,
+    about = "Exact seller and category metrics from catalogue product events"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// Directory of the embedded store, dead letters and archive.
+    #[arg(long, env = "ANALYTICS_DATA_DIR", default_value = "./analytics-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fold events into the store with worker processes, until the input ends
+    /// or SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Print stored metrics as a table (or JSON lines).
+    Query {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// JSON lines instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        what: QueryWhat,
+    },
+    /// Print every current metric record as JSON lines, sorted by key.
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// The storage process (spawned by `run`).
+    #[command(hide = true)]
+    Storage {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, default_value_t = 30)]
+        ttl_days: u64,
+        #[arg(long)]
+        ipc_fd: i32,
+        #[arg(long)]
+        parent_pid: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueryWhat {
+    /// A seller's current metrics and daily history.
+    Seller { id: String },
+    /// A category's current metrics and daily history.
+    Category { name: String },
+    /// Products low on stock.
+    LowStock {
+        #[arg(long)]
+        seller: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// JSON-lines file of event values; `-` or none reads stdin.
+    #[arg(long, env = "ANALYTICS_INPUT")]
+    input: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Worker processes [default: cores - 1, at least 1].
+    #[arg(long, env = "ANALYTICS_WORKERS")]
+    workers: Option<usize>,
+    /// How often workers hand their changes to storage.
+    #[arg(long, env = "ANALYTICS_FLUSH_INTERVAL_MS", default_value_t = 1000)]
+    flush_interval_ms: u64,
+    /// Flush sooner once this many events arrived since the last flush.
+    #[arg(long, env = "ANALYTICS_FLUSH_MAX_EVENTS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
+    flush_max_events: u64,
+    /// Active products with fewer units are on the low-stock list.
+    #[arg(long, env = "ANALYTICS_LOW_STOCK_THRESHOLD", default_value_t = 10)]
+    low_stock_threshold: i64,
+    /// Larger events are dead-lettered as `too_large`.
+    #[arg(long, env = "ANALYTICS_MAX_EVENT_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(64..=16 << 20))]
+    max_event_bytes: u32,
+    /// Lifetime of metric items after their last write.
+    #[arg(long, env = "ANALYTICS_TTL_DAYS", default_value_t = 30)]
+    ttl_days: u64,
+    /// Pause reading while this much unacknowledged input is buffered.
+    #[arg(long, env = "ANALYTICS_MAX_BUFFERED_MB", default_value_t = 256)]
+    max_buffered_mb: usize,
+    /// More child restarts than this within --restart-window-secs stops the
+    /// service (exit 1) so systemd can restart it.
+    #[arg(long, env = "ANALYTICS_MAX_RESTARTS", default_value_t = 10)]
+    max_restarts: u32,
+    #[arg(long, env = "ANALYTICS_RESTART_WINDOW_SECS", default_value_t = 60)]
+    restart_window_secs: u64,
+    /// Give up a graceful shutdown after this long (exit 1; nothing is lost).
+    #[arg(long, env = "ANALYTICS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
+    shutdown_timeout_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let role = match cli.command {
+        Command::Storage { .. } => "storage",
+        _ => "supervisor",
+    };
+    init_logging(role);
+    let result = match cli.command {
+        Command::Run(args) => run_tree(args),
+        Command::Query { store, json, what } => return query_cmd(&store.data_dir, json, what),
+        Command::Export { store } => export_cmd(&store.data_dir),
+        Command::Storage {
+            store,
+            ttl_days,
+            ipc_fd,
+            parent_pid,
+        } => storage_cmd(&store.data_dir, ttl_days, ipc_fd, parent_pid),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("analytics: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(role: &'static str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    // Every line of a child says which child it is.
+    if role != "supervisor" {
+        let span = tracing::info_span!("child", role, pid = std::process::id());
+        std::mem::forget(span.entered());
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run_tree(args: RunArgs) -> anyhow::Result<()> {
+    let input = match &args.input {
+        Some(p) if p.as_os_str() != "-" => Input::File(p.clone()),
+        _ => Input::Stdin,
+    };
+    let stream =
+        stream_name(&input).with_context(|| format!("cannot read the input {:?}", args.input))?;
+    std::fs::create_dir_all(&args.store.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.store.data_dir.display()
+        )
+    })?;
+    let data_dir = std::fs::canonicalize(&args.store.data_dir)?;
+    let me = std::env::current_exe().context("cannot find our own executable")?;
+    let worker_program = match std::env::var_os("ANALYTICS_WORKER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => me.with_file_name("analytics-worker"),
+    };
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .max(1)
+    });
+    anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+    let cfg = TreeConfig {
+        workers,
+        shards: FILE_SHARDS,
+        worker_program,
+        worker_args: vec!["serve".into()],
+        storage_program: me,
+        storage_args: vec![
+            OsString::from("storage"),
+            "--data-dir".into(),
+            data_dir.clone().into_os_string(),
+            "--ttl-days".into(),
+            args.ttl_days.to_string().into(),
+        ],
+        worker: proto::WorkerConfig {
+            low_stock_threshold: args.low_stock_threshold,
+            max_event_bytes: args.max_event_bytes,
+        },
+        flush_interval: Duration::from_millis(args.flush_interval_ms.max(1)),
+        flush_max_events: args.flush_max_events,
+        max_buffered_bytes: args.max_buffered_mb.max(1) << 20,
+        restart: RestartPolicy {
+            max_restarts: args.max_restarts,
+            window: Duration::from_secs(args.restart_window_secs),
+            ..RestartPolicy::default()
+        },
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let source = FileSource {
+        input,
+        stream,
+        shards: FILE_SHARDS,
+        max_event_bytes: args.max_event_bytes as usize,
+    };
+    let summary = runtime()?.block_on(async {
+        let shutdown = supervisor::shutdown::listen()?;
+        anyhow::Ok(run(cfg, source, shutdown).await?)
+    })?;
+
+    let rejected: u64 = summary.rejected.values().sum();
+    let lines = summary.lines.map_or("?".to_string(), |n| n.to_string());
+    println!(
+        "input: {lines} lines, read from line {}{}",
+        summary.resumed_from + 1,
+        if summary.interrupted {
+            " (interrupted: a re-run resumes)"
+        } else {
+            ""
+        }
+    );
+    if rejected > 0 {
+        let by_reason: Vec<String> = summary
+            .rejected
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        println!(
+            "rejected: {rejected} ({}) -> {}",
+            by_reason.join(", "),
+            data_dir.join(analytics::store::DEAD_LETTER_FILE).display()
+        );
+    } else {
+        println!("rejected: 0");
+    }
+    println!("worker/storage restarts: {}", summary.restarts);
+    if let Some(key) = summary.snapshot {
+        println!(
+            "snapshot: {}",
+            analytics::archive::archive_dir(&data_dir)
+                .join(key)
+                .display()
+        );
+    }
+    Ok(())
+}
+
+fn open_store(data_dir: &Path) -> anyhow::Result<EmbeddedStore> {
+    anyhow::ensure!(
+        data_dir.join(analytics::store::DB_FILE).exists(),
+        "no store in {} (run `analytics run` first)",
+        data_dir.display()
+    );
+    EmbeddedStore::open(data_dir, StoreOptions::default())
+        .with_context(|| format!("cannot open the store in {}", data_dir.display()))
+}
+
+fn query_cmd(data_dir: &Path, json: bool, what: QueryWhat) -> ExitCode {
+    let store = match open_store(data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("analytics: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let result = match &what {
+        QueryWhat::Seller { id } => query::query_seller(&store, id, json, now_ms(), &mut out),
+        QueryWhat::Category { name } => {
+            query::query_category(&store, name, json, now_ms(), &mut out)
+        }
+        QueryWhat::LowStock { seller } => {
+            query::query_low_stock(&store, seller.as_deref(), json, &mut out)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_not_found() => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("analytics: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn export_cmd(data_dir: &Path) -> anyhow::Result<()> {
+    let store = open_store(data_dir)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    query::export(&store, now_ms(), &mut out)?;
+    Ok(())
+}
+
+fn storage_cmd(data_dir: &Path, ttl_days: u64, ipc_fd: i32, parent_pid: i32) -> anyhow::Result<()> {
+    proto::child::die_with_parent(parent_pid)?;
+    let store = EmbeddedStore::open(
+        data_dir,
+        StoreOptions {
+            ttl: Duration::from_secs(ttl_days * 24 * 3600),
+        },
+    )?;
+    runtime()?.block_on(async {
+        let stream = proto::child::adopt_socket(ipc_fd)?;
+        analytics::storage::serve(stream, store, analytics::archive::archive_dir(data_dir)).await
+    })
+}

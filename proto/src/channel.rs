@@ -17,7 +17,11 @@ pub struct Sender<T, W = OwnedWriteHalf> {
 
 impl<T: Serialize, W: AsyncWrite + Unpin> Sender<T, W> {
     pub fn new(io: W) -> Self {
-        Sender { io, buf: Vec::new(), _msg: PhantomData }
+        Sender {
+            io,
+            buf: Vec::new(),
+            _msg: PhantomData,
+        }
     }
 
     pub async fn send(&mut self, msg: &T) -> Result<(), FrameError> {
@@ -39,7 +43,11 @@ pub struct Receiver<T, R = BufReader<OwnedReadHalf>> {
 
 impl<T: DeserializeOwned, R: AsyncRead + Unpin> Receiver<T, R> {
     pub fn new(io: R) -> Self {
-        Receiver { io, buf: Vec::new(), _msg: PhantomData }
+        Receiver {
+            io,
+            buf: Vec::new(),
+            _msg: PhantomData,
+        }
     }
 
     /// The next message; `FrameError::Closed` at a clean end of stream.
@@ -66,7 +74,15 @@ pub async fn handshake<Out: Serialize, In: DeserializeOwned>(
     hello_tx.send(&Hello::new(me)).await?;
     let theirs = hello_rx.recv().await?;
     check_hello(&theirs, peer)?;
-    Ok((Sender::new(hello_tx.io), Receiver { io: hello_rx.io, buf: Vec::new(), _msg: PhantomData }, theirs))
+    Ok((
+        Sender::new(hello_tx.io),
+        Receiver {
+            io: hello_rx.io,
+            buf: Vec::new(),
+            _msg: PhantomData,
+        },
+        theirs,
+    ))
 }
 
 fn check_hello(hello: &Hello, expected: Role) -> Result<(), FrameError> {
@@ -74,10 +90,24 @@ fn check_hello(hello: &Hello, expected: Role) -> Result<(), FrameError> {
         return Err(FrameError::BadMagic);
     }
     if hello.version != PROTOCOL_VERSION {
-        return Err(FrameError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: hello.version });
+        return Err(FrameError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: hello.version,
+        });
     }
     if hello.role != expected {
-        return Err(FrameError::UnexpectedRole { expected, got: hello.role });
+        return Err(FrameError::UnexpectedRole {
+            expected,
+            got: hello.role,
+        });
     }
     Ok(())
+}
+
+impl<T, W: AsyncWrite + Unpin> Sender<T, W> {
+    /// Writes a frame encoded earlier with [`crate::frame::encode_into`]
+    /// (so one encoding can be sent several times, e.g. on replay).
+    pub async fn send_encoded(&mut self, frame: &[u8]) -> Result<(), FrameError> {
+        frame::write_frame(&mut self.io, frame).await
+    }
 }

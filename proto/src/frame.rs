@@ -32,7 +32,10 @@ pub enum FrameError {
     #[error("handshake: protocol version {theirs} does not match ours ({ours})")]
     VersionMismatch { ours: u32, theirs: u32 },
     #[error("handshake: expected a {expected:?} peer, got {got:?}")]
-    UnexpectedRole { expected: crate::Role, got: crate::Role },
+    UnexpectedRole {
+        expected: crate::Role,
+        got: crate::Role,
+    },
     #[error("i/o on the frame stream: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -59,7 +62,10 @@ pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
     let len = u32::try_from(len)
         .ok()
         .filter(|&l| l <= MAX_FRAME_BYTES)
-        .ok_or(FrameError::TooLarge { len: u32::try_from(len).unwrap_or(u32::MAX), max: MAX_FRAME_BYTES })?;
+        .ok_or(FrameError::TooLarge {
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            max: MAX_FRAME_BYTES,
+        })?;
     out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(())
 }
@@ -67,7 +73,10 @@ pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
 /// Checks a declared payload length before anything is allocated for it.
 pub fn check_len(len: u32) -> Result<usize, FrameError> {
     if len > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_BYTES });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_BYTES,
+        });
     }
     if len < MIN_FRAME_BYTES {
         return Err(FrameError::Undersized { len });
@@ -85,7 +94,10 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Reads one frame's payload into `buf`.
-pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+pub async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let mut len_bytes = [0u8; 4];
     let got = read_full(r, &mut len_bytes).await?;
     if got == 0 {

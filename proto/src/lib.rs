@@ -8,8 +8,11 @@
 //! - [`frame`]: length-prefixed bincode frames; the declared length is checked
 //!   against a maximum before anything is allocated.
 //! - [`channel`]: a typed, async sender/receiver pair over a Unix stream.
+//! - [`child`]: the child side of the tree: adopt the inherited socket, die
+//!   with the supervisor.
 
 pub mod channel;
+pub mod child;
 pub mod frame;
 pub mod message;
 pub mod model;

@@ -29,7 +29,12 @@ pub struct Hello {
 
 impl Hello {
     pub fn new(role: Role) -> Hello {
-        Hello { magic: MAGIC, version: PROTOCOL_VERSION, role, pid: std::process::id() }
+        Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            role,
+            pid: std::process::id(),
+        }
     }
 }
 
@@ -53,7 +58,11 @@ pub struct EventBatch {
 
 impl EventBatch {
     pub fn new(shard: Shard, stream: Box<str>) -> EventBatch {
-        EventBatch { shard, stream, ..EventBatch::default() }
+        EventBatch {
+            shard,
+            stream,
+            ..EventBatch::default()
+        }
     }
 
     pub fn push(&mut self, offset: Offset, value: &[u8]) {
@@ -78,12 +87,15 @@ impl EventBatch {
     /// with its payload yields nothing past the first bad entry.
     pub fn iter(&self) -> impl Iterator<Item = (Offset, &[u8])> {
         let mut start = 0usize;
-        self.offsets.iter().zip(&self.ends).map_while(move |(&offset, &end)| {
-            let end = end as usize;
-            let bytes = self.payload.get(start..end)?;
-            start = end;
-            Some((offset, bytes))
-        })
+        self.offsets
+            .iter()
+            .zip(&self.ends)
+            .map_while(move |(&offset, &end)| {
+                let end = end as usize;
+                let bytes = self.payload.get(start..end)?;
+                start = end;
+                Some((offset, bytes))
+            })
     }
 }
 
@@ -129,12 +141,17 @@ pub enum ToWorker {
     Restore(ShardState),
     Events(EventBatch),
     /// Answer with everything changed since the previous flush.
-    Flush { id: RequestId },
+    Flush {
+        id: RequestId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromWorker {
-    Changes { id: RequestId, shards: Vec<ShardChanges> },
+    Changes {
+        id: RequestId,
+        shards: Vec<ShardChanges>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,15 +159,30 @@ pub enum ToStorage {
     /// Stream the durable state of a shard back as `Loaded` chunks.
     Load { id: RequestId, shard: Shard },
     /// Write changes atomically and idempotently, then answer `Written`.
-    Write { id: RequestId, changes: Vec<ShardChanges> },
+    Write {
+        id: RequestId,
+        changes: Vec<ShardChanges>,
+    },
     /// Write a snapshot of every metric record to the archive.
     Snapshot { id: RequestId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromStorage {
-    Loaded { id: RequestId, state: ShardState },
-    Written { id: RequestId },
-    Snapshotted { id: RequestId, key: String },
-    Failed { id: RequestId, error: String, retryable: bool },
+    Loaded {
+        id: RequestId,
+        state: ShardState,
+    },
+    Written {
+        id: RequestId,
+    },
+    Snapshotted {
+        id: RequestId,
+        key: String,
+    },
+    Failed {
+        id: RequestId,
+        error: String,
+        retryable: bool,
+    },
 }

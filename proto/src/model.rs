@@ -61,7 +61,10 @@ pub struct Field<T> {
 
 impl<T> Default for Field<T> {
     fn default() -> Self {
-        Field { value: None, version: Version::NONE }
+        Field {
+            value: None,
+            version: Version::NONE,
+        }
     }
 }
 

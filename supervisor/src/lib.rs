@@ -1,1 +1,19 @@
+//! The supervisor of the analytics process tree (DESIGN §4, §5).
+//!
+//! Layout:
+//! - [`tree`]: the loop that spawns, routes, flushes, acknowledges and
+//!   restarts;
+//! - [`ledger`]: what was sent but not yet made durable, per shard;
+//! - [`source`]: the embedded source, a JSON-lines file or stdin;
+//! - [`route`]: the backend's partitioner and shard → worker routing;
+//! - [`spawn`]: starting a child on a private socketpair;
+//! - [`restart`]: backoff and restart intensity;
+//! - [`shutdown`]: SIGTERM/SIGINT as one shutdown signal.
 
+pub mod ledger;
+pub mod restart;
+pub mod route;
+pub mod shutdown;
+pub mod source;
+pub mod spawn;
+pub mod tree;

@@ -177,6 +177,14 @@ impl Fold {
         out
     }
 
+    /// Rejected events not yet handed out (for callers that never flush).
+    pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        self.shards
+            .values_mut()
+            .flat_map(|s| std::mem::take(&mut s.dead_letters))
+            .collect()
+    }
+
     /// Loads one chunk of a shard's durable state. The first chunk of a
     /// shard replaces whatever the fold held for it.
     pub fn restore(&mut self, chunk: ShardState, first: bool) {

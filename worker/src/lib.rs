@@ -12,5 +12,7 @@
 
 pub mod decode;
 pub mod fold;
+pub mod generate;
 pub mod intern;
 pub mod records;
+pub mod serve;

@@ -75,12 +75,18 @@ impl std::str::FromStr for Money {
             None => (false, s),
         };
         let (int, frac) = digits.split_once('.').ok_or_else(bad)?;
-        if int.is_empty() || frac.len() != 2 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        if int.is_empty()
+            || frac.len() != 2
+            || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+        {
             return Err(bad());
         }
         let int: i128 = int.parse().map_err(|_| bad())?;
         let frac: i128 = frac.parse().map_err(|_| bad())?;
-        let cents = int.checked_mul(100).and_then(|c| c.checked_add(frac)).ok_or_else(bad)?;
+        let cents = int
+            .checked_mul(100)
+            .and_then(|c| c.checked_add(frac))
+            .ok_or_else(bad)?;
         Ok(Money(if neg { -cents } else { cents }))
     }
 }
@@ -105,7 +111,11 @@ pub fn average_cents(sum: i128, count: u64) -> i128 {
     }
     let n = count as i128;
     let (q, r) = (sum / n, sum % n);
-    if 2 * r.abs() >= n { q + sum.signum() } else { q }
+    if 2 * r.abs() >= n {
+        q + sum.signum()
+    } else {
+        q
+    }
 }
 
 impl MetricRecord {
@@ -187,7 +197,13 @@ mod tests {
 
     #[test]
     fn money_prints_two_decimals_and_parses_back() {
-        for (cents, text) in [(0, "0.00"), (5, "0.05"), (12000, "120.00"), (-1, "-0.01"), (-12345, "-123.45")] {
+        for (cents, text) in [
+            (0, "0.00"),
+            (5, "0.05"),
+            (12000, "120.00"),
+            (-1, "-0.01"),
+            (-12345, "-123.45"),
+        ] {
             assert_eq!(Money(cents).to_string(), text);
             assert_eq!(text.parse::<Money>(), Ok(Money(cents)));
         }

@@ -1,0 +1,218 @@
+//! The embedded source: a JSON-lines file (or stdin) read on its own thread.
+//! It plays the catalogue's producer: each line is keyed by `data.sellerId`
+//! and routed to a virtual partition (shard) with the backend's partitioner.
+//! Offsets are line numbers counted from 0.
+
+use crate::route::{seller_key, shard_for_key};
+use proto::{EventBatch, Offset};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use tokio::sync::mpsc;
+
+#[derive(Clone, Debug)]
+pub enum Input {
+    File(PathBuf),
+    Stdin,
+}
+
+pub enum SourceMsg {
+    Batch(EventBatch),
+    /// Every line was read; `lines` is the total in the input.
+    End {
+        lines: u64,
+    },
+    Failed(std::io::Error),
+}
+
+/// Events per batch sent to a worker.
+const BATCH_EVENTS: usize = 1024;
+
+/// The stream name under which positions are kept. A file is named by its
+/// path and a fingerprint of its first 4 KiB, so appending resumes but a
+/// different file at the same path starts over. Stdin is a new stream on
+/// every run: it cannot be resumed.
+pub fn stream_name(input: &Input) -> std::io::Result<String> {
+    match input {
+        Input::File(path) => {
+            let canonical = std::fs::canonicalize(path)?;
+            let mut head = Vec::with_capacity(4096);
+            std::fs::File::open(path)?
+                .take(4096)
+                .read_to_end(&mut head)?;
+            Ok(format!(
+                "file:{}@{:016x}",
+                canonical.display(),
+                fnv1a(&head)
+            ))
+        }
+        Input::Stdin => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            Ok(format!("stdin:{}-{}", now.as_millis(), std::process::id()))
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+pub struct FileSource {
+    pub input: Input,
+    pub stream: String,
+    pub shards: u32,
+    pub max_event_bytes: usize,
+}
+
+impl FileSource {
+    /// Reads from line `from` on a thread, sending batches until the input
+    /// ends or the receiver is dropped.
+    pub fn start(
+        self,
+        from: Offset,
+        tx: mpsc::Sender<SourceMsg>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let reader: Box<dyn Read + Send> = match &self.input {
+            Input::File(path) => Box::new(std::fs::File::open(path)?),
+            Input::Stdin => Box::new(std::io::stdin()),
+        };
+        std::thread::Builder::new()
+            .name("source".into())
+            .spawn(move || {
+                let msg = match self.read_all(reader, from, &tx) {
+                    Ok(Some(lines)) => SourceMsg::End { lines },
+                    Ok(None) => return,
+                    Err(e) => SourceMsg::Failed(e),
+                };
+                let _ = tx.blocking_send(msg);
+            })
+    }
+
+    /// `Ok(None)` when the receiver went away (shutdown).
+    fn read_all(
+        &self,
+        reader: Box<dyn Read + Send>,
+        from: Offset,
+        tx: &mpsc::Sender<SourceMsg>,
+    ) -> std::io::Result<Option<u64>> {
+        let mut reader = BufReader::with_capacity(1 << 20, reader);
+        let stream: Box<str> = self.stream.as_str().into();
+        let mut batches: Vec<EventBatch> = (0..self.shards)
+            .map(|s| EventBatch::new(s, stream.clone()))
+            .collect();
+        let mut line = Vec::new();
+        let mut offset: Offset = 0;
+        loop {
+            // About to block on the OS: hand over what we have.
+            if reader.buffer().is_empty() && !send_all(&mut batches, tx) {
+                return Ok(None);
+            }
+            if !read_line_capped(&mut reader, &mut line, self.max_event_bytes + 1)? {
+                break;
+            }
+            if offset >= from {
+                let shard = seller_key(&line).map_or(0, |k| shard_for_key(&k, self.shards));
+                let batch = &mut batches[shard as usize];
+                batch.push(offset, &line);
+                if batch.len() >= BATCH_EVENTS && !send(batch, tx) {
+                    return Ok(None);
+                }
+            }
+            offset += 1;
+        }
+        if !send_all(&mut batches, tx) {
+            return Ok(None);
+        }
+        Ok(Some(offset as u64))
+    }
+}
+
+fn send(batch: &mut EventBatch, tx: &mpsc::Sender<SourceMsg>) -> bool {
+    let full = std::mem::replace(batch, EventBatch::new(batch.shard, batch.stream.clone()));
+    tx.blocking_send(SourceMsg::Batch(full)).is_ok()
+}
+
+fn send_all(batches: &mut [EventBatch], tx: &mpsc::Sender<SourceMsg>) -> bool {
+    batches
+        .iter_mut()
+        .filter(|b| !b.is_empty())
+        .all(|b| send(b, tx))
+}
+
+/// Reads one line without its newline, keeping at most `cap` bytes of it (a
+/// longer line is still consumed whole). False at end of input.
+pub fn read_line_capped(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<bool> {
+    line.clear();
+    let mut seen_any = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        seen_any = true;
+        let (chunk, used, done) = match memchr(b'\n', buf) {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = cap.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        reader.consume(used);
+        if done {
+            break;
+        }
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(seen_any)
+}
+
+fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
+    haystack.iter().position(|&b| b == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_are_capped_but_consumed() {
+        let data = format!("short\n{}\nlast\r\nno-newline", "x".repeat(100));
+        let mut r = BufReader::with_capacity(16, data.as_bytes());
+        let mut line = Vec::new();
+        let mut lines = Vec::new();
+        while read_line_capped(&mut r, &mut line, 10).unwrap() {
+            lines.push(String::from_utf8(line.clone()).unwrap());
+        }
+        assert_eq!(
+            lines,
+            vec![
+                "short",
+                "xxxxxxxxxx",
+                "last",
+                "no-newlin"[..9].to_string() + "e"
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_names_follow_content() {
+        let dir = std::env::temp_dir().join(format!("analytics-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.jsonl");
+        std::fs::write(&p, "one\n").unwrap();
+        let first = stream_name(&Input::File(p.clone())).unwrap();
+        std::fs::write(&p, "two\n").unwrap();
+        let second = stream_name(&Input::File(p.clone())).unwrap();
+        assert_ne!(first, second);
+        assert!(first.starts_with("file:"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,52 @@
+//! Starting a child process connected by a socketpair. Only the child's end
+//! is inherited, so no other process (or user) can reach the socket; nothing
+//! runs between fork and exec.
+
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+
+/// Serialises spawns: a child's socket end is inheritable only while its
+/// own spawn runs, so no sibling can inherit it.
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub stream: tokio::net::UnixStream,
+    pub pid: i32,
+}
+
+/// Starts `program args… --ipc-fd N --parent-pid P`.
+pub fn spawn_child(program: &Path, args: &[OsString]) -> std::io::Result<Spawned> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let fd = theirs.as_raw_fd();
+    let child = {
+        let _guard = SPAWN_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
+        tokio::process::Command::new(program)
+            .args(args)
+            .arg("--ipc-fd")
+            .arg(fd.to_string())
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            // Ctrl-C goes to the supervisor alone; it stops the children.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+    };
+    drop(theirs);
+    let child = child?;
+    let pid = child.id().map_or(-1, |p| p as i32);
+    ours.set_nonblocking(true)?;
+    Ok(Spawned {
+        child,
+        stream: tokio::net::UnixStream::from_std(ours)?,
+        pid,
+    })
+}

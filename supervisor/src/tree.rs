@@ -1,0 +1,751 @@
+//! The process tree: one storage process and N workers, the file source, and
+//! the loop that routes events, flushes, acknowledges and restarts.
+//!
+//! Invariants:
+//! - a shard is folded by one worker (`worker_for_shard`), which receives the
+//!   shard's events only after its durable state was restored;
+//! - every batch stays in the [`Ledger`] until storage acknowledged a write
+//!   covering it, so a replacement worker is sent it again;
+//! - writes are answered in order; one not yet answered is sent again to a
+//!   replacement storage process, and loads queue behind earlier writes.
+
+use crate::ledger::Ledger;
+use crate::restart::{Intensity, RestartPolicy, TooManyRestarts};
+use crate::route::worker_for_shard;
+use crate::shutdown::Shutdown;
+use crate::source::{FileSource, SourceMsg};
+use crate::spawn::spawn_child;
+use proto::frame::{FrameError, encode_into};
+use proto::{
+    FromStorage, FromWorker, Offset, Position, RequestId, Role, Shard, ShardChanges, ToStorage,
+    ToWorker, WorkerConfig,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TreeConfig {
+    pub workers: usize,
+    pub shards: u32,
+    pub worker_program: PathBuf,
+    pub worker_args: Vec<OsString>,
+    pub storage_program: PathBuf,
+    pub storage_args: Vec<OsString>,
+    pub worker: WorkerConfig,
+    pub flush_interval: Duration,
+    pub flush_max_events: u64,
+    pub max_buffered_bytes: usize,
+    pub restart: RestartPolicy,
+    pub shutdown_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("handshake with {what}: {source}")]
+    Handshake { what: String, source: FrameError },
+    #[error("{what} did not answer the handshake within {timeout:?}")]
+    HandshakeTimeout { what: String, timeout: Duration },
+    #[error(transparent)]
+    TooManyRestarts(#[from] TooManyRestarts),
+    #[error("storage refused a write it cannot retry: {0}")]
+    StorageFatal(String),
+    #[error("reading the input: {0}")]
+    Source(std::io::Error),
+    #[error(
+        "shutdown did not finish within {0:?}; unacknowledged events will be redone by the next run"
+    )]
+    ShutdownTimeout(Duration),
+}
+
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// Lines in the input (when it was read to the end).
+    pub lines: Option<u64>,
+    /// First line this run read (earlier ones were already durable).
+    pub resumed_from: Offset,
+    pub rejected: BTreeMap<String, u64>,
+    pub restarts: u64,
+    pub snapshot: Option<String>,
+    pub interrupted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Worker(usize),
+    Storage,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Worker(i) => write!(f, "worker {i}"),
+            Peer::Storage => f.write_str("storage"),
+        }
+    }
+}
+
+enum Incoming {
+    Worker(FromWorker),
+    Storage(FromStorage),
+    /// The child's channel failed or the process exited.
+    Lost(String),
+}
+
+/// A live child: frames go out through `tx`; `pid` to kill it.
+struct Link {
+    tx: mpsc::UnboundedSender<Arc<Vec<u8>>>,
+    pid: i32,
+}
+
+impl Link {
+    fn send(&self, frame: Arc<Vec<u8>>) {
+        // A failed send means the child is gone; its reader reports that.
+        let _ = self.tx.send(frame);
+    }
+
+    fn kill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+struct Slot {
+    link: Option<Link>,
+    generation: u64,
+    restart_at: Option<Instant>,
+    /// Failures since the child last made progress (for backoff).
+    failures: u32,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            link: None,
+            generation: 0,
+            restart_at: None,
+            failures: 0,
+        }
+    }
+}
+
+struct WorkerState {
+    slot: Slot,
+    shards: Vec<Shard>,
+    /// Shards whose restore is under way; their events wait in the ledger.
+    restoring: BTreeSet<Shard>,
+    flush_pending: bool,
+}
+
+struct PendingWrite {
+    frame: Arc<Vec<u8>>,
+    positions: Vec<(Shard, Vec<Position>)>,
+    reasons: Vec<Box<str>>,
+}
+
+struct PendingLoad {
+    frame: Arc<Vec<u8>>,
+    worker: usize,
+    generation: u64,
+    shard: Shard,
+}
+
+/// Runs the tree until the input is consumed and everything is durable, or
+/// until shutdown is requested.
+pub async fn run(
+    cfg: TreeConfig,
+    source: FileSource,
+    shutdown: Shutdown,
+) -> Result<RunSummary, TreeError> {
+    let mut tree = Tree::new(cfg, source.stream.clone());
+    let result = tree.run(source, shutdown).await;
+    tree.stop_children().await;
+    result
+}
+
+struct Tree {
+    cfg: TreeConfig,
+    stream: Arc<str>,
+    incoming_tx: mpsc::UnboundedSender<(Peer, u64, Incoming)>,
+    incoming_rx: mpsc::UnboundedReceiver<(Peer, u64, Incoming)>,
+    storage: Slot,
+    workers: Vec<WorkerState>,
+    ledger: Ledger,
+    intensity: Intensity,
+    next_id: RequestId,
+    writes: BTreeMap<RequestId, PendingWrite>,
+    loads: BTreeMap<RequestId, PendingLoad>,
+    /// Durable position of the source stream per shard, from the first loads.
+    resume: BTreeMap<Shard, Offset>,
+    initial_loads_left: usize,
+    events_since_flush: u64,
+    summary: RunSummary,
+    snapshot_requested: Option<RequestId>,
+    encode_buf: Vec<u8>,
+}
+
+impl Tree {
+    fn new(cfg: TreeConfig, stream: String) -> Tree {
+        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        let workers = (0..cfg.workers)
+            .map(|i| WorkerState {
+                slot: Slot::new(),
+                shards: (0..cfg.shards)
+                    .filter(|&s| worker_for_shard(s, cfg.workers) == i)
+                    .collect(),
+                restoring: BTreeSet::new(),
+                flush_pending: false,
+            })
+            .collect();
+        Tree {
+            intensity: Intensity::new(cfg.restart.clone()),
+            initial_loads_left: cfg.shards as usize,
+            cfg,
+            stream: stream.into(),
+            incoming_tx,
+            incoming_rx,
+            storage: Slot::new(),
+            workers,
+            ledger: Ledger::default(),
+            next_id: 1,
+            writes: BTreeMap::new(),
+            loads: BTreeMap::new(),
+            resume: BTreeMap::new(),
+            events_since_flush: 0,
+            summary: RunSummary::default(),
+            snapshot_requested: None,
+            encode_buf: Vec::new(),
+        }
+    }
+
+    fn encode<T: serde::Serialize>(&mut self, msg: &T) -> Arc<Vec<u8>> {
+        // Messages of the wire's own types always encode; a failure here is a
+        // frame above the maximum, which chunking upstream prevents.
+        if let Err(e) = encode_into(msg, &mut self.encode_buf) {
+            tracing::error!(error = %e, "message does not encode");
+        }
+        Arc::new(std::mem::take(&mut self.encode_buf))
+    }
+
+    fn id(&mut self) -> RequestId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    async fn run(
+        &mut self,
+        source: FileSource,
+        mut shutdown: Shutdown,
+    ) -> Result<RunSummary, TreeError> {
+        self.start_storage().await?;
+        for i in 0..self.workers.len() {
+            self.start_worker(i).await?;
+        }
+        let (source_tx, mut source_rx) = mpsc::channel::<SourceMsg>(64);
+        let mut source = Some((source, source_tx));
+        let mut source_open = true;
+        let mut stopping_deadline: Option<Instant> = None;
+        let mut flush_tick = tokio::time::interval(self.cfg.flush_interval);
+        flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            if self.initial_loads_left == 0 {
+                if let Some((src, tx)) = source.take() {
+                    let from = (0..self.cfg.shards)
+                        .map(|s| self.resume.get(&s).map_or(0, |&o| o + 1))
+                        .min()
+                        .unwrap_or(0);
+                    self.summary.resumed_from = from;
+                    tracing::info!(stream = %self.stream, from_line = from + 1, "reading input");
+                    src.start(from, tx).map_err(TreeError::Source)?;
+                }
+            }
+            let finishing = !source_open || stopping_deadline.is_some();
+            if finishing && self.is_quiet() {
+                match (self.snapshot_requested, &self.summary.snapshot) {
+                    (None, _) => {
+                        let id = self.id();
+                        let frame = self.encode(&ToStorage::Snapshot { id });
+                        self.snapshot_requested = Some(id);
+                        if let Some(l) = &self.storage.link {
+                            l.send(frame);
+                        }
+                    }
+                    (Some(_), Some(_)) => return Ok(std::mem::take(&mut self.summary)),
+                    (Some(_), None) => {}
+                }
+            }
+            let next_restart = self.next_restart();
+            let may_read = source_open
+                && stopping_deadline.is_none()
+                && source.is_none()
+                && self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes;
+            tokio::select! {
+                _ = shutdown.requested(), if stopping_deadline.is_none() => {
+                    stopping_deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
+                    self.summary.interrupted = source_open;
+                    source_rx.close();
+                    self.flush();
+                }
+                msg = source_rx.recv(), if may_read => match msg {
+                    Some(SourceMsg::Batch(batch)) => self.on_batch(batch),
+                    Some(SourceMsg::End { lines }) => {
+                        self.summary.lines = Some(lines);
+                        source_open = false;
+                        self.flush();
+                    }
+                    Some(SourceMsg::Failed(e)) => return Err(TreeError::Source(e)),
+                    None => source_open = false,
+                },
+                Some((peer, generation, msg)) = self.incoming_rx.recv() => self.on_incoming(peer, generation, msg)?,
+                _ = flush_tick.tick() => self.flush(),
+                _ = sleep_until(next_restart), if next_restart.is_some() => self.restart_due().await?,
+                _ = sleep_until(stopping_deadline), if stopping_deadline.is_some() => {
+                    return Err(TreeError::ShutdownTimeout(self.cfg.shutdown_timeout));
+                }
+            }
+        }
+    }
+
+    /// Nothing in flight: every event acknowledged, every child idle.
+    fn is_quiet(&self) -> bool {
+        self.ledger.is_drained()
+            && self.writes.is_empty()
+            && self.loads.is_empty()
+            && self.storage.link.is_some()
+            && self
+                .workers
+                .iter()
+                .all(|w| w.slot.link.is_some() && !w.flush_pending && w.restoring.is_empty())
+    }
+
+    fn next_restart(&self) -> Option<Instant> {
+        std::iter::once(&self.storage)
+            .chain(self.workers.iter().map(|w| &w.slot))
+            .filter_map(|s| s.restart_at)
+            .min()
+    }
+
+    async fn restart_due(&mut self) -> Result<(), TreeError> {
+        let now = Instant::now();
+        if self.storage.restart_at.is_some_and(|t| t <= now) {
+            self.start_storage().await?;
+        }
+        for i in 0..self.workers.len() {
+            if self.workers[i].slot.restart_at.is_some_and(|t| t <= now) {
+                self.start_worker(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_batch(&mut self, batch: proto::EventBatch) {
+        let shard = batch.shard;
+        let Some(last) = batch.last_offset() else {
+            return;
+        };
+        self.events_since_flush += batch.len() as u64;
+        let frame = self.encode(&ToWorker::Events(batch));
+        self.ledger
+            .push(shard, self.stream.clone(), last, frame.clone());
+        let w = &self.workers[worker_for_shard(shard, self.cfg.workers)];
+        if let Some(link) = &w.slot.link {
+            if !w.restoring.contains(&shard) {
+                link.send(frame);
+            }
+        }
+        if self.events_since_flush >= self.cfg.flush_max_events
+            || self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes / 2
+        {
+            self.flush();
+        }
+    }
+
+    /// Asks every ready worker for its changes.
+    fn flush(&mut self) {
+        self.events_since_flush = 0;
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
+            if w.slot.link.is_none() || w.flush_pending || !w.restoring.is_empty() {
+                continue;
+            }
+            let id = self.id();
+            let frame = self.encode(&ToWorker::Flush { id });
+            let w = &mut self.workers[i];
+            w.flush_pending = true;
+            if let Some(l) = &w.slot.link {
+                l.send(frame);
+            }
+        }
+    }
+
+    fn on_incoming(&mut self, peer: Peer, generation: u64, msg: Incoming) -> Result<(), TreeError> {
+        let current = match peer {
+            Peer::Storage => self.storage.generation,
+            Peer::Worker(i) => self.workers[i].slot.generation,
+        };
+        if generation != current {
+            return Ok(()); // from a child already replaced
+        }
+        match (peer, msg) {
+            (_, Incoming::Lost(why)) => self.child_lost(peer, &why),
+            (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, .. })) => {
+                let w = &mut self.workers[i];
+                w.flush_pending = false;
+                w.slot.failures = 0;
+                self.write(shards);
+                Ok(())
+            }
+            (Peer::Storage, Incoming::Storage(msg)) => self.on_storage(msg),
+            (peer, _) => self.child_lost(peer, "sent a message meant for another role"),
+        }
+    }
+
+    fn write(&mut self, changes: Vec<ShardChanges>) {
+        if changes.is_empty() {
+            return;
+        }
+        let id = self.id();
+        let positions = changes
+            .iter()
+            .map(|c| (c.shard, c.positions.clone()))
+            .collect();
+        let reasons = changes
+            .iter()
+            .flat_map(|c| c.dead_letters.iter().map(|d| d.reason.clone()))
+            .collect();
+        let frame = self.encode(&ToStorage::Write { id, changes });
+        if let Some(l) = &self.storage.link {
+            l.send(frame.clone());
+        }
+        self.writes.insert(
+            id,
+            PendingWrite {
+                frame,
+                positions,
+                reasons,
+            },
+        );
+    }
+
+    fn on_storage(&mut self, msg: FromStorage) -> Result<(), TreeError> {
+        match msg {
+            FromStorage::Written { id } => {
+                if let Some(w) = self.writes.remove(&id) {
+                    for (shard, positions) in &w.positions {
+                        self.ledger.ack(*shard, positions);
+                    }
+                    for r in w.reasons {
+                        *self.summary.rejected.entry(r.to_string()).or_default() += 1;
+                    }
+                }
+                self.storage.failures = 0;
+            }
+            FromStorage::Loaded { id, state } => {
+                let Some(load) = self.loads.get(&id) else {
+                    return Ok(());
+                };
+                let (worker, generation, shard, last) =
+                    (load.worker, load.generation, load.shard, state.last);
+                if last {
+                    self.loads.remove(&id);
+                }
+                self.ledger.ack(shard, &state.positions);
+                if let Some(p) = state.positions.iter().find(|p| *p.stream == *self.stream) {
+                    self.resume.insert(shard, p.offset);
+                }
+                let w = &self.workers[worker];
+                if w.slot.generation != generation {
+                    return Ok(()); // that worker died meanwhile; its successor loads again
+                }
+                let frame = self.encode(&ToWorker::Restore(state));
+                let w = &mut self.workers[worker];
+                let Some(link) = &w.slot.link else {
+                    return Ok(());
+                };
+                link.send(frame);
+                if last {
+                    w.restoring.remove(&shard);
+                    for frame in self.ledger.pending(shard) {
+                        link.send(frame.clone());
+                    }
+                    if self.initial_loads_left > 0 {
+                        self.initial_loads_left -= 1;
+                    }
+                }
+            }
+            FromStorage::Snapshotted { key, .. } => {
+                tracing::info!(key = %key, "metric snapshot archived");
+                self.summary.snapshot = Some(key);
+            }
+            FromStorage::Failed {
+                id,
+                error,
+                retryable,
+            } => {
+                if !retryable {
+                    return Err(TreeError::StorageFatal(error));
+                }
+                // Storage could not write now: restart it, which resends
+                // every unanswered request in order, after a backoff.
+                tracing::warn!(request = id, error = %error, "storage write failed; retrying");
+                return self.child_lost(Peer::Storage, &format!("request failed: {error}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A child died or broke the protocol: kill it and schedule its restart.
+    fn child_lost(&mut self, peer: Peer, why: &str) -> Result<(), TreeError> {
+        let slot = match peer {
+            Peer::Storage => &mut self.storage,
+            Peer::Worker(i) => {
+                let w = &mut self.workers[i];
+                w.flush_pending = false;
+                w.restoring.clear();
+                &mut w.slot
+            }
+        };
+        let Some(link) = slot.link.take() else {
+            return Ok(());
+        };
+        link.kill();
+        let delay = self
+            .intensity
+            .on_failure(std::time::Instant::now(), slot.failures)?;
+        slot.failures += 1;
+        slot.restart_at = Some(Instant::now() + delay);
+        self.summary.restarts = self.intensity.total;
+        tracing::warn!(child = %peer, pid = link.pid, reason = why, restart_in_ms = delay.as_millis() as u64, "child lost");
+        Ok(())
+    }
+
+    async fn start_storage(&mut self) -> Result<(), TreeError> {
+        let link = self
+            .start_child(
+                Peer::Storage,
+                self.cfg.storage_program.clone(),
+                self.cfg.storage_args.clone(),
+                Role::Storage,
+            )
+            .await?;
+        // Unanswered requests, in their original order.
+        let mut resend: Vec<(RequestId, Arc<Vec<u8>>)> = self
+            .writes
+            .iter()
+            .map(|(&id, w)| (id, w.frame.clone()))
+            .collect();
+        resend.extend(self.loads.iter().map(|(&id, l)| (id, l.frame.clone())));
+        resend.sort_by_key(|(id, _)| *id);
+        for (_, frame) in resend {
+            link.send(frame);
+        }
+        if let Some(id) = self
+            .snapshot_requested
+            .filter(|_| self.summary.snapshot.is_none())
+        {
+            let frame = self.encode(&ToStorage::Snapshot { id });
+            link.send(frame);
+        }
+        self.storage.link = Some(link);
+        Ok(())
+    }
+
+    async fn start_worker(&mut self, i: usize) -> Result<(), TreeError> {
+        let link = self
+            .start_child(
+                Peer::Worker(i),
+                self.cfg.worker_program.clone(),
+                self.cfg.worker_args.clone(),
+                Role::Worker,
+            )
+            .await?;
+        link.send(self.encode(&ToWorker::Configure(self.cfg.worker.clone())));
+        let generation = self.workers[i].slot.generation;
+        self.workers[i].slot.link = Some(link);
+        for shard in self.workers[i].shards.clone() {
+            self.workers[i].restoring.insert(shard);
+            let id = self.id();
+            let frame = self.encode(&ToStorage::Load { id, shard });
+            if let Some(l) = &self.storage.link {
+                l.send(frame.clone());
+            }
+            self.loads.insert(
+                id,
+                PendingLoad {
+                    frame,
+                    worker: i,
+                    generation,
+                    shard,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Spawns a child, shakes hands, and starts its reader, writer and exit
+    /// watcher tasks. Bumps the slot's generation.
+    async fn start_child(
+        &mut self,
+        peer: Peer,
+        program: PathBuf,
+        args: Vec<OsString>,
+        role: Role,
+    ) -> Result<Link, TreeError> {
+        let slot = match peer {
+            Peer::Storage => &mut self.storage,
+            Peer::Worker(i) => &mut self.workers[i].slot,
+        };
+        slot.generation += 1;
+        slot.restart_at = None;
+        let generation = slot.generation;
+        let what = peer.to_string();
+        let spawned = spawn_child(&program, &args).map_err(|source| TreeError::Spawn {
+            what: what.clone(),
+            source,
+        })?;
+        let pid = spawned.pid;
+        let timeout = self.cfg.handshake_timeout;
+        let incoming = self.incoming_tx.clone();
+        let (tx, rx) = mpsc::unbounded_channel::<Arc<Vec<u8>>>();
+        match role {
+            Role::Worker => {
+                let hs = proto::handshake::<ToWorker, FromWorker>(
+                    spawned.stream,
+                    Role::Supervisor,
+                    Role::Worker,
+                );
+                let (sender, receiver, _) = tokio::time::timeout(timeout, hs)
+                    .await
+                    .map_err(|_| TreeError::HandshakeTimeout {
+                        what: what.clone(),
+                        timeout,
+                    })?
+                    .map_err(|source| TreeError::Handshake {
+                        what: what.clone(),
+                        source,
+                    })?;
+                tokio::spawn(pump_out(sender, rx));
+                tokio::spawn(pump_in(
+                    receiver,
+                    peer,
+                    generation,
+                    incoming.clone(),
+                    Incoming::Worker,
+                ));
+            }
+            _ => {
+                let hs = proto::handshake::<ToStorage, FromStorage>(
+                    spawned.stream,
+                    Role::Supervisor,
+                    Role::Storage,
+                );
+                let (sender, receiver, _) = tokio::time::timeout(timeout, hs)
+                    .await
+                    .map_err(|_| TreeError::HandshakeTimeout {
+                        what: what.clone(),
+                        timeout,
+                    })?
+                    .map_err(|source| TreeError::Handshake {
+                        what: what.clone(),
+                        source,
+                    })?;
+                tokio::spawn(pump_out(sender, rx));
+                tokio::spawn(pump_in(
+                    receiver,
+                    peer,
+                    generation,
+                    incoming.clone(),
+                    Incoming::Storage,
+                ));
+            }
+        }
+        let mut child = spawned.child;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let why = match status {
+                Ok(s) => format!("process exited ({s})"),
+                Err(e) => format!("waiting for the process failed: {e}"),
+            };
+            let _ = incoming.send((peer, generation, Incoming::Lost(why)));
+        });
+        tracing::info!(child = %peer, pid, "child started");
+        Ok(Link { tx, pid })
+    }
+
+    /// Closes every channel (children exit on end of stream) and waits a
+    /// little for them; anything left is killed.
+    async fn stop_children(&mut self) {
+        let links: Vec<Link> = std::iter::once(&mut self.storage)
+            .chain(self.workers.iter_mut().map(|w| &mut w.slot))
+            .filter_map(|s| s.link.take())
+            .collect();
+        let pids: Vec<i32> = links.iter().map(|l| l.pid).collect();
+        drop(links);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for p in pids.into_iter().filter(|&p| alive(p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is reaped by its watcher task; signal 0 tells if it exists.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn pump_out<T>(mut sender: proto::Sender<T>, mut rx: mpsc::UnboundedReceiver<Arc<Vec<u8>>>) {
+    while let Some(frame) = rx.recv().await {
+        if sender.send_encoded(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn pump_in<T: serde::de::DeserializeOwned>(
+    mut receiver: proto::Receiver<T>,
+    peer: Peer,
+    generation: u64,
+    incoming: mpsc::UnboundedSender<(Peer, u64, Incoming)>,
+    wrap: fn(T) -> Incoming,
+) {
+    loop {
+        match receiver.recv().await {
+            Ok(msg) => {
+                if incoming.send((peer, generation, wrap(msg))).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = incoming.send((peer, generation, Incoming::Lost(format!("channel: {e}"))));
+                return;
+            }
+        }
+    }
+}
