@@ -1,7 +1,7 @@
 //! A typed channel over a byte stream: `Sender<T>` writes frames of `T`,
 //! `Receiver<T>` reads them. [`handshake`] opens one over a Unix stream.
 
-use crate::frame::{self, FrameError};
+use crate::frame::{self, FrameError, ReadState};
 use crate::message::{Hello, MAGIC, PROTOCOL_VERSION, Role};
 use serde::{Serialize, de::DeserializeOwned};
 use std::marker::PhantomData;
@@ -24,6 +24,9 @@ impl<T: Serialize, W: AsyncWrite + Unpin> Sender<T, W> {
         }
     }
 
+    /// Encodes and writes one frame. Not cancel safe: dropping the future may
+    /// leave half a frame on the stream, after which the connection is only
+    /// good for closing. Do not race `send` in a `select!`.
     pub async fn send(&mut self, msg: &T) -> Result<(), FrameError> {
         frame::encode_into(msg, &mut self.buf)?;
         frame::write_frame(&mut self.io, &self.buf).await?;
@@ -38,6 +41,8 @@ impl<T: Serialize, W: AsyncWrite + Unpin> Sender<T, W> {
 pub struct Receiver<T, R = BufReader<OwnedReadHalf>> {
     io: R,
     buf: Vec<u8>,
+    /// Progress of a frame whose `recv` was dropped before it completed.
+    state: ReadState,
     _msg: PhantomData<fn() -> T>,
 }
 
@@ -46,13 +51,17 @@ impl<T: DeserializeOwned, R: AsyncRead + Unpin> Receiver<T, R> {
         Receiver {
             io,
             buf: Vec::new(),
+            state: ReadState::default(),
             _msg: PhantomData,
         }
     }
 
     /// The next message; `FrameError::Closed` at a clean end of stream.
+    ///
+    /// Cancel safe: if the future is dropped mid-frame (a `select!` branch
+    /// that lost), the next call resumes that frame.
     pub async fn recv(&mut self) -> Result<T, FrameError> {
-        frame::read_payload(&mut self.io, &mut self.buf).await?;
+        self.state.read_payload(&mut self.io, &mut self.buf).await?;
         let msg = frame::decode(&self.buf);
         if self.buf.capacity() > 4 << 20 {
             self.buf = Vec::new();
@@ -74,15 +83,7 @@ pub async fn handshake<Out: Serialize, In: DeserializeOwned>(
     hello_tx.send(&Hello::new(me)).await?;
     let theirs = hello_rx.recv().await?;
     check_hello(&theirs, peer)?;
-    Ok((
-        Sender::new(hello_tx.io),
-        Receiver {
-            io: hello_rx.io,
-            buf: Vec::new(),
-            _msg: PhantomData,
-        },
-        theirs,
-    ))
+    Ok((Sender::new(hello_tx.io), Receiver::new(hello_rx.io), theirs))
 }
 
 fn check_hello(hello: &Hello, expected: Role) -> Result<(), FrameError> {

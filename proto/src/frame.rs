@@ -93,39 +93,82 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
-/// Reads one frame's payload into `buf`.
+/// Reads one frame's payload into `buf`. Not cancel safe on its own: a
+/// caller that may drop the future mid-frame keeps a [`ReadState`] instead.
 pub async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    let mut len_bytes = [0u8; 4];
-    let got = read_full(r, &mut len_bytes).await?;
-    if got == 0 {
-        return Err(FrameError::Closed);
-    }
-    if got < 4 {
-        return Err(FrameError::Truncated { got, expected: 4 });
-    }
-    let len = check_len(u32::from_le_bytes(len_bytes))?;
-    buf.clear();
-    buf.resize(len, 0);
-    let got = read_full(r, buf).await?;
-    if got < len {
-        return Err(FrameError::Truncated { got, expected: len });
-    }
-    Ok(())
+    ReadState::default().read_payload(r, buf).await
 }
 
-/// Like `read_exact`, but reports how much arrived before end of stream.
-async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]).await? {
-            0 => break,
-            n => got += n,
-        }
+/// How far the current frame has been read. Kept by the reader across calls,
+/// so that a read dropped mid-frame (the losing branch of a `select!`)
+/// resumes where it stopped instead of taking payload bytes for a length.
+#[derive(Debug, Default)]
+pub struct ReadState {
+    head: [u8; 4],
+    head_got: usize,
+    /// Declared payload length once the header is complete and checked.
+    body_len: Option<usize>,
+    body_got: usize,
+}
+
+impl ReadState {
+    /// Reads (the rest of) one frame's payload into `buf`. Cancel safe when
+    /// `buf` is the same buffer on every call until one returns: progress
+    /// lives in `self` and `buf`, and each await is a single cancel-safe
+    /// `read`. After any return, the next call starts a new frame.
+    pub async fn read_payload<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
+        let res = self.read_inner(r, buf).await;
+        *self = ReadState::default();
+        res
     }
-    Ok(got)
+
+    async fn read_inner<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
+        while self.head_got < 4 {
+            match r.read(&mut self.head[self.head_got..]).await? {
+                0 if self.head_got == 0 => return Err(FrameError::Closed),
+                0 => {
+                    return Err(FrameError::Truncated {
+                        got: self.head_got,
+                        expected: 4,
+                    });
+                }
+                n => self.head_got += n,
+            }
+        }
+        let len = match self.body_len {
+            Some(len) => len,
+            None => {
+                let len = check_len(u32::from_le_bytes(self.head))?;
+                buf.clear();
+                buf.resize(len, 0);
+                self.body_len = Some(len);
+                len
+            }
+        };
+        while self.body_got < len {
+            match r.read(&mut buf[self.body_got..len]).await? {
+                0 => {
+                    return Err(FrameError::Truncated {
+                        got: self.body_got,
+                        expected: len,
+                    });
+                }
+                n => self.body_got += n,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Writes an encoded frame and flushes it.
