@@ -47,10 +47,15 @@ pub struct WorkerConfig {
 
 /// Raw event values of one shard and stream, packed into one buffer:
 /// event `i` is `payload[ends[i-1]..ends[i]]` at `offsets[i]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventBatch {
     pub shard: Shard,
     pub stream: Box<str>,
+    /// The stream was read up to here: the shard has no events at or below
+    /// it other than these and earlier batches'. Lets a shard's position
+    /// advance when the stream carries nothing for it (may be the only
+    /// content of a batch).
+    pub upto: Offset,
     pub offsets: Vec<Offset>,
     pub ends: Vec<u32>,
     pub payload: Vec<u8>,
@@ -61,7 +66,10 @@ impl EventBatch {
         EventBatch {
             shard,
             stream,
-            ..EventBatch::default()
+            upto: Offset::MIN,
+            offsets: Vec::new(),
+            ends: Vec::new(),
+            payload: Vec::new(),
         }
     }
 
@@ -69,6 +77,7 @@ impl EventBatch {
         self.payload.extend_from_slice(value);
         self.offsets.push(offset);
         self.ends.push(self.payload.len() as u32);
+        self.upto = self.upto.max(offset);
     }
 
     pub fn len(&self) -> usize {

@@ -7,6 +7,8 @@ use crate::route::{seller_key, shard_for_key};
 use proto::{EventBatch, Offset};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 
 #[derive(Clone, Debug)]
@@ -21,11 +23,18 @@ pub enum SourceMsg {
     End {
         lines: u64,
     },
+    /// Reading stopped on request; every line read was handed over, and
+    /// every shard was told how far the stream was read.
+    Stopped,
     Failed(std::io::Error),
 }
 
 /// Events per batch sent to a worker.
 const BATCH_EVENTS: usize = 1024;
+/// Every this many lines, every shard is handed its batch and told how far
+/// the stream was read: bounds what the source holds, and keeps the shards'
+/// durable positions (the resume point) close together.
+const ANNOUNCE_LINES: Offset = 4096;
 
 /// The stream name under which positions are kept. A file is named by its
 /// path and a fingerprint of its first 4 KiB, so appending resumes but a
@@ -69,11 +78,12 @@ pub struct FileSource {
 
 impl FileSource {
     /// Reads from line `from` on a thread, sending batches until the input
-    /// ends or the receiver is dropped.
+    /// ends, `stop` is set, or the receiver is dropped.
     pub fn start(
         self,
         from: Offset,
         tx: mpsc::Sender<SourceMsg>,
+        stop: Arc<AtomicBool>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let reader: Box<dyn Read + Send> = match &self.input {
             Input::File(path) => Box::new(std::fs::File::open(path)?),
@@ -82,7 +92,11 @@ impl FileSource {
         std::thread::Builder::new()
             .name("source".into())
             .spawn(move || {
-                let msg = match self.read_all(reader, from, &tx) {
+                let msg = match self.read_all(reader, from, &tx, &stop) {
+                    Ok(Some(lines)) if stop.load(Ordering::Relaxed) => {
+                        let _ = lines;
+                        SourceMsg::Stopped
+                    }
                     Ok(Some(lines)) => SourceMsg::End { lines },
                     Ok(None) => return,
                     Err(e) => SourceMsg::Failed(e),
@@ -91,12 +105,13 @@ impl FileSource {
             })
     }
 
-    /// `Ok(None)` when the receiver went away (shutdown).
+    /// Lines read; `Ok(None)` when the receiver went away.
     fn read_all(
         &self,
         reader: Box<dyn Read + Send>,
         from: Offset,
         tx: &mpsc::Sender<SourceMsg>,
+        stop: &AtomicBool,
     ) -> std::io::Result<Option<u64>> {
         let mut reader = BufReader::with_capacity(1 << 20, reader);
         let stream: Box<str> = self.stream.as_str().into();
@@ -105,12 +120,20 @@ impl FileSource {
             .collect();
         let mut line = Vec::new();
         let mut offset: Offset = 0;
+        let mut announced: Offset = Offset::MIN;
         loop {
-            // About to block on the OS: hand over what we have.
-            if reader.buffer().is_empty() && !send_all(&mut batches, tx) {
-                return Ok(None);
+            // About to block on the OS, or holding enough: hand over what we
+            // have, and tell every shard how far the stream was read.
+            let due = reader.buffer().is_empty() || offset - announced.max(from) >= ANNOUNCE_LINES;
+            if due && offset > from && offset - 1 > announced {
+                announced = offset - 1;
+                if !send_all(&mut batches, announced, tx) {
+                    return Ok(None);
+                }
             }
-            if !read_line_capped(&mut reader, &mut line, self.max_event_bytes + 1)? {
+            if stop.load(Ordering::Relaxed)
+                || !read_line_capped(&mut reader, &mut line, self.max_event_bytes + 1)?
+            {
                 break;
             }
             if offset >= from {
@@ -123,7 +146,7 @@ impl FileSource {
             }
             offset += 1;
         }
-        if !send_all(&mut batches, tx) {
+        if offset > from && !send_all(&mut batches, offset - 1, tx) {
             return Ok(None);
         }
         Ok(Some(offset as u64))
@@ -135,11 +158,12 @@ fn send(batch: &mut EventBatch, tx: &mpsc::Sender<SourceMsg>) -> bool {
     tx.blocking_send(SourceMsg::Batch(full)).is_ok()
 }
 
-fn send_all(batches: &mut [EventBatch], tx: &mpsc::Sender<SourceMsg>) -> bool {
-    batches
-        .iter_mut()
-        .filter(|b| !b.is_empty())
-        .all(|b| send(b, tx))
+/// Sends every shard its batch, empty or not, marked as read up to `upto`.
+fn send_all(batches: &mut [EventBatch], upto: Offset, tx: &mpsc::Sender<SourceMsg>) -> bool {
+    batches.iter_mut().all(|b| {
+        b.upto = upto;
+        send(b, tx)
+    })
 }
 
 /// Reads one line without its newline, keeping at most `cap` bytes of it (a
@@ -191,15 +215,7 @@ mod tests {
         while read_line_capped(&mut r, &mut line, 10).unwrap() {
             lines.push(String::from_utf8(line.clone()).unwrap());
         }
-        assert_eq!(
-            lines,
-            vec![
-                "short",
-                "xxxxxxxxxx",
-                "last",
-                "no-newlin"[..9].to_string() + "e"
-            ]
-        );
+        assert_eq!(lines, vec!["short", "xxxxxxxxxx", "last", "no-newline"]);
     }
 
     #[test]

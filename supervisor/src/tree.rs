@@ -253,15 +253,19 @@ impl Tree {
         for i in 0..self.workers.len() {
             self.start_worker(i).await?;
         }
-        let (source_tx, mut source_rx) = mpsc::channel::<SourceMsg>(64);
+        let (source_tx, mut source_rx) = mpsc::channel::<SourceMsg>(32);
         let mut source = Some((source, source_tx));
+        let source_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut source_open = true;
         let mut stopping_deadline: Option<Instant> = None;
+        // How long a stopping source may take to hand over what it read (it
+        // may be blocked reading stdin).
+        let mut source_stop_deadline: Option<Instant> = None;
         let mut flush_tick = tokio::time::interval(self.cfg.flush_interval);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            if self.initial_loads_left == 0 {
+            if self.initial_loads_left == 0 && stopping_deadline.is_none() {
                 if let Some((src, tx)) = source.take() {
                     let from = (0..self.cfg.shards)
                         .map(|s| self.resume.get(&s).map_or(0, |&o| o + 1))
@@ -269,7 +273,9 @@ impl Tree {
                         .unwrap_or(0);
                     self.summary.resumed_from = from;
                     tracing::info!(stream = %self.stream, from_line = from + 1, "reading input");
-                    src.start(from, tx).map_err(TreeError::Source)?;
+                    tracing::debug!(resume = ?self.resume, "durable positions of the input per shard");
+                    src.start(from, tx, source_stop.clone())
+                        .map_err(TreeError::Source)?;
                 }
             }
             let finishing = !source_open || stopping_deadline.is_some();
@@ -288,15 +294,21 @@ impl Tree {
                 }
             }
             let next_restart = self.next_restart();
+            // While stopping, the source hands over its last partial batches
+            // regardless of backpressure (a bounded amount).
             let may_read = source_open
-                && stopping_deadline.is_none()
                 && source.is_none()
-                && self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes;
+                && (stopping_deadline.is_some()
+                    || self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes);
             tokio::select! {
                 _ = shutdown.requested(), if stopping_deadline.is_none() => {
                     stopping_deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
                     self.summary.interrupted = source_open;
-                    source_rx.close();
+                    source_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if source.is_some() {
+                        source_open = false; // never started
+                    }
+                    source_stop_deadline = Some(Instant::now() + Duration::from_secs(1));
                     self.flush();
                 }
                 msg = source_rx.recv(), if may_read => match msg {
@@ -306,11 +318,28 @@ impl Tree {
                         source_open = false;
                         self.flush();
                     }
+                    Some(SourceMsg::Stopped) | None => {
+                        source_open = false;
+                        self.flush();
+                    }
                     Some(SourceMsg::Failed(e)) => return Err(TreeError::Source(e)),
-                    None => source_open = false,
                 },
+                _ = sleep_until(source_stop_deadline), if source_open && source_stop_deadline.is_some() => {
+                    tracing::warn!("the input did not stop within 1 s; what it still held is read again next run");
+                    source_rx.close();
+                    source_open = false;
+                }
                 Some((peer, generation, msg)) = self.incoming_rx.recv() => self.on_incoming(peer, generation, msg)?,
-                _ = flush_tick.tick() => self.flush(),
+                _ = flush_tick.tick() => {
+                    tracing::debug!(
+                        buffered_bytes = self.ledger.buffered_bytes(),
+                        writes = self.writes.len(),
+                        loads = self.loads.len(),
+                        flushes = self.workers.iter().filter(|w| w.flush_pending).count(),
+                        "flush tick"
+                    );
+                    self.flush()
+                }
                 _ = sleep_until(next_restart), if next_restart.is_some() => self.restart_due().await?,
                 _ = sleep_until(stopping_deadline), if stopping_deadline.is_some() => {
                     return Err(TreeError::ShutdownTimeout(self.cfg.shutdown_timeout));
@@ -338,14 +367,23 @@ impl Tree {
             .min()
     }
 
+    /// Restarts children whose backoff is over. A child that fails to start
+    /// counts as one more failure (so the intensity limit still applies).
     async fn restart_due(&mut self) -> Result<(), TreeError> {
         let now = Instant::now();
         if self.storage.restart_at.is_some_and(|t| t <= now) {
-            self.start_storage().await?;
+            if let Err(e) = self.start_storage().await {
+                self.storage.link = None;
+                self.schedule_restart(Peer::Storage, -1, &e.to_string())?;
+            }
         }
         for i in 0..self.workers.len() {
             if self.workers[i].slot.restart_at.is_some_and(|t| t <= now) {
-                self.start_worker(i).await?;
+                if let Err(e) = self.start_worker(i).await {
+                    self.workers[i].slot.link = None;
+                    self.workers[i].restoring.clear();
+                    self.schedule_restart(Peer::Worker(i), -1, &e.to_string())?;
+                }
             }
         }
         Ok(())
@@ -353,9 +391,7 @@ impl Tree {
 
     fn on_batch(&mut self, batch: proto::EventBatch) {
         let shard = batch.shard;
-        let Some(last) = batch.last_offset() else {
-            return;
-        };
+        let last = batch.upto;
         self.events_since_flush += batch.len() as u64;
         let frame = self.encode(&ToWorker::Events(batch));
         self.ledger
@@ -522,13 +558,21 @@ impl Tree {
             return Ok(());
         };
         link.kill();
+        self.schedule_restart(peer, link.pid, why)
+    }
+
+    fn schedule_restart(&mut self, peer: Peer, pid: i32, why: &str) -> Result<(), TreeError> {
+        let slot = match peer {
+            Peer::Storage => &mut self.storage,
+            Peer::Worker(i) => &mut self.workers[i].slot,
+        };
         let delay = self
             .intensity
             .on_failure(std::time::Instant::now(), slot.failures)?;
         slot.failures += 1;
         slot.restart_at = Some(Instant::now() + delay);
         self.summary.restarts = self.intensity.total;
-        tracing::warn!(child = %peer, pid = link.pid, reason = why, restart_in_ms = delay.as_millis() as u64, "child lost");
+        tracing::warn!(child = %peer, pid, reason = why, restart_in_ms = delay.as_millis() as u64, "child lost");
         Ok(())
     }
 

@@ -128,6 +128,10 @@ impl Fold {
                 }
             }
         }
+        if batch.upto > shard.positions[pos].1 {
+            shard.positions[pos].1 = batch.upto;
+            shard.positions[pos].2 = true;
+        }
         stats
     }
 
@@ -655,6 +659,36 @@ mod tests {
         assert!(
             fold.take_changes().is_empty(),
             "changes are handed out once"
+        );
+    }
+
+    #[test]
+    fn upto_advances_a_shard_without_events() {
+        let mut fold = Fold::new(10, 1 << 20);
+        let mut b = batch(&[
+            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s"}}"#,
+        ]);
+        b.upto = 10;
+        fold.apply_batch(&b);
+        let mut empty = EventBatch::new(0, "test".into());
+        empty.upto = 20;
+        fold.apply_batch(&empty);
+        let changes = fold.take_changes();
+        assert_eq!(
+            changes[0].positions,
+            vec![Position {
+                stream: "test".into(),
+                offset: 20
+            }]
+        );
+        // Events at or below it are now replays.
+        assert_eq!(
+            fold.apply_batch(&batch(&["nope"])),
+            BatchStats {
+                applied: 0,
+                rejected: 0,
+                skipped: 1
+            }
         );
     }
 

@@ -1,0 +1,511 @@
+//! Process tests: the real binaries, real signals (DESIGN §4, §5, §9).
+//! Every scenario ends by comparing `analytics export` with
+//! `analytics-worker fold` of the same events.
+//!
+//! "Mid-run" is made deterministic without test hooks: either the input is a
+//! pipe the test holds open (the run cannot end before the test closes it),
+//! or the workers are SIGSTOPped (backpressure then pauses reading after
+//! `--max-buffered-mb 1` of a much larger file).
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const ANALYTICS: &str = env!("CARGO_BIN_EXE_analytics");
+const WORKER: &str = env!("CARGO_BIN_EXE_analytics-worker");
+
+fn generate(dir: &Path, events: u64, bad_every: u64) -> PathBuf {
+    let path = dir.join("events.jsonl");
+    let status = Command::new(WORKER)
+        .args([
+            "generate",
+            "--events",
+            &events.to_string(),
+            "--seed",
+            "7",
+            "--bad-every",
+            &bad_every.to_string(),
+            "--out",
+        ])
+        .arg(&path)
+        .status()
+        .expect("run analytics-worker generate");
+    assert!(status.success(), "generate failed");
+    path
+}
+
+fn fold(input: &Path) -> String {
+    let out = Command::new(WORKER)
+        .arg("fold")
+        .arg(input)
+        .output()
+        .expect("run analytics-worker fold");
+    assert!(
+        out.status.success(),
+        "fold failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 records")
+}
+
+/// The reasons part of `fold`'s stderr summary ("invalid_json 3, …").
+fn fold_rejections(input: &Path) -> String {
+    let out = Command::new(WORKER)
+        .arg("fold")
+        .arg(input)
+        .output()
+        .expect("run analytics-worker fold");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .trim()
+        .split_once(" lines: ")
+        .map(|(_, r)| r.to_string())
+        .unwrap_or_default()
+}
+
+fn export(data: &Path) -> String {
+    let out = Command::new(ANALYTICS)
+        .arg("export")
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .expect("run analytics export");
+    assert!(
+        out.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 records")
+}
+
+/// `analytics run` with quick flushes, so that crashes land between flushes.
+fn run_cmd(data: &Path) -> Command {
+    let mut c = Command::new(ANALYTICS);
+    c.arg("run")
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--workers",
+            "2",
+            "--flush-interval-ms",
+            "20",
+            "--flush-max-events",
+            "2000",
+            "--max-buffered-mb",
+            "1",
+        ])
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// A run that wedges must fail the test, not hang it: past this, the run is
+/// killed and the assertion below reports it.
+const RUN_DEADLINE: Duration = Duration::from_secs(180);
+
+fn wait_with_deadline(child: Child) -> Output {
+    let pid = child.id() as i32;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(RUN_DEADLINE).is_err() {
+            eprintln!("analytics run {pid} still running after {RUN_DEADLINE:?}: killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    });
+    let out = child.wait_with_output().expect("wait for analytics run");
+    let _ = done_tx.send(());
+    out
+}
+
+fn finish(child: Child) -> Output {
+    let out = wait_with_deadline(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "run failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn summary_line<'a>(out: &'a Output, prefix: &str) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Child processes of `pid`: (pid, command line).
+fn children(pid: u32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may contain spaces).
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_string()) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z")
+            || fields.get(1).and_then(|f| f.parse::<u32>().ok()) != Some(pid)
+        {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        out.push((p, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+    }
+    out
+}
+
+fn wait_for_children(pid: u32, what: &str, count: usize) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: Vec<i32> = children(pid)
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(what))
+            .map(|(p, _)| p)
+            .collect();
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {count} '{what}' children of {pid} after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig)
+        .unwrap_or_else(|e| panic!("{sig} to {pid}: {e} (did the run end too early?)"));
+}
+
+fn dead_letters(data: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(data.join("dead-letters.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("dead letter is JSON"))
+        .collect()
+}
+
+/// Feeds the first `split` lines of `input` to a piped child, then calls
+/// `midway`, then the rest, then closes the pipe.
+fn feed_in_two_parts(child: &mut Child, input: &Path, split: usize, midway: impl FnOnce()) {
+    let text = std::fs::read_to_string(input).expect("read input");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    for l in &lines[..split] {
+        writeln!(stdin, "{l}").expect("write to run");
+    }
+    stdin.flush().expect("flush");
+    midway();
+    for l in &lines[split..] {
+        writeln!(stdin, "{l}").expect("write to run");
+    }
+}
+
+#[test]
+fn embedded_run_equals_the_straight_fold_and_a_rerun_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 20_000, 250);
+    let data = dir.path().join("data");
+    let expected = fold(&input);
+    assert!(
+        expected.lines().count() > 100,
+        "the trace should produce many records"
+    );
+
+    let out = finish(
+        run_cmd(&data)
+            .arg("--input")
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    assert_eq!(export(&data), expected);
+    // Every malformed line is counted once, by the same reasons as the
+    // straight fold gives.
+    let reasons = fold_rejections(&input);
+    assert_eq!(
+        summary_line(&out, "rejected:"),
+        format!(
+            "rejected: 80 ({reasons}) -> {}",
+            data.canonicalize()
+                .unwrap()
+                .join("dead-letters.jsonl")
+                .display()
+        )
+    );
+    let dls = dead_letters(&data);
+    assert_eq!(dls.len(), 80, "one dead letter per malformed line");
+    assert!(
+        dls.iter()
+            .all(|d| d["line"].as_u64().is_some_and(|l| l % 250 == 0) && d["reason"].is_string())
+    );
+    assert!(summary_line(&out, "snapshot:").contains("metrics/dt="));
+
+    let again = finish(
+        run_cmd(&data)
+            .arg("--input")
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    assert_eq!(
+        summary_line(&again, "input:"),
+        "input: 20000 lines, read from line 20001"
+    );
+    assert_eq!(
+        export(&data),
+        expected,
+        "a re-run leaves the metrics unchanged"
+    );
+    assert_eq!(
+        dead_letters(&data).len(),
+        80,
+        "a re-run adds no dead letters"
+    );
+}
+
+#[test]
+fn sigkill_of_a_worker_mid_input_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 30_000, 300);
+    let data = dir.path().join("data");
+    let mut run = run_cmd(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let sup = run.id();
+    feed_in_two_parts(&mut run, &input, 15_000, || {
+        let workers = wait_for_children(sup, "serve", 2);
+        std::thread::sleep(Duration::from_millis(500));
+        signal(workers[0], Signal::SIGKILL);
+    });
+    let out = finish(run);
+    assert_eq!(
+        summary_line(&out, "worker/storage restarts:"),
+        "worker/storage restarts: 1"
+    );
+    assert_eq!(export(&data), fold(&input));
+    assert_eq!(dead_letters(&data).len(), 100);
+}
+
+#[test]
+fn sigkill_of_the_storage_process_mid_input_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 30_000, 300);
+    let data = dir.path().join("data");
+    let mut run = run_cmd(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let sup = run.id();
+    feed_in_two_parts(&mut run, &input, 15_000, || {
+        let storage = wait_for_children(sup, "storage", 1);
+        std::thread::sleep(Duration::from_millis(500));
+        signal(storage[0], Signal::SIGKILL);
+    });
+    let out = finish(run);
+    assert_eq!(
+        summary_line(&out, "worker/storage restarts:"),
+        "worker/storage restarts: 1"
+    );
+    assert_eq!(export(&data), fold(&input));
+    assert_eq!(dead_letters(&data).len(), 100);
+}
+
+/// Freezes a file run mid-input, once something is durable (dead letters
+/// are appended only with a committed write): workers stopped, reading
+/// paused by backpressure. Returns the supervisor pid and the worker pids.
+fn freeze_mid_input(run: &Child, data: &Path) -> (u32, Vec<i32>) {
+    let sup = run.id();
+    let workers = wait_for_children(sup, "serve", 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_letters(data).len() < 2 {
+        assert!(Instant::now() < deadline, "no durable progress after 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for &w in &workers {
+        signal(w, Signal::SIGSTOP);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    (sup, workers)
+}
+
+#[test]
+fn sigterm_mid_input_exits_cleanly_and_a_rerun_resumes_without_double_counting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 60_000, 400);
+    let data = dir.path().join("data");
+    let run = run_cmd(&data)
+        .arg("--input")
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let (sup, workers) = freeze_mid_input(&run, &data);
+    signal(sup as i32, Signal::SIGTERM);
+    for &w in &workers {
+        signal(w, Signal::SIGCONT);
+    }
+    let out = finish(run);
+    assert!(
+        summary_line(&out, "input:").contains("interrupted"),
+        "{}",
+        summary_line(&out, "input:")
+    );
+    let partial = export(&data);
+    assert!(
+        partial != fold(&input),
+        "the interrupted run stopped before the end"
+    );
+
+    let again = finish(
+        run_cmd(&data)
+            .arg("--input")
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    let resumed = summary_line(&again, "input:");
+    assert!(
+        !resumed.ends_with("read from line 1"),
+        "the re-run resumes: {resumed}"
+    );
+    assert_eq!(export(&data), fold(&input));
+    assert_eq!(
+        dead_letters(&data).len(),
+        150,
+        "no dead letter is written twice"
+    );
+}
+
+#[test]
+fn sigkill_of_the_supervisor_leaves_no_orphans_and_a_rerun_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 60_000, 400);
+    let data = dir.path().join("data");
+    let mut run = run_cmd(&data)
+        .arg("--input")
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let (sup, _) = freeze_mid_input(&run, &data);
+    let kids: Vec<i32> = children(sup).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(kids.len(), 3, "two workers and storage");
+    signal(sup as i32, Signal::SIGKILL);
+    let _ = run.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kids
+        .iter()
+        .any(|&k| kill(Pid::from_raw(k), None).is_ok() && !is_zombie(k))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "children outlived the supervisor: {kids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    finish(
+        run_cmd(&data)
+            .arg("--input")
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    assert_eq!(export(&data), fold(&input));
+    assert_eq!(dead_letters(&data).len(), 150);
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn too_many_worker_restarts_stop_the_service_with_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let run = run_cmd(&data)
+        .args(["--max-restarts", "2"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let sup = run.id();
+    let mut killed = Vec::new();
+    for _ in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let victim = loop {
+            let fresh: Vec<i32> = children(sup)
+                .into_iter()
+                .filter(|(p, c)| c.contains("serve") && !killed.contains(p))
+                .map(|(p, _)| p)
+                .collect();
+            if let Some(&p) = fresh.first() {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "no fresh worker to kill");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        signal(victim, Signal::SIGKILL);
+        killed.push(victim);
+    }
+    let out = wait_with_deadline(run);
+    assert!(
+        !out.status.success(),
+        "three restarts with --max-restarts 2 must fail the run"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("restarts within"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn worker_fold_summarises_rejections_on_stderr() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 2_000, 100);
+    let out = Command::new(WORKER)
+        .arg("fold")
+        .arg(&input)
+        .output()
+        .expect("run fold");
+    assert!(out.status.success());
+    // The generator rotates through 8 malformed kinds (20 lines: kinds 0-3
+    // three times, 4-7 twice): not JSON (0), truncated JSON (1) and an empty
+    // line (7) are invalid_json; no productId (2) and no sellerId (6) are
+    // missing_field; unknown eventType (3); negative quantity (4); price
+    // object (5).
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "rejected 20 of 2000 lines: invalid_field 2, invalid_json 8, missing_field 5, negative_value 2, unknown_event_type 3"
+    );
+    let missing = Command::new(WORKER)
+        .arg("fold")
+        .arg(dir.path().join("nope.jsonl"))
+        .output()
+        .expect("run fold");
+    assert!(!missing.status.success(), "an unreadable input is an error");
+}
