@@ -194,6 +194,11 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => PathBuf::from(p),
         None => me.with_file_name("analytics-worker"),
     };
+    anyhow::ensure!(
+        worker_program.is_file(),
+        "the worker program {} is missing: build it with `cargo build --release --bins` (or set ANALYTICS_WORKER_BIN)",
+        worker_program.display()
+    );
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get().saturating_sub(1))

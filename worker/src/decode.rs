@@ -72,7 +72,7 @@ impl Rejection {
 
 #[derive(Deserialize)]
 struct RawEvent<'a> {
-    #[serde(rename = "eventType", borrow)]
+    #[serde(rename = "eventType", borrow, default, deserialize_with = "opt_cow")]
     event_type: Option<Cow<'a, str>>,
     #[serde(borrow)]
     timestamp: Option<&'a RawValue>,
@@ -84,11 +84,11 @@ struct RawEvent<'a> {
 struct RawData<'a> {
     #[serde(rename = "productId", borrow)]
     product_id: Option<&'a RawValue>,
-    #[serde(rename = "sellerId", borrow)]
+    #[serde(rename = "sellerId", borrow, default, deserialize_with = "opt_cow")]
     seller_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
     name: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
     category: Option<Cow<'a, str>>,
     #[serde(borrow)]
     price: Option<&'a RawValue>,
@@ -107,25 +107,64 @@ struct RawChanges<'a> {
     #[serde(borrow)]
     quantity: Option<RawChange<&'a RawValue>>,
     #[serde(borrow)]
-    category: Option<RawChange<Cow<'a, str>>>,
+    category: Option<RawStrChange<'a>>,
     #[serde(borrow)]
-    name: Option<RawChange<Cow<'a, str>>>,
+    name: Option<RawStrChange<'a>>,
     #[serde(rename = "sellerId", borrow)]
-    seller_id: Option<RawChange<Cow<'a, str>>>,
+    seller_id: Option<RawStrChange<'a>>,
 }
 
 #[derive(Deserialize)]
 struct RawChange<T> {
-    old: Option<T>,
     new: Option<T>,
 }
 
 #[derive(Deserialize)]
+struct RawStrChange<'a> {
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    old: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    new: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
 struct RawPrevious<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
     seller_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
     category: Option<Cow<'a, str>>,
+}
+
+/// An optional string that borrows from the input when it has no escapes.
+/// (serde's own `Option<Cow<str>>` always allocates: its `borrow` applies
+/// only to a bare `Cow`.)
+fn opt_cow<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+    }
+    d.deserialize_option(Visit)
 }
 
 /// Decodes one event value.
@@ -136,7 +175,11 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
             max: max_event_bytes,
         });
     }
-    let raw: RawEvent<'_> = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    // Validating UTF-8 once here is much cheaper than serde_json checking
+    // every borrowed string of a byte slice.
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Rejection::InvalidJson(format!("not UTF-8: {e}")))?;
+    let raw: RawEvent<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => Rejection::InvalidField {
             field: "event",
             why: e.to_string(),
@@ -250,6 +293,9 @@ fn numeric_text<'a>(raw: &'a RawValue, field: &'static str) -> Result<&'a str, R
 /// Parses a decimal number exactly and scales it by `10^scale`; fails if the
 /// result is not an integer or does not fit an i64.
 fn scaled_decimal(text: &str, scale: u32, field: &'static str) -> Result<i64, Rejection> {
+    if let Some(v) = plain_decimal(text.as_bytes(), scale) {
+        return Ok(v);
+    }
     let invalid = |why: &str| Rejection::InvalidField {
         field,
         why: format!("{why}: {text}"),
@@ -266,7 +312,11 @@ fn scaled_decimal(text: &str, scale: u32, field: &'static str) -> Result<i64, Re
         None => (rest, 0),
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+    let dangling_point = mantissa.ends_with('.');
+    if int.is_empty()
+        || dangling_point
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
         return Err(invalid("not a decimal number"));
     }
     // value = digits * 10^(exponent - frac.len()); we want value * 10^scale.
@@ -304,6 +354,30 @@ fn scaled_decimal(text: &str, scale: u32, field: &'static str) -> Result<i64, Re
         return Err(Rejection::NegativeValue(field));
     }
     Ok(scaled)
+}
+
+/// The common case without i128 arithmetic: unsigned digits, optionally a
+/// point and at most `scale` decimals, at most 15 integer digits. Anything
+/// else (signs, exponents, trailing zeros beyond the scale) takes the exact
+/// general path.
+fn plain_decimal(b: &[u8], scale: u32) -> Option<i64> {
+    let point = b.iter().position(|&c| c == b'.').unwrap_or(b.len());
+    let (int, frac) = (&b[..point], b.get(point + 1..).unwrap_or_default());
+    if int.is_empty()
+        || int.len() > 15
+        || frac.len() > scale as usize
+        || (point < b.len() && frac.is_empty())
+    {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &c in int.iter().chain(frac) {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + (c - b'0') as i64;
+    }
+    Some(v * 10i64.pow(scale - frac.len() as u32))
 }
 
 fn integer(raw: &RawValue, field: &'static str) -> Result<i64, Rejection> {
@@ -450,6 +524,25 @@ mod tests {
         assert_eq!(scaled_decimal("150", 0, "q"), Ok(150));
         assert_eq!(scaled_decimal("1.5e1", 0, "q"), Ok(15));
         assert!(scaled_decimal("1.5", 0, "q").is_err());
+        assert!(scaled_decimal("1.", 2, "q").is_err());
+        assert!(scaled_decimal(".5", 2, "q").is_err());
+        assert_eq!(scaled_decimal("0.05", 2, "q"), Ok(5));
+        assert_eq!(
+            scaled_decimal("999999999999999.99", 2, "q"),
+            Ok(99_999_999_999_999_999)
+        );
+    }
+
+    #[test]
+    fn strings_borrow_unless_escaped() {
+        let e = ok(
+            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","name":"Mo\"use","category":"Books"}}"#,
+        );
+        assert!(matches!(e.category, Some(Cow::Borrowed("Books"))));
+        assert!(matches!(e.seller, Cow::Borrowed("s")));
+        assert_eq!(e.name.as_deref(), Some("Mo\"use"));
+        let not_utf8 = decode(b"{\"eventType\":\"ProductCreated\",\"x\":\"\xff\"}", MAX);
+        assert_eq!(not_utf8.err().map(|r| r.reason()), Some("invalid_json"));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use crate::decode::{Event, EventKind, Rejection, decode};
 use crate::intern::{Interner, Sym};
 use crate::records::{LowStockRecord, MetricRecord, Money};
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 use proto::{
     DeadLetter, EntityKey, EntityTotals, EventBatch, Field, Offset, Position, ProductId,
     ProductState, Shard, ShardChanges, ShardState, Version,
@@ -71,10 +71,9 @@ struct Contribution {
 struct ShardFold {
     index: HashMap<ProductKey, u32>,
     products: Vec<(ProductKey, Product)>,
-    entities: HashMap<Entity, EntityTotals>,
+    entities: Entities,
     positions: Vec<(Box<str>, Offset, bool)>,
     dirty_products: Vec<u32>,
-    dirty_entities: HashSet<Entity>,
     dead_letters: Vec<DeadLetter>,
 }
 
@@ -168,10 +167,8 @@ impl Fold {
                     .products
                     .push((product_id(strings, *key), wire_state(strings, p)));
             }
-            for e in s.dirty_entities.drain() {
-                changes
-                    .entities
-                    .push((entity_key(strings, e), s.entities[&e]));
+            for (e, totals) in s.entities.take_dirty() {
+                changes.entities.push((entity_key(strings, e), totals));
             }
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
             if !changes.is_empty() {
@@ -220,10 +217,9 @@ impl Fold {
                 EntityKey::Seller(s) => Entity::Seller(strings.intern(s)),
                 EntityKey::Category(c) => Entity::Category(strings.intern(c)),
             };
-            let t = shard.entities.entry(e).or_insert_with(empty_totals);
-            t.last_event_at = t.last_event_at.max(at);
+            shard.entities.touch(e, at);
         }
-        shard.dirty_entities.clear();
+        shard.entities.take_dirty().for_each(drop);
         shard.dirty_products.clear();
         for (_, p) in &mut shard.products {
             p.dirty = false;
@@ -245,7 +241,7 @@ impl Fold {
         let mut totals: BTreeMap<EntityKey, EntityTotals> = BTreeMap::new();
         let mut out = Vec::new();
         for shard in self.shards.values() {
-            for (&e, t) in &shard.entities {
+            for (&e, EntityState { totals: t, .. }) in &shard.entities.map {
                 totals
                     .entry(entity_key(&self.strings, e))
                     .or_insert_with(empty_totals)
@@ -322,14 +318,10 @@ impl ShardFold {
         let mut changed = false;
 
         let seller = strings.intern(&e.seller);
+        let category = e.category.as_deref().map(|c| strings.intern(c));
         changed |= write(&mut p.seller, &mut p.seller_v, seller, version);
-        if let Some(c) = &e.category {
-            changed |= write(
-                &mut p.category,
-                &mut p.category_v,
-                strings.intern(c),
-                version,
-            );
+        if let Some(c) = category {
+            changed |= write(&mut p.category, &mut p.category_v, c, version);
         }
         if let Some(n) = &e.name {
             if version >= p.name_v && p.name.as_deref() != Some(&**n) {
@@ -363,60 +355,145 @@ impl ShardFold {
         if changed && !std::mem::replace(&mut p.dirty, true) {
             self.dirty_products.push(i);
         }
-        if before != after || is_new {
-            if !is_new {
-                self.add(before, -1);
-            }
+        if is_new {
             self.add(after, 1);
+        } else if before != after {
+            self.entities
+                .shift(before.seller, after.seller, Entity::Seller, &before, &after);
+            self.entities.shift(
+                before.category,
+                after.category,
+                Entity::Category,
+                &before,
+                &after,
+            );
         }
         // `lastEventAt` goes to the entities the event names, not to the
         // product's category at the moment of applying: that would depend on
         // how the topics interleave.
-        self.touch(Entity::Seller(seller), e.timestamp);
-        if let Some(c) = &e.category {
-            self.touch(Entity::Category(strings.intern(c)), e.timestamp);
+        self.entities.touch(Entity::Seller(seller), e.timestamp);
+        if let Some(c) = category {
+            self.entities.touch(Entity::Category(c), e.timestamp);
         }
-        if let Some(c) = &e.old_category {
-            self.touch(Entity::Category(strings.intern(c)), e.timestamp);
+        if let Some(c) = e
+            .old_category
+            .as_deref()
+            .filter(|&c| Some(c) != e.category.as_deref())
+        {
+            self.entities
+                .touch(Entity::Category(strings.intern(c)), e.timestamp);
         }
-        if let Some(s) = &e.old_seller {
-            self.touch(Entity::Seller(strings.intern(s)), e.timestamp);
+        if let Some(s) = e.old_seller.as_deref().filter(|&s| s != e.seller) {
+            self.entities
+                .touch(Entity::Seller(strings.intern(s)), e.timestamp);
         }
     }
 
     /// Adds (`sign = 1`) or removes (`-1`) a product's contribution.
     fn add(&mut self, c: Contribution, sign: i64) {
-        let mut apply = |entity: Entity, count_products: bool| {
-            let t = self.entities.entry(entity).or_insert_with(empty_totals);
-            let s = sign as i128;
-            if count_products {
-                t.products = t.products.wrapping_add_signed(sign);
-            }
-            if c.deleted {
-                t.deleted = t.deleted.wrapping_add_signed(sign);
-            } else {
-                t.active = t.active.wrapping_add_signed(sign);
-                t.value_cents += s * c.value_cents;
-                t.price_sum_cents += s * c.price_cents;
-                if c.low {
-                    t.low_stock = t.low_stock.wrapping_add_signed(sign);
-                }
-            }
-            self.dirty_entities.insert(entity);
-        };
         if c.seller != NO_SYM {
-            apply(Entity::Seller(c.seller), true);
+            apply_contribution(self.entities.changed(Entity::Seller(c.seller)), &c, sign);
         }
         if c.category != NO_SYM {
-            apply(Entity::Category(c.category), true);
+            apply_contribution(
+                self.entities.changed(Entity::Category(c.category)),
+                &c,
+                sign,
+            );
+        }
+    }
+}
+
+/// Per-shard seller and category totals, with the list of those changed
+/// since the last flush (a flag in the entry, so marking is free).
+#[derive(Default)]
+struct Entities {
+    map: HashMap<Entity, EntityState>,
+    dirty: Vec<Entity>,
+}
+
+struct EntityState {
+    totals: EntityTotals,
+    dirty: bool,
+}
+
+impl Entities {
+    /// The totals of an entity, marked as changed.
+    fn changed(&mut self, e: Entity) -> &mut EntityTotals {
+        let st = self.map.entry(e).or_insert_with(|| EntityState {
+            totals: empty_totals(),
+            dirty: false,
+        });
+        if !std::mem::replace(&mut st.dirty, true) {
+            self.dirty.push(e);
+        }
+        &mut st.totals
+    }
+
+    /// The entity was named by an event at `timestamp`.
+    fn touch(&mut self, e: Entity, timestamp: i64) {
+        let st = self.map.entry(e).or_insert_with(|| EntityState {
+            totals: empty_totals(),
+            dirty: false,
+        });
+        if timestamp > st.totals.last_event_at {
+            st.totals.last_event_at = timestamp;
+            if !std::mem::replace(&mut st.dirty, true) {
+                self.dirty.push(e);
+            }
         }
     }
 
-    fn touch(&mut self, entity: Entity, timestamp: i64) {
-        let t = self.entities.entry(entity).or_insert_with(empty_totals);
-        if timestamp > t.last_event_at {
-            t.last_event_at = timestamp;
-            self.dirty_entities.insert(entity);
+    /// Moves a product's contribution from `before` to `after` for one kind
+    /// of entity (`from`/`to` are the symbols, `NO_SYM` for none): one lookup
+    /// when the product stays in the same entity.
+    fn shift(
+        &mut self,
+        from: Sym,
+        to: Sym,
+        kind: fn(Sym) -> Entity,
+        before: &Contribution,
+        after: &Contribution,
+    ) {
+        if from == to {
+            if to != NO_SYM {
+                let t = self.changed(kind(to));
+                apply_contribution(t, before, -1);
+                apply_contribution(t, after, 1);
+            }
+            return;
+        }
+        if from != NO_SYM {
+            apply_contribution(self.changed(kind(from)), before, -1);
+        }
+        if to != NO_SYM {
+            apply_contribution(self.changed(kind(to)), after, 1);
+        }
+    }
+
+    /// The changed entities with their totals; clears the marks.
+    fn take_dirty(&mut self) -> impl Iterator<Item = (Entity, EntityTotals)> + '_ {
+        let map = &mut self.map;
+        self.dirty.drain(..).filter_map(move |e| {
+            let st = map.get_mut(&e)?;
+            st.dirty = false;
+            Some((e, st.totals))
+        })
+    }
+}
+
+/// Adds (`sign = 1`) or removes (`-1`) one product's contribution.
+fn apply_contribution(t: &mut EntityTotals, c: &Contribution, sign: i64) {
+    let s = sign as i128;
+    t.products = t.products.wrapping_add_signed(sign);
+    if c.deleted {
+        t.deleted = t.deleted.wrapping_add_signed(sign);
+    } else {
+        t.active = t.active.wrapping_add_signed(sign);
+        t.value_cents += s * c.value_cents;
+        t.price_sum_cents += s * c.price_cents;
+        if c.low {
+            t.low_stock = t.low_stock.wrapping_add_signed(sign);
         }
     }
 }
