@@ -147,6 +147,8 @@ struct WorkerState {
     /// Shards whose restore is under way; their events wait in the ledger.
     restoring: BTreeSet<Shard>,
     flush_pending: bool,
+    /// A flush was asked for while one was pending: send it on the answer.
+    flush_wanted: bool,
 }
 
 struct PendingWrite {
@@ -193,6 +195,8 @@ struct Tree {
     events_since_flush: u64,
     summary: RunSummary,
     snapshot_requested: Option<RequestId>,
+    /// The input ended or shutdown began: flush until everything is durable.
+    draining: bool,
     encode_buf: Vec<u8>,
 }
 
@@ -207,6 +211,7 @@ impl Tree {
                     .collect(),
                 restoring: BTreeSet::new(),
                 flush_pending: false,
+                flush_wanted: false,
             })
             .collect();
         Tree {
@@ -226,6 +231,7 @@ impl Tree {
             events_since_flush: 0,
             summary: RunSummary::default(),
             snapshot_requested: None,
+            draining: false,
             encode_buf: Vec::new(),
         }
     }
@@ -279,6 +285,10 @@ impl Tree {
                 }
             }
             let finishing = !source_open || stopping_deadline.is_some();
+            if finishing && !self.draining {
+                self.draining = true;
+                self.flush();
+            }
             if finishing && self.is_quiet() {
                 match (self.snapshot_requested, &self.summary.snapshot) {
                     (None, _) => {
@@ -410,20 +420,28 @@ impl Tree {
     }
 
     /// Asks every ready worker for its changes.
+    /// Asks every worker for its changes; a worker still answering the
+    /// previous flush is asked as soon as it answers.
     fn flush(&mut self) {
         self.events_since_flush = 0;
         for i in 0..self.workers.len() {
-            let w = &self.workers[i];
-            if w.slot.link.is_none() || w.flush_pending || !w.restoring.is_empty() {
-                continue;
-            }
-            let id = self.id();
-            let frame = self.encode(&ToWorker::Flush { id });
-            let w = &mut self.workers[i];
-            w.flush_pending = true;
-            if let Some(l) = &w.slot.link {
-                l.send(frame);
-            }
+            self.workers[i].flush_wanted = true;
+            self.send_flush(i);
+        }
+    }
+
+    fn send_flush(&mut self, i: usize) {
+        let w = &self.workers[i];
+        if !w.flush_wanted || w.slot.link.is_none() || w.flush_pending || !w.restoring.is_empty() {
+            return;
+        }
+        let id = self.id();
+        let frame = self.encode(&ToWorker::Flush { id });
+        let w = &mut self.workers[i];
+        w.flush_pending = true;
+        w.flush_wanted = false;
+        if let Some(l) = &w.slot.link {
+            l.send(frame);
         }
     }
 
@@ -442,6 +460,7 @@ impl Tree {
                 w.flush_pending = false;
                 w.slot.failures = 0;
                 self.write(shards);
+                self.send_flush(i);
                 Ok(())
             }
             (Peer::Storage, Incoming::Storage(msg)) => self.on_storage(msg),
@@ -488,6 +507,9 @@ impl Tree {
                     }
                 }
                 self.storage.failures = 0;
+                if self.draining && self.writes.is_empty() && !self.ledger.is_drained() {
+                    self.flush();
+                }
             }
             FromStorage::Loaded { id, state } => {
                 let Some(load) = self.loads.get(&id) else {
