@@ -230,15 +230,14 @@ impl EmbeddedStore {
 
                 for (id, state) in &sc.products {
                     let key = encode("product id", id)?;
+                    // `insert` hands back the previous state: one B-tree
+                    // walk instead of a get and an insert.
+                    let encoded = encode("product state", state)?;
                     let prev: Option<ProductState> =
-                        match products.get((sc.shard, key.as_slice()))? {
+                        match products.insert((sc.shard, key.as_slice()), encoded.as_slice())? {
                             Some(g) => Some(decode("product state", g.value())?),
                             None => None,
                         };
-                    products.insert(
-                        (sc.shard, key.as_slice()),
-                        encode("product state", state)?.as_slice(),
-                    )?;
                     stats.products += 1;
 
                     let new_key = state

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -58,6 +58,7 @@ pub struct EventBatch {
     pub upto: Offset,
     pub offsets: Vec<Offset>,
     pub ends: Vec<u32>,
+    #[serde(with = "crate::model::bytes")]
     pub payload: Vec<u8>,
 }
 

@@ -35,10 +35,40 @@ struct KeyData<'a> {
 /// The message key a producer would use (`data.sellerId`). A line without
 /// one is still routed (to shard 0), where the worker rejects it.
 pub fn seller_key(line: &[u8]) -> Option<Cow<'_, str>> {
+    if let Some(key) = scan_seller_key(line) {
+        return Some(Cow::Borrowed(key));
+    }
     serde_json::from_slice::<KeyOnly<'_>>(line)
         .ok()?
         .data?
         .seller_id
+}
+
+/// The fast path, without parsing the whole line: exactly one `"sellerId"`
+/// key with a plain string value (no escapes). Anything else (no such key,
+/// several, an escaped value) is left to the full parse. In valid JSON the
+/// bytes `"sellerId"` followed by `:` can only be a key: inside a string
+/// the quotes would be escaped.
+fn scan_seller_key(line: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"sellerId\"";
+    let mut found = None;
+    for at in memchr::memmem::find_iter(line, KEY) {
+        let rest = skip_ws(&line[at + KEY.len()..]);
+        let rest = skip_ws(rest.strip_prefix(b":")?);
+        let value = rest.strip_prefix(b"\"")?;
+        let end = memchr::memchr(b'"', value)?;
+        let value = &value[..end];
+        if found.is_some() || value.contains(&b'\\') {
+            return None;
+        }
+        found = Some(std::str::from_utf8(value).ok()?);
+    }
+    found
+}
+
+fn skip_ws(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    &b[n..]
 }
 
 #[cfg(test)]
@@ -63,5 +93,37 @@ mod tests {
         );
         assert_eq!(seller_key(b"not json"), None);
         assert_eq!(seller_key(br#"{"data":{"productId":1}}"#), None);
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_parse_or_defers_to_it() {
+        let cases: [&[u8]; 6] = [
+            br#"{"data":{"sellerId" : "s-1","name":"x \"sellerId\": \"no\""}}"#,
+            br#"{"data":{"changes":{"sellerId":{"old":"a","new":"b"}},"sellerId":"b"}}"#,
+            br#"{"data":{"sellerId":"a\"b"}}"#,
+            br#"{"data":{"sellerId":"a"},"x":{"sellerId":"b"}}"#,
+            br#"{"data":{"seller_id":"a"}}"#,
+            br#"{"data":{"sellerId":7}}"#,
+        ];
+        for line in cases {
+            let parsed = serde_json::from_slice::<KeyOnly<'_>>(line)
+                .ok()
+                .and_then(|k| k.data?.seller_id);
+            assert_eq!(
+                seller_key(line),
+                parsed,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(
+            scan_seller_key(br#"{"data":{"sellerId":"s-1"}}"#),
+            Some("s-1")
+        );
+        assert_eq!(
+            scan_seller_key(br#"{"data":{"sellerId":"a"},"x":{"sellerId":"b"}}"#),
+            None,
+            "ambiguous: parse"
+        );
     }
 }

@@ -149,6 +149,11 @@ struct WorkerState {
     flush_pending: bool,
     /// A flush was asked for while one was pending: send it on the answer.
     flush_wanted: bool,
+    /// Events sent to this worker process, and how many of them its last
+    /// flush answer covered: the difference is its backlog.
+    sent_events: u64,
+    flush_mark: u64,
+    answered_events: u64,
 }
 
 struct PendingWrite {
@@ -195,6 +200,7 @@ struct Tree {
     events_since_flush: u64,
     summary: RunSummary,
     snapshot_requested: Option<RequestId>,
+    events_of_last_batch: u64,
     /// The input ended or shutdown began: flush until everything is durable.
     draining: bool,
     encode_buf: Vec<u8>,
@@ -212,6 +218,9 @@ impl Tree {
                 restoring: BTreeSet::new(),
                 flush_pending: false,
                 flush_wanted: false,
+                sent_events: 0,
+                flush_mark: 0,
+                answered_events: 0,
             })
             .collect();
         Tree {
@@ -231,6 +240,7 @@ impl Tree {
             events_since_flush: 0,
             summary: RunSummary::default(),
             snapshot_requested: None,
+            events_of_last_batch: 0,
             draining: false,
             encode_buf: Vec::new(),
         }
@@ -309,7 +319,8 @@ impl Tree {
             let may_read = source_open
                 && source.is_none()
                 && (stopping_deadline.is_some()
-                    || self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes);
+                    || (self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes
+                        && !self.workers_behind()));
             tokio::select! {
                 _ = shutdown.requested(), if stopping_deadline.is_none() => {
                     stopping_deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
@@ -358,6 +369,16 @@ impl Tree {
         }
     }
 
+    /// Some worker has more unreported events than two flushes' worth: stop
+    /// reading until it catches up, so that flush answers (and with them
+    /// storage writes) keep flowing while it folds.
+    fn workers_behind(&self) -> bool {
+        let cap = 2 * self.cfg.flush_max_events;
+        self.workers
+            .iter()
+            .any(|w| w.slot.link.is_some() && w.sent_events - w.answered_events >= cap)
+    }
+
     /// Nothing in flight: every event acknowledged, every child idle.
     fn is_quiet(&self) -> bool {
         self.ledger.is_drained()
@@ -402,14 +423,17 @@ impl Tree {
     fn on_batch(&mut self, batch: proto::EventBatch) {
         let shard = batch.shard;
         let last = batch.upto;
+        self.events_of_last_batch = batch.len() as u64;
         self.events_since_flush += batch.len() as u64;
         let frame = self.encode(&ToWorker::Events(batch));
         self.ledger
             .push(shard, self.stream.clone(), last, frame.clone());
-        let w = &self.workers[worker_for_shard(shard, self.cfg.workers)];
+        let events = self.events_of_last_batch;
+        let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
         if let Some(link) = &w.slot.link {
             if !w.restoring.contains(&shard) {
                 link.send(frame);
+                w.sent_events += events;
             }
         }
         if self.events_since_flush >= self.cfg.flush_max_events
@@ -440,6 +464,7 @@ impl Tree {
         let w = &mut self.workers[i];
         w.flush_pending = true;
         w.flush_wanted = false;
+        w.flush_mark = w.sent_events;
         if let Some(l) = &w.slot.link {
             l.send(frame);
         }
@@ -458,6 +483,7 @@ impl Tree {
             (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, .. })) => {
                 let w = &mut self.workers[i];
                 w.flush_pending = false;
+                w.answered_events = w.flush_mark;
                 w.slot.failures = 0;
                 self.write(shards);
                 self.send_flush(i);
@@ -640,7 +666,11 @@ impl Tree {
             .await?;
         link.send(self.encode(&ToWorker::Configure(self.cfg.worker.clone())));
         let generation = self.workers[i].slot.generation;
-        self.workers[i].slot.link = Some(link);
+        let w = &mut self.workers[i];
+        w.slot.link = Some(link);
+        // A new process: nothing sent to it yet (replays after its restore
+        // are not counted; the ledger bounds them).
+        (w.sent_events, w.flush_mark, w.answered_events) = (0, 0, 0);
         for shard in self.workers[i].shards.clone() {
             self.workers[i].restoring.insert(shard);
             let id = self.id();
