@@ -57,7 +57,7 @@ fn config() -> impl bincode::config::Config {
 pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     out.clear();
     out.extend_from_slice(&[0; 4]);
-    bincode::serde::encode_into_std_write(msg, out, config())?;
+    bincode::serde::encode_into_writer(msg, VecWriter(out), config())?;
     let len = out.len() - 4;
     let len = u32::try_from(len)
         .ok()
@@ -68,6 +68,17 @@ pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
         })?;
     out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(())
+}
+
+/// bincode's own writer interface on a `Vec`: its `std::io::Write` adapter
+/// costs a call per field (measured: a quarter of the storage process).
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Checks a declared payload length before anything is allocated for it.
