@@ -281,18 +281,19 @@ impl Tree {
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            if self.initial_loads_left == 0 && stopping_deadline.is_none() {
-                if let Some((src, tx)) = source.take() {
-                    let from = (0..self.cfg.shards)
-                        .map(|s| self.resume.get(&s).map_or(0, |&o| o + 1))
-                        .min()
-                        .unwrap_or(0);
-                    self.summary.resumed_from = from;
-                    tracing::info!(stream = %self.stream, from_line = from + 1, "reading input");
-                    tracing::debug!(resume = ?self.resume, "durable positions of the input per shard");
-                    src.start(from, tx, source_stop.clone())
-                        .map_err(TreeError::Source)?;
-                }
+            if self.initial_loads_left == 0
+                && stopping_deadline.is_none()
+                && let Some((src, tx)) = source.take()
+            {
+                let from = (0..self.cfg.shards)
+                    .map(|s| self.resume.get(&s).map_or(0, |&o| o + 1))
+                    .min()
+                    .unwrap_or(0);
+                self.summary.resumed_from = from;
+                tracing::info!(stream = %self.stream, from_line = from + 1, "reading input");
+                tracing::debug!(resume = ?self.resume, "durable positions of the input per shard");
+                src.start(from, tx, source_stop.clone())
+                    .map_err(TreeError::Source)?;
             }
             let finishing = !source_open || stopping_deadline.is_some();
             if finishing && !self.draining {
@@ -402,19 +403,19 @@ impl Tree {
     /// counts as one more failure (so the intensity limit still applies).
     async fn restart_due(&mut self) -> Result<(), TreeError> {
         let now = Instant::now();
-        if self.storage.restart_at.is_some_and(|t| t <= now) {
-            if let Err(e) = self.start_storage().await {
-                self.storage.link = None;
-                self.schedule_restart(Peer::Storage, -1, &e.to_string())?;
-            }
+        if self.storage.restart_at.is_some_and(|t| t <= now)
+            && let Err(e) = self.start_storage().await
+        {
+            self.storage.link = None;
+            self.schedule_restart(Peer::Storage, -1, &e.to_string())?;
         }
         for i in 0..self.workers.len() {
-            if self.workers[i].slot.restart_at.is_some_and(|t| t <= now) {
-                if let Err(e) = self.start_worker(i).await {
-                    self.workers[i].slot.link = None;
-                    self.workers[i].restoring.clear();
-                    self.schedule_restart(Peer::Worker(i), -1, &e.to_string())?;
-                }
+            if self.workers[i].slot.restart_at.is_some_and(|t| t <= now)
+                && let Err(e) = self.start_worker(i).await
+            {
+                self.workers[i].slot.link = None;
+                self.workers[i].restoring.clear();
+                self.schedule_restart(Peer::Worker(i), -1, &e.to_string())?;
             }
         }
         Ok(())
@@ -430,11 +431,11 @@ impl Tree {
             .push(shard, self.stream.clone(), last, frame.clone());
         let events = self.events_of_last_batch;
         let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
-        if let Some(link) = &w.slot.link {
-            if !w.restoring.contains(&shard) {
-                link.send(frame);
-                w.sent_events += events;
-            }
+        if let Some(link) = &w.slot.link
+            && !w.restoring.contains(&shard)
+        {
+            link.send(frame);
+            w.sent_events += events;
         }
         if self.events_since_flush >= self.cfg.flush_max_events
             || self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes / 2
@@ -716,56 +717,21 @@ impl Tree {
         let timeout = self.cfg.handshake_timeout;
         let incoming = self.incoming_tx.clone();
         let (tx, rx) = mpsc::unbounded_channel::<Arc<Vec<u8>>>();
+        let link_io = (
+            spawned.stream,
+            what.clone(),
+            timeout,
+            rx,
+            peer,
+            generation,
+            incoming.clone(),
+        );
         match role {
             Role::Worker => {
-                let hs = proto::handshake::<ToWorker, FromWorker>(
-                    spawned.stream,
-                    Role::Supervisor,
-                    Role::Worker,
-                );
-                let (sender, receiver, _) = tokio::time::timeout(timeout, hs)
-                    .await
-                    .map_err(|_| TreeError::HandshakeTimeout {
-                        what: what.clone(),
-                        timeout,
-                    })?
-                    .map_err(|source| TreeError::Handshake {
-                        what: what.clone(),
-                        source,
-                    })?;
-                tokio::spawn(pump_out(sender, rx));
-                tokio::spawn(pump_in(
-                    receiver,
-                    peer,
-                    generation,
-                    incoming.clone(),
-                    Incoming::Worker,
-                ));
+                connect::<ToWorker, FromWorker>(link_io, Role::Worker, Incoming::Worker).await?
             }
             _ => {
-                let hs = proto::handshake::<ToStorage, FromStorage>(
-                    spawned.stream,
-                    Role::Supervisor,
-                    Role::Storage,
-                );
-                let (sender, receiver, _) = tokio::time::timeout(timeout, hs)
-                    .await
-                    .map_err(|_| TreeError::HandshakeTimeout {
-                        what: what.clone(),
-                        timeout,
-                    })?
-                    .map_err(|source| TreeError::Handshake {
-                        what: what.clone(),
-                        source,
-                    })?;
-                tokio::spawn(pump_out(sender, rx));
-                tokio::spawn(pump_in(
-                    receiver,
-                    peer,
-                    generation,
-                    incoming.clone(),
-                    Incoming::Storage,
-                ));
+                connect::<ToStorage, FromStorage>(link_io, Role::Storage, Incoming::Storage).await?
             }
         }
         let mut child = spawned.child;
@@ -801,6 +767,36 @@ impl Tree {
             );
         }
     }
+}
+
+type LinkIo = (
+    tokio::net::UnixStream,
+    String,
+    Duration,
+    mpsc::UnboundedReceiver<Arc<Vec<u8>>>,
+    Peer,
+    u64,
+    mpsc::UnboundedSender<(Peer, u64, Incoming)>,
+);
+
+/// Shakes hands with a fresh child and starts its writer and reader tasks.
+async fn connect<Out, In>(io: LinkIo, role: Role, wrap: fn(In) -> Incoming) -> Result<(), TreeError>
+where
+    Out: serde::Serialize + Send + 'static,
+    In: serde::de::DeserializeOwned + Send + 'static,
+{
+    let (stream, what, timeout, rx, peer, generation, incoming) = io;
+    let hs = proto::handshake::<Out, In>(stream, Role::Supervisor, role);
+    let (sender, receiver, _) = tokio::time::timeout(timeout, hs)
+        .await
+        .map_err(|_| TreeError::HandshakeTimeout {
+            what: what.clone(),
+            timeout,
+        })?
+        .map_err(|source| TreeError::Handshake { what, source })?;
+    tokio::spawn(pump_out(sender, rx));
+    tokio::spawn(pump_in(receiver, peer, generation, incoming, wrap));
+    Ok(())
 }
 
 fn alive(pid: i32) -> bool {

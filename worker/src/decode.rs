@@ -243,15 +243,15 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
     // `changes` is the contract's explicit statement of new values: it wins
     // over the top-level fields.
     if let Some(ch) = data.changes {
-        if let Some(c) = ch.price {
-            if let Some(new) = c.new {
-                event.price_cents = Some(price_cents(new, "data.changes.price.new")?);
-            }
+        if let Some(c) = ch.price
+            && let Some(new) = c.new
+        {
+            event.price_cents = Some(price_cents(new, "data.changes.price.new")?);
         }
-        if let Some(c) = ch.quantity {
-            if let Some(new) = c.new {
-                event.quantity = Some(integer(new, "data.changes.quantity.new")?);
-            }
+        if let Some(c) = ch.quantity
+            && let Some(new) = c.new
+        {
+            event.quantity = Some(integer(new, "data.changes.quantity.new")?);
         }
         if let Some(c) = ch.category {
             event.old_category = c.old.or(event.old_category);

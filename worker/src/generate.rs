@@ -458,16 +458,13 @@ impl Generator {
             _ => (true, true),
         };
         if change_price {
-            new.price_cents = loop {
-                let p = (old.price_cents * self.rng.range(70, 130) / 100).clamp(100, 99_999);
-                if p != old.price_cents {
-                    break p;
-                }
-                break if old.price_cents < 99_999 {
-                    old.price_cents + 1
-                } else {
-                    old.price_cents - 1
-                };
+            let p = (old.price_cents * self.rng.range(70, 130) / 100).clamp(100, 99_999);
+            new.price_cents = if p != old.price_cents {
+                p
+            } else if old.price_cents < 99_999 {
+                old.price_cents + 1
+            } else {
+                old.price_cents - 1
             };
         }
         if change_quantity {
