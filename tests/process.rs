@@ -471,6 +471,104 @@ fn too_many_worker_restarts_stop_the_service_with_an_error() {
 }
 
 #[test]
+fn a_second_sigint_exits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut run = run_cmd(&data)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let sup = run.id();
+    let mut stdin = run.stdin.take().expect("piped stdin");
+    writeln!(
+        stdin,
+        r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"s"}}}}"#
+    )
+    .expect("write");
+    // Workers stopped: the graceful shutdown the first SIGINT starts cannot
+    // finish, so only the second one can end the run.
+    let workers = wait_for_children(sup, "serve", 2);
+    for &w in &workers {
+        signal(w, Signal::SIGSTOP);
+    }
+    signal(sup as i32, Signal::SIGINT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        run.try_wait().expect("try_wait").is_none(),
+        "the first SIGINT drains, it does not exit"
+    );
+    let sent = Instant::now();
+    signal(sup as i32, Signal::SIGINT);
+    let out = wait_with_deadline(run);
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "the second SIGINT exits at once"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The stopped workers die with the supervisor.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers
+        .iter()
+        .any(|&w| kill(Pid::from_raw(w), None).is_ok() && !is_zombie(w))
+    {
+        assert!(Instant::now() < deadline, "workers outlived the supervisor");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn query_prints_a_known_seller_and_fails_on_an_unknown_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 2_000, 0);
+    let data = dir.path().join("data");
+    finish(
+        run_cmd(&data)
+            .arg("--input")
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    let query = |args: &[&str]| {
+        Command::new(ANALYTICS)
+            .arg("query")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .expect("run query")
+    };
+    let known = query(&["--json", "seller", "seller-1"]);
+    assert!(known.status.success());
+    let first: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&known.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default(),
+    )
+    .expect("JSON line");
+    assert_eq!(first["sellerId"], "seller-1");
+    let exported = export(&data);
+    let line = exported
+        .lines()
+        .find(|l| l.contains(r#""sellerId":"seller-1","totalProducts""#))
+        .expect("exported seller");
+    let exported: serde_json::Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(first["totalValue"], exported["totalValue"]);
+    let table = query(&["seller", "seller-1"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("seller-1"));
+    let unknown = query(&["seller", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stdout).contains("nobody"));
+}
+
+#[test]
 fn worker_fold_summarises_rejections_on_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = generate(dir.path(), 2_000, 100);
