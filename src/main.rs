@@ -145,11 +145,20 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("analytics: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Output piped into `head` and closed early is not a failure.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn init_logging(role: &'static str) {
@@ -312,6 +321,9 @@ fn query_cmd(data_dir: &Path, json: bool, what: QueryWhat) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_not_found() => ExitCode::FAILURE,
+        Err(query::QueryError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("analytics: {e:#}");
             ExitCode::FAILURE
