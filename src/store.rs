@@ -738,18 +738,35 @@ fn entity_item(record: &MetricRecord, now_ms: i64, ttl: i64) -> Result<String, S
     json_string(&obj)
 }
 
+/// A low-stock item's attributes (DESIGN §6), serialized straight from the
+/// state: building a JSON map first cost ~10% of the storage process.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LowStockItem<'a> {
+    #[serde(with = "analytics_worker::records::product_id_json")]
+    product_id: ProductId,
+    seller_id: &'a str,
+    name: &'a str,
+    category: &'a str,
+    quantity: i64,
+    price: Money,
+    since: Option<i64>,
+}
+
 fn low_stock_item(id: &ProductId, state: &ProductState) -> Result<String, StoreError> {
-    let record = MetricRecord::LowStock(LowStockRecord {
-        seller_id: seller_of(state).to_string(),
+    let item = LowStockItem {
         product_id: id.clone(),
-        name: state.name.value.as_deref().unwrap_or("").to_string(),
-        category: state.category.value.as_deref().unwrap_or("").to_string(),
+        seller_id: seller_of(state),
+        name: state.name.value.as_deref().unwrap_or(""),
+        category: state.category.value.as_deref().unwrap_or(""),
         quantity: state.quantity.value.unwrap_or(0),
         price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
-    });
-    let mut obj = record_object(&record)?;
-    obj.insert("since".into(), state.low_stock_since.into());
-    json_string(&obj)
+        since: state.low_stock_since,
+    };
+    serde_json::to_string(&item).map_err(|e| StoreError::Encode {
+        what: "item",
+        detail: e.to_string(),
+    })
 }
 
 /// The record an item holds, or `None` when its TTL has passed.
