@@ -569,6 +569,45 @@ fn query_prints_a_known_seller_and_fails_on_an_unknown_one() {
 }
 
 #[test]
+fn an_oversized_line_is_dead_lettered_with_its_prefix_and_the_rest_flows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("big.jsonl");
+    let good = r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","category":"c","price":"1.00","quantity":1}}"#;
+    let big = format!(
+        r#"{{"eventType":"ProductCreated","pad":"{}"}}"#,
+        "x".repeat(5_000)
+    );
+    std::fs::write(
+        &input,
+        format!(
+            "{good}\n{big}\n{}\n",
+            good.replace(r#""productId":1"#, r#""productId":2"#)
+        ),
+    )
+    .expect("write input");
+    let data = dir.path().join("data");
+    let out = finish(
+        run_cmd(&data)
+            .args(["--max-event-bytes", "1024", "--input"])
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    assert!(summary_line(&out, "rejected:").starts_with("rejected: 1 (too_large 1)"));
+    let dls = dead_letters(&data);
+    assert_eq!(dls.len(), 1);
+    assert_eq!(dls[0]["line"], 2);
+    let raw = dls[0]["raw"].as_str().unwrap_or_default();
+    assert_eq!(raw.len(), 1025, "the first max+1 bytes are kept");
+    assert!(big.starts_with(raw));
+    assert!(
+        export(&data).contains(r#""totalProducts":2"#),
+        "both good events were applied"
+    );
+}
+
+#[test]
 fn worker_fold_summarises_rejections_on_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = generate(dir.path(), 2_000, 100);
