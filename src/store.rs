@@ -1363,6 +1363,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_listed_product_leaves_the_list_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |store: &mut EmbeddedStore, offset: i64, low: Option<i64>| {
+            let products = vec![(
+                ProductId::Num(9),
+                product("s1", "Books", 100, 3, false, low),
+            )];
+            let sc = ShardChanges {
+                shard: 2,
+                positions: vec![pos("events", offset)],
+                products,
+                ..ShardChanges::default()
+            };
+            store.write(&[sc], 0).unwrap();
+        };
+        {
+            let mut store = open(dir.path());
+            write(&mut store, 1, Some(5));
+            assert_eq!(store.low_stock(Some("s1")).unwrap().len(), 1);
+        }
+        // A restarted storage process knows the product is listed.
+        let mut store = open(dir.path());
+        write(&mut store, 2, None);
+        assert!(store.low_stock(Some("s1")).unwrap().is_empty());
+    }
+
+    #[test]
     fn the_product_log_is_compacted_and_keeps_the_last_state() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
