@@ -37,18 +37,22 @@ fn generate(dir: &Path, events: u64, bad_every: u64) -> PathBuf {
     path
 }
 
-fn fold(input: &Path) -> String {
-    let out = Command::new(WORKER)
-        .arg("fold")
-        .arg(input)
-        .output()
-        .expect("run analytics-worker fold");
+/// Runs a command that must succeed; its stdout.
+fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
     assert!(
         out.status.success(),
-        "fold failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 records")
+}
+
+fn fold(input: &Path) -> String {
+    stdout_of(
+        Command::new(WORKER).arg("fold").arg(input),
+        "analytics-worker fold",
+    )
 }
 
 /// The reasons part of `fold`'s stderr summary ("invalid_json 3, …").
@@ -67,18 +71,13 @@ fn fold_rejections(input: &Path) -> String {
 }
 
 fn export(data: &Path) -> String {
-    let out = Command::new(ANALYTICS)
-        .arg("export")
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .expect("run analytics export");
-    assert!(
-        out.status.success(),
-        "export failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 records")
+    stdout_of(
+        Command::new(ANALYTICS)
+            .arg("export")
+            .arg("--data-dir")
+            .arg(data),
+        "analytics export",
+    )
 }
 
 /// `analytics run` with quick flushes, so that crashes land between flushes.

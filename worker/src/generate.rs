@@ -424,17 +424,7 @@ impl Generator {
         };
         p.created_at = self.ts;
         p.updated_at = self.ts;
-        let data = json!({
-            "productId": self.pid_json(&p.id),
-            "sellerId": seller_id(p.seller),
-            "name": p.name,
-            "description": p.description,
-            "price": price_num(p.price_cents),
-            "quantity": p.quantity,
-            "category": p.category,
-            "createdAt": iso(p.created_at),
-            "updatedAt": iso(p.updated_at),
-        });
+        let data = self.created_data(&p);
         self.live.push(p.clone());
         ("ProductCreated", p, data)
     }
@@ -573,6 +563,22 @@ impl Generator {
     }
 
     /// A numeric id is sometimes sent as a string of digits.
+    /// The `data` of a ProductCreated event: the full product, camelCase,
+    /// price as a JSON number.
+    fn created_data(&mut self, p: &Product) -> Value {
+        json!({
+            "productId": self.pid_json(&p.id),
+            "sellerId": seller_id(p.seller),
+            "name": p.name,
+            "description": p.description,
+            "price": price_num(p.price_cents),
+            "quantity": p.quantity,
+            "category": p.category,
+            "createdAt": iso(p.created_at),
+            "updatedAt": iso(p.updated_at),
+        })
+    }
+
     fn pid_json(&mut self, id: &Pid) -> Value {
         match id {
             Pid::Num(n) if self.rng.percent(10) => Value::String(n.to_string()),
@@ -590,17 +596,7 @@ impl Generator {
         let kind = self.bad_kind % KINDS;
         self.bad_kind += 1;
         let p = self.new_product();
-        let mut data = json!({
-            "productId": self.pid_json(&p.id),
-            "sellerId": seller_id(p.seller),
-            "name": p.name,
-            "description": p.description,
-            "price": price_num(p.price_cents),
-            "quantity": p.quantity,
-            "category": p.category,
-            "createdAt": iso(p.created_at),
-            "updatedAt": iso(p.updated_at),
-        });
+        let mut data = self.created_data(&p);
         let mut event_type = "ProductCreated";
         match kind {
             0 => {
