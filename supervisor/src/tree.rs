@@ -265,10 +265,15 @@ impl Tree {
         source: FileSource,
         mut shutdown: Shutdown,
     ) -> Result<RunSummary, TreeError> {
-        self.start_storage().await?;
-        for i in 0..self.workers.len() {
-            self.start_worker(i).await?;
+        // The first start goes through the restart path: a child that dies
+        // while starting counts toward the restart limit like any other
+        // failure, instead of failing the whole tree at once.
+        let now = Instant::now();
+        self.storage.restart_at = Some(now);
+        for w in &mut self.workers {
+            w.slot.restart_at = Some(now);
         }
+        self.restart_due().await?;
         let (source_tx, mut source_rx) = mpsc::channel::<SourceMsg>(32);
         let mut source = Some((source, source_tx));
         let source_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
