@@ -130,6 +130,18 @@ fn finish(child: Child) -> Output {
     out
 }
 
+/// `analytics run` over a whole file, which must succeed.
+fn run_file(data: &Path, input: &Path) -> Output {
+    finish(
+        run_cmd(data)
+            .arg("--input")
+            .arg(input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    )
+}
+
 fn summary_line(out: &Output, prefix: &str) -> String {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -223,14 +235,7 @@ fn embedded_run_equals_the_straight_fold_and_a_rerun_changes_nothing() {
         "the trace should produce many records"
     );
 
-    let out = finish(
-        run_cmd(&data)
-            .arg("--input")
-            .arg(&input)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn run"),
-    );
+    let out = run_file(&data, &input);
     assert_eq!(export(&data), expected);
     // Every malformed line is counted once, by the same reasons as the
     // straight fold gives.
@@ -253,14 +258,7 @@ fn embedded_run_equals_the_straight_fold_and_a_rerun_changes_nothing() {
     );
     assert!(summary_line(&out, "snapshot:").contains("metrics/dt="));
 
-    let again = finish(
-        run_cmd(&data)
-            .arg("--input")
-            .arg(&input)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn run"),
-    );
+    let again = run_file(&data, &input);
     assert_eq!(
         summary_line(&again, "input:"),
         "input: 20000 lines, read from line 20001"
@@ -360,14 +358,7 @@ fn sigterm_mid_input_exits_cleanly_and_a_rerun_resumes_without_double_counting()
         "the interrupted run stopped before the end"
     );
 
-    let again = finish(
-        run_cmd(&data)
-            .arg("--input")
-            .arg(&input)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn run"),
-    );
+    let again = run_file(&data, &input);
     let resumed = summary_line(&again, "input:");
     assert!(
         !resumed.ends_with("read from line 1"),
@@ -409,14 +400,7 @@ fn sigkill_of_the_supervisor_leaves_no_orphans_and_a_rerun_completes() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    finish(
-        run_cmd(&data)
-            .arg("--input")
-            .arg(&input)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn run"),
-    );
+    run_file(&data, &input);
     assert_eq!(export(&data), fold(&input));
     assert_eq!(dead_letters(&data).len(), 150);
 }
@@ -534,14 +518,7 @@ fn query_prints_a_known_seller_and_fails_on_an_unknown_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = generate(dir.path(), 2_000, 0);
     let data = dir.path().join("data");
-    finish(
-        run_cmd(&data)
-            .arg("--input")
-            .arg(&input)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn run"),
-    );
+    run_file(&data, &input);
     let query = |args: &[&str]| {
         Command::new(ANALYTICS)
             .arg("query")
