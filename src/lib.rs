@@ -7,9 +7,11 @@
 //!   and snapshot requests over the proto channel.
 //! - [`archive`]: the archive directory with the S3 key layout (metric
 //!   snapshots as gzip JSON lines).
+//! - [`dlq`]: the dead-letter topic of the Kafka mode.
 //! - [`query`]: `analytics query` and `analytics export` output.
 
 pub mod archive;
+pub mod dlq;
 pub mod query;
 pub mod storage;
 pub mod store;

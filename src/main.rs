@@ -13,9 +13,10 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use supervisor::kafka::KafkaSettings;
 use supervisor::restart::RestartPolicy;
 use supervisor::source::{FileSource, Input, stream_name};
-use supervisor::tree::{TreeConfig, run};
+use supervisor::tree::{Source, TreeConfig, run};
 
 /// Virtual partitions of a file source. Fixed: shard state in the store is
 /// keyed by it.
@@ -66,12 +67,21 @@ enum Command {
         store: StoreArgs,
         #[arg(long, default_value_t = 30)]
         ttl_days: u64,
+        /// Publish dead letters to this Kafka topic instead of the local file
+        /// (brokers and client properties come from the environment).
+        #[arg(long)]
+        dlq_topic: Option<String>,
         #[arg(long)]
         ipc_fd: i32,
         #[arg(long)]
         parent_pid: i32,
     },
 }
+
+/// The storage process's environment: Kafka settings for the dead-letter
+/// producer (properties may hold credentials, so never on the command line).
+const ENV_DLQ_BROKERS: &str = "ANALYTICS_DLQ_BROKERS";
+const ENV_DLQ_PROPERTIES: &str = "ANALYTICS_DLQ_KAFKA_PROPERTIES";
 
 #[derive(Subcommand)]
 enum QueryWhat {
@@ -88,9 +98,12 @@ enum QueryWhat {
 
 #[derive(Args)]
 struct RunArgs {
-    /// JSON-lines file of event values; `-` or none reads stdin.
-    #[arg(long, env = "ANALYTICS_INPUT")]
+    /// JSON-lines file of event values; `-` or none reads stdin (when no
+    /// Kafka brokers are set).
+    #[arg(long, env = "ANALYTICS_INPUT", conflicts_with = "kafka_brokers")]
     input: Option<PathBuf>,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     #[command(flatten)]
     store: StoreArgs,
     /// Worker processes [default: cores - 1, at least 1].
@@ -125,6 +138,48 @@ struct RunArgs {
     shutdown_timeout_secs: u64,
 }
 
+#[derive(Args)]
+struct KafkaArgs {
+    /// Consume from these Kafka brokers (host:port,...) instead of a file.
+    #[arg(long, env = "ANALYTICS_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Consumer group; every instance of the service joins the same one.
+    #[arg(
+        long,
+        env = "ANALYTICS_KAFKA_GROUP_ID",
+        default_value = "analytics-service-group"
+    )]
+    kafka_group_id: String,
+    /// Topics of created, updated and deleted events.
+    #[arg(
+        long,
+        env = "ANALYTICS_KAFKA_TOPICS",
+        value_delimiter = ',',
+        default_value = "product.created,product.updated,product.deleted"
+    )]
+    kafka_topics: Vec<String>,
+    /// A librdkafka client property, `key=value` (repeatable); wins over ours.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+    /// Topic for rejected events.
+    #[arg(long, env = "ANALYTICS_DLQ_TOPIC", default_value = "analytics-dlq")]
+    dlq_topic: String,
+    /// How often consumer lag is logged.
+    #[arg(
+        long,
+        env = "ANALYTICS_KAFKA_STATS_INTERVAL_MS",
+        default_value_t = 10_000
+    )]
+    kafka_stats_interval_ms: u64,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let role = match cli.command {
@@ -139,9 +194,10 @@ fn main() -> ExitCode {
         Command::Storage {
             store,
             ttl_days,
+            dlq_topic,
             ipc_fd,
             parent_pid,
-        } => storage_cmd(&store.data_dir, ttl_days, ipc_fd, parent_pid),
+        } => storage_cmd(&store.data_dir, ttl_days, dlq_topic, ipc_fd, parent_pid),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -185,12 +241,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_tree(args: RunArgs) -> anyhow::Result<()> {
-    let input = match &args.input {
-        Some(p) if p.as_os_str() != "-" => Input::File(p.clone()),
-        _ => Input::Stdin,
-    };
-    let stream =
-        stream_name(&input).with_context(|| format!("cannot read the input {:?}", args.input))?;
+    let kafka = args
+        .kafka
+        .kafka_brokers
+        .as_ref()
+        .map(|brokers| KafkaSettings {
+            brokers: brokers.clone(),
+            group_id: args.kafka.kafka_group_id.clone(),
+            topics: args.kafka.kafka_topics.clone(),
+            properties: args.kafka.kafka_properties.clone(),
+            stats_interval: Duration::from_millis(args.kafka.kafka_stats_interval_ms.max(100)),
+        });
+    if let Some(k) = &kafka {
+        anyhow::ensure!(
+            !k.topics.is_empty() && k.topics.iter().all(|t| !t.trim().is_empty()),
+            "--kafka-topics must name at least one topic"
+        );
+    }
     std::fs::create_dir_all(&args.store.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -198,6 +265,15 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         )
     })?;
     let data_dir = std::fs::canonicalize(&args.store.data_dir)?;
+    // Shards mean different things to a file (16 virtual partitions) and to
+    // Kafka (partitions): one store must never mix the two.
+    let scheme = match &kafka {
+        Some(_) => "kafka-partitions".to_string(),
+        None => format!("file-{FILE_SHARDS}-virtual-partitions"),
+    };
+    EmbeddedStore::open(&data_dir, StoreOptions::default())
+        .and_then(|store| store.claim_shard_scheme(&scheme))
+        .with_context(|| format!("the store in {}", data_dir.display()))?;
     let me = std::env::current_exe().context("cannot find our own executable")?;
     let worker_program = match std::env::var_os("ANALYTICS_WORKER_BIN") {
         Some(p) => PathBuf::from(p),
@@ -214,19 +290,32 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
             .max(1)
     });
     anyhow::ensure!(workers >= 1, "--workers must be at least 1");
+    let mut storage_args = vec![
+        OsString::from("storage"),
+        "--data-dir".into(),
+        data_dir.clone().into_os_string(),
+        "--ttl-days".into(),
+        args.ttl_days.to_string().into(),
+    ];
+    let mut storage_env = Vec::new();
+    if let Some(k) = &kafka {
+        storage_args.extend(["--dlq-topic".into(), args.kafka.dlq_topic.clone().into()]);
+        let properties: Vec<String> = k
+            .properties
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        storage_env.push((ENV_DLQ_BROKERS.into(), k.brokers.clone().into()));
+        storage_env.push((ENV_DLQ_PROPERTIES.into(), properties.join("\n").into()));
+    }
     let cfg = TreeConfig {
         workers,
         shards: FILE_SHARDS,
         worker_program,
         worker_args: vec!["serve".into()],
         storage_program: me,
-        storage_args: vec![
-            OsString::from("storage"),
-            "--data-dir".into(),
-            data_dir.clone().into_os_string(),
-            "--ttl-days".into(),
-            args.ttl_days.to_string().into(),
-        ],
+        storage_args,
+        storage_env,
         worker: proto::WorkerConfig {
             low_stock_threshold: args.low_stock_threshold,
             max_event_bytes: args.max_event_bytes,
@@ -242,28 +331,52 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         handshake_timeout: Duration::from_secs(10),
     };
-    let source = FileSource {
-        input,
-        stream,
-        shards: FILE_SHARDS,
-        max_event_bytes: args.max_event_bytes as usize,
+    let source = match kafka {
+        Some(settings) => Source::Kafka(settings),
+        None => {
+            let input = match &args.input {
+                Some(p) if p.as_os_str() != "-" => Input::File(p.clone()),
+                _ => Input::Stdin,
+            };
+            let stream = stream_name(&input)
+                .with_context(|| format!("cannot read the input {:?}", args.input))?;
+            Source::File(FileSource {
+                input,
+                stream,
+                shards: FILE_SHARDS,
+                max_event_bytes: args.max_event_bytes as usize,
+            })
+        }
     };
+    let is_kafka = matches!(source, Source::Kafka(_));
     let summary = runtime()?.block_on(async {
         let shutdown = supervisor::shutdown::listen()?;
         anyhow::Ok(run(cfg, source, shutdown).await?)
     })?;
 
     let rejected: u64 = summary.rejected.values().sum();
-    let lines = summary.lines.map_or("?".to_string(), |n| n.to_string());
-    println!(
-        "input: {lines} lines, read from line {}{}",
-        summary.resumed_from + 1,
-        if summary.interrupted {
-            " (interrupted: a re-run resumes)"
-        } else {
-            ""
-        }
-    );
+    if is_kafka {
+        println!("kafka: stopped; every acknowledged offset was committed");
+    } else {
+        let lines = summary.lines.map_or("?".to_string(), |n| n.to_string());
+        println!(
+            "input: {lines} lines, read from line {}{}",
+            summary.resumed_from + 1,
+            if summary.interrupted {
+                " (interrupted: a re-run resumes)"
+            } else {
+                ""
+            }
+        );
+    }
+    let dead_letters = if is_kafka {
+        format!("topic {}", args.kafka.dlq_topic)
+    } else {
+        data_dir
+            .join(analytics::store::DEAD_LETTER_FILE)
+            .display()
+            .to_string()
+    };
     if rejected > 0 {
         let by_reason: Vec<String> = summary
             .rejected
@@ -273,7 +386,7 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         println!(
             "rejected: {rejected} ({}) -> {}",
             by_reason.join(", "),
-            data_dir.join(analytics::store::DEAD_LETTER_FILE).display()
+            dead_letters
         );
     } else {
         println!("rejected: 0");
@@ -338,8 +451,31 @@ fn export_cmd(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn storage_cmd(data_dir: &Path, ttl_days: u64, ipc_fd: i32, parent_pid: i32) -> anyhow::Result<()> {
+fn storage_cmd(
+    data_dir: &Path,
+    ttl_days: u64,
+    dlq_topic: Option<String>,
+    ipc_fd: i32,
+    parent_pid: i32,
+) -> anyhow::Result<()> {
     proto::child::die_with_parent(parent_pid)?;
+    let dlq = match dlq_topic {
+        Some(topic) => {
+            let brokers = std::env::var(ENV_DLQ_BROKERS)
+                .with_context(|| format!("--dlq-topic needs {ENV_DLQ_BROKERS}"))?;
+            let properties = std::env::var(ENV_DLQ_PROPERTIES)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| parse_property(l).ok())
+                .collect::<Vec<_>>();
+            Some(analytics::dlq::KafkaDlq::new(
+                &brokers,
+                &topic,
+                &properties,
+            )?)
+        }
+        None => None,
+    };
     let store = EmbeddedStore::open(
         data_dir,
         StoreOptions {
@@ -348,6 +484,12 @@ fn storage_cmd(data_dir: &Path, ttl_days: u64, ipc_fd: i32, parent_pid: i32) -> 
     )?;
     runtime()?.block_on(async {
         let stream = proto::child::adopt_socket(ipc_fd)?;
-        analytics::storage::serve(stream, store, analytics::archive::archive_dir(data_dir)).await
+        analytics::storage::serve(
+            stream,
+            store,
+            analytics::archive::archive_dir(data_dir),
+            dlq,
+        )
+        .await
     })
 }

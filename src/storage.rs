@@ -4,9 +4,10 @@
 //! The process does one thing, so its blocking redb work runs inline.
 
 use crate::archive::write_metric_snapshot;
+use crate::dlq::KafkaDlq;
 use crate::store::EmbeddedStore;
 use anyhow::Context;
-use proto::{FrameError, FromStorage, Role, ToStorage};
+use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::UnixStream;
@@ -29,6 +30,7 @@ pub async fn serve(
     stream: UnixStream,
     mut store: EmbeddedStore,
     archive_dir: PathBuf,
+    dlq: Option<KafkaDlq>,
 ) -> anyhow::Result<()> {
     let (mut tx, mut rx, hello) =
         proto::handshake::<FromStorage, ToStorage>(stream, Role::Storage, Role::Supervisor)
@@ -52,7 +54,7 @@ pub async fn serve(
         if now.saturating_sub(last_refresh) >= TTL_REFRESH_MS {
             last_refresh = refresh(&mut store, now);
         }
-        for reply in handle(&mut store, &archive_dir, request, now) {
+        for reply in handle(&mut store, &archive_dir, dlq.as_ref(), request, now) {
             tx.send(&reply)
                 .await
                 .context("sending a reply to the supervisor")?;
@@ -78,6 +80,7 @@ fn refresh(store: &mut EmbeddedStore, now: i64) -> i64 {
 fn handle(
     store: &mut EmbeddedStore,
     archive_dir: &Path,
+    dlq: Option<&KafkaDlq>,
     request: ToStorage,
     now: i64,
 ) -> Vec<FromStorage> {
@@ -89,27 +92,22 @@ fn handle(
                 .collect(),
             Err(e) => vec![failed(id, "load", shard.to_string(), &e, e.is_retryable())],
         },
-        ToStorage::Write { id, changes } => match store.write(&changes, now) {
-            Ok(stats) => {
-                tracing::debug!(
-                    id,
-                    shards_applied = stats.shards_applied,
-                    shards_skipped = stats.shards_skipped,
-                    products = stats.products,
-                    entities = stats.entities,
-                    dead_letters = stats.dead_letters,
-                    "write committed"
-                );
-                vec![FromStorage::Written { id }]
+        ToStorage::Write { id, mut changes } => {
+            // With a dead-letter topic, rejected events are published (and
+            // acknowledged by the broker) before the write commits; the
+            // store then only records the rest.
+            if let Some(dlq) = dlq {
+                let letters: Vec<_> = changes.iter().flat_map(|c| &c.dead_letters).collect();
+                if let Err(e) = dlq.publish(&letters) {
+                    let retryable = e.is_retryable();
+                    return vec![failed(id, "write", "dead letters".into(), &e, retryable)];
+                }
+                for c in &mut changes {
+                    c.dead_letters.clear();
+                }
             }
-            Err(e) => vec![failed(
-                id,
-                "write",
-                format!("{} shard changes", changes.len()),
-                &e,
-                e.is_retryable(),
-            )],
-        },
+            write(store, id, &changes, now)
+        }
         ToStorage::Snapshot { id } => {
             let result = store
                 .current_records(now)
@@ -126,6 +124,35 @@ fn handle(
                 Err((retryable, e)) => vec![failed(id, "snapshot", String::new(), &*e, retryable)],
             }
         }
+    }
+}
+
+fn write(
+    store: &mut EmbeddedStore,
+    id: u64,
+    changes: &[ShardChanges],
+    now: i64,
+) -> Vec<FromStorage> {
+    match store.write(changes, now) {
+        Ok(stats) => {
+            tracing::debug!(
+                id,
+                shards_applied = stats.shards_applied,
+                shards_skipped = stats.shards_skipped,
+                products = stats.products,
+                entities = stats.entities,
+                dead_letters = stats.dead_letters,
+                "write committed"
+            );
+            vec![FromStorage::Written { id }]
+        }
+        Err(e) => vec![failed(
+            id,
+            "write",
+            format!("{} shard changes", changes.len()),
+            &e,
+            e.is_retryable(),
+        )],
     }
 }
 
@@ -175,7 +202,7 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let archive = dir.path().join("archive");
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, store, archive.clone()));
+        let server = tokio::spawn(serve(theirs, store, archive.clone(), None));
 
         let (mut tx, mut rx, hello) =
             proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
@@ -249,7 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, store, dir.path().join("archive")));
+        let server = tokio::spawn(serve(theirs, store, dir.path().join("archive"), None));
         let (tx, rx, _) =
             proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
                 .await
@@ -259,7 +286,7 @@ mod tests {
 
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let (mut ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, store, dir.path().join("archive")));
+        let server = tokio::spawn(serve(theirs, store, dir.path().join("archive"), None));
         // Not a hello at all: a frame claiming far too many bytes.
         ours.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
         assert!(server.await.unwrap().is_err());

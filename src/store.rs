@@ -51,6 +51,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// `meta` key: length of the dead-letter file as of the last commit.
 const DEAD_LETTERS_LEN: &str = "dead_letters.committed_len";
+/// `meta` key: what a shard number means in this store.
+const SHARD_SCHEME: &str = "shard_scheme";
 
 pub const DB_FILE: &str = "analytics.redb";
 pub const DEAD_LETTER_FILE: &str = "dead-letters.jsonl";
@@ -82,6 +84,10 @@ pub enum StoreError {
     Encode { what: &'static str, detail: String },
     #[error("decoding stored {what}: {detail}")]
     Decode { what: &'static str, detail: String },
+    #[error(
+        "this data directory holds state of a {stored} source and cannot be used for a {wanted} source; use another --data-dir"
+    )]
+    ShardSchemeMismatch { stored: String, wanted: String },
 }
 
 impl From<redb::TransactionError> for StoreError {
@@ -112,7 +118,9 @@ impl StoreError {
             | StoreError::Access(e)
             | StoreError::Commit(redb::CommitError::Storage(e)) => io(e),
             StoreError::OpenTable(_) | StoreError::Commit(_) => false,
-            StoreError::Encode { .. } | StoreError::Decode { .. } => false,
+            StoreError::Encode { .. }
+            | StoreError::Decode { .. }
+            | StoreError::ShardSchemeMismatch { .. } => false,
         }
     }
 }
@@ -198,6 +206,31 @@ impl EmbeddedStore {
         }
         txn.commit()?;
         Ok(store)
+    }
+
+    /// Records which meaning shards have in this store (file virtual
+    /// partitions or Kafka partitions), and refuses a different one: state
+    /// from two schemes would mix one product into two shards.
+    pub fn claim_shard_scheme(&self, scheme: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let stored = meta.get(SHARD_SCHEME)?.map(|g| g.value().to_vec());
+            match stored {
+                Some(s) if s != scheme.as_bytes() => {
+                    return Err(StoreError::ShardSchemeMismatch {
+                        stored: String::from_utf8_lossy(&s).into_owned(),
+                        wanted: scheme.to_string(),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(SHARD_SCHEME, scheme.as_bytes())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     pub fn dead_letter_path(&self) -> PathBuf {

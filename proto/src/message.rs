@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -153,6 +153,11 @@ pub enum ToWorker {
     /// Answer with everything changed since the previous flush.
     Flush {
         id: RequestId,
+    },
+    /// Drop a shard's state: it moved to another owner (after its changes
+    /// were flushed and made durable).
+    Release {
+        shard: Shard,
     },
 }
 

@@ -64,6 +64,13 @@ impl Ledger {
         self.bytes -= freed;
     }
 
+    /// Drops a shard (it moved to another owner).
+    pub fn forget(&mut self, shard: Shard) {
+        if let Some(s) = self.shards.remove(&shard) {
+            self.bytes -= s.pending.iter().map(|p| p.frame.len()).sum::<usize>();
+        }
+    }
+
     /// The last acknowledged offset of a stream in a shard.
     pub fn acked(&self, shard: Shard, stream: &str) -> Option<Offset> {
         self.shards.get(&shard)?.acked.get(stream).copied()

@@ -5,11 +5,13 @@
 //!   restarts;
 //! - [`ledger`]: what was sent but not yet made durable, per shard;
 //! - [`source`]: the embedded source, a JSON-lines file or stdin;
+//! - [`kafka`]: the Kafka source, a consumer in a consumer group;
 //! - [`route`]: the backend's partitioner and shard → worker routing;
 //! - [`spawn`]: starting a child on a private socketpair;
 //! - [`restart`]: backoff and restart intensity;
 //! - [`shutdown`]: SIGTERM/SIGINT as one shutdown signal.
 
+pub mod kafka;
 pub mod ledger;
 pub mod restart;
 pub mod route;

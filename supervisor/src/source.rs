@@ -27,6 +27,14 @@ pub enum SourceMsg {
     /// every shard was told how far the stream was read.
     Stopped,
     Failed(std::io::Error),
+    /// (Kafka) The group gave us these shards: restore them.
+    Assigned(Vec<proto::Shard>),
+    /// (Kafka) These shards are being taken away: make everything read for
+    /// them durable, queue their commits, then answer on `done`.
+    Revoked {
+        shards: Vec<proto::Shard>,
+        done: crate::kafka::RevokeDone,
+    },
 }
 
 /// Events per batch sent to a worker.

@@ -19,7 +19,11 @@ pub struct Spawned {
 }
 
 /// Starts `program args… --ipc-fd N --parent-pid P`.
-pub fn spawn_child(program: &Path, args: &[OsString]) -> std::io::Result<Spawned> {
+pub fn spawn_child(
+    program: &Path,
+    args: &[OsString],
+    envs: &[(OsString, OsString)],
+) -> std::io::Result<Spawned> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let fd = theirs.as_raw_fd();
@@ -30,6 +34,9 @@ pub fn spawn_child(program: &Path, args: &[OsString]) -> std::io::Result<Spawned
         fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
         tokio::process::Command::new(program)
             .args(args)
+            // Settings that may hold secrets travel in the environment, which
+            // (unlike the command line) other users cannot read.
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .arg("--ipc-fd")
             .arg(fd.to_string())
             .arg("--parent-pid")

@@ -9,6 +9,7 @@
 //! - writes are answered in order; one not yet answered is sent again to a
 //!   replacement storage process, and loads queue behind earlier writes.
 
+use crate::kafka::{KafkaHandle, KafkaSettings, RevokeDone, SourceCmd};
 use crate::ledger::Ledger;
 use crate::restart::{Intensity, RestartPolicy, TooManyRestarts};
 use crate::route::worker_for_shard;
@@ -36,6 +37,8 @@ pub struct TreeConfig {
     pub worker_args: Vec<OsString>,
     pub storage_program: PathBuf,
     pub storage_args: Vec<OsString>,
+    /// Environment of the storage process only (secrets stay off argv).
+    pub storage_env: Vec<(OsString, OsString)>,
     pub worker: WorkerConfig,
     pub flush_interval: Duration,
     pub flush_max_events: u64,
@@ -62,6 +65,8 @@ pub enum TreeError {
     StorageFatal(String),
     #[error("reading the input: {0}")]
     Source(std::io::Error),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaSourceError),
     #[error(
         "shutdown did not finish within {0:?}; unacknowledged events will be redone by the next run"
     )]
@@ -143,7 +148,6 @@ impl Slot {
 
 struct WorkerState {
     slot: Slot,
-    shards: Vec<Shard>,
     /// Shards whose restore is under way; their events wait in the ledger.
     restoring: BTreeSet<Shard>,
     flush_pending: bool,
@@ -169,16 +173,42 @@ struct PendingLoad {
     shard: Shard,
 }
 
+/// Where events come from.
+pub enum Source {
+    /// A JSON-lines file or stdin: every shard is ours from the start, and
+    /// the run ends with the input.
+    File(FileSource),
+    /// Topics of a consumer group: shards come and go with the group's
+    /// assignment, and the run ends only on shutdown.
+    Kafka(KafkaSettings),
+}
+
 /// Runs the tree until the input is consumed and everything is durable, or
 /// until shutdown is requested.
 pub async fn run(
     cfg: TreeConfig,
-    source: FileSource,
+    source: Source,
     shutdown: Shutdown,
 ) -> Result<RunSummary, TreeError> {
-    let mut tree = Tree::new(cfg, source.stream.clone());
+    let stream = match &source {
+        Source::File(f) => f.stream.clone(),
+        Source::Kafka(_) => String::new(),
+    };
+    let owned: BTreeSet<Shard> = match &source {
+        Source::File(_) => (0..cfg.shards).collect(),
+        Source::Kafka(_) => BTreeSet::new(),
+    };
+    let mut tree = Tree::new(cfg, stream, owned);
     let result = tree.run(source, shutdown).await;
     tree.stop_children().await;
+    // The consumer commits what is still queued once the channel closes.
+    if let Some(handle) = tree.kafka.take() {
+        drop(handle.commands);
+        let joined = tokio::task::spawn_blocking(move || handle.thread.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("the Kafka consumer thread failed");
+        }
+    }
     result
 }
 
@@ -196,6 +226,13 @@ struct Tree {
     loads: BTreeMap<RequestId, PendingLoad>,
     /// Durable position of the source stream per shard, from the first loads.
     resume: BTreeMap<Shard, Offset>,
+    /// Shards this instance folds: all of a file's, or the group's assignment.
+    owned: BTreeSet<Shard>,
+    /// Revokes waiting until their shards are durable.
+    revoking: Vec<(BTreeSet<Shard>, RevokeDone)>,
+    kafka: Option<KafkaHandle>,
+    /// Stream names as shared strings, for the ledger.
+    streams: std::collections::HashMap<Box<str>, Arc<str>>,
     initial_loads_left: usize,
     events_since_flush: u64,
     summary: RunSummary,
@@ -207,14 +244,11 @@ struct Tree {
 }
 
 impl Tree {
-    fn new(cfg: TreeConfig, stream: String) -> Tree {
+    fn new(cfg: TreeConfig, stream: String, owned: BTreeSet<Shard>) -> Tree {
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
         let workers = (0..cfg.workers)
-            .map(|i| WorkerState {
+            .map(|_| WorkerState {
                 slot: Slot::new(),
-                shards: (0..cfg.shards)
-                    .filter(|&s| worker_for_shard(s, cfg.workers) == i)
-                    .collect(),
                 restoring: BTreeSet::new(),
                 flush_pending: false,
                 flush_wanted: false,
@@ -225,7 +259,11 @@ impl Tree {
             .collect();
         Tree {
             intensity: Intensity::new(cfg.restart.clone()),
-            initial_loads_left: cfg.shards as usize,
+            initial_loads_left: owned.len(),
+            owned,
+            revoking: Vec::new(),
+            kafka: None,
+            streams: std::collections::HashMap::new(),
             cfg,
             stream: stream.into(),
             incoming_tx,
@@ -262,7 +300,7 @@ impl Tree {
 
     async fn run(
         &mut self,
-        source: FileSource,
+        source: Source,
         mut shutdown: Shutdown,
     ) -> Result<RunSummary, TreeError> {
         // The first start goes through the restart path: a child that dies
@@ -275,8 +313,18 @@ impl Tree {
         }
         self.restart_due().await?;
         let (source_tx, mut source_rx) = mpsc::channel::<SourceMsg>(32);
-        let mut source = Some((source, source_tx));
         let source_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut source = match source {
+            Source::File(f) => Some((f, source_tx)),
+            Source::Kafka(settings) => {
+                self.kafka = Some(crate::kafka::start(
+                    &settings,
+                    source_tx,
+                    source_stop.clone(),
+                )?);
+                None
+            }
+        };
         let mut source_open = true;
         let mut stopping_deadline: Option<Instant> = None;
         // How long a stopping source may take to hand over what it read (it
@@ -319,6 +367,9 @@ impl Tree {
                     (Some(_), None) => {}
                 }
             }
+            if !self.revoking.is_empty() {
+                self.finish_revokes();
+            }
             let next_restart = self.next_restart();
             // While stopping, the source hands over its last partial batches
             // regardless of backpressure (a bounded amount).
@@ -350,6 +401,12 @@ impl Tree {
                         self.flush();
                     }
                     Some(SourceMsg::Failed(e)) => return Err(TreeError::Source(e)),
+                    Some(SourceMsg::Assigned(shards)) => self.assign(shards),
+                    Some(SourceMsg::Revoked { shards, done }) => {
+                        self.revoking.push((shards.into_iter().collect(), done));
+                        self.flush();
+                        self.finish_revokes();
+                    }
                 },
                 _ = sleep_until(source_stop_deadline), if source_open && source_stop_deadline.is_some() => {
                     tracing::warn!("the input did not stop within 1 s; what it still held is read again next run");
@@ -429,11 +486,23 @@ impl Tree {
     fn on_batch(&mut self, batch: proto::EventBatch) {
         let shard = batch.shard;
         let last = batch.upto;
+        if !self.owned.contains(&shard) {
+            // Read before a revoke took the shard away: the next owner reads
+            // it again from the committed offset.
+            return;
+        }
+        let stream = match self.streams.get(&batch.stream) {
+            Some(s) => s.clone(),
+            None => {
+                let s: Arc<str> = Arc::from(&*batch.stream);
+                self.streams.insert(batch.stream.clone(), s.clone());
+                s
+            }
+        };
         self.events_of_last_batch = batch.len() as u64;
         self.events_since_flush += batch.len() as u64;
         let frame = self.encode(&ToWorker::Events(batch));
-        self.ledger
-            .push(shard, self.stream.clone(), last, frame.clone());
+        self.ledger.push(shard, stream, last, frame.clone());
         let events = self.events_of_last_batch;
         let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
         if let Some(link) = &w.slot.link
@@ -446,6 +515,86 @@ impl Tree {
             || self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes / 2
         {
             self.flush();
+        }
+    }
+
+    /// The group gave us shards: each is restored by its worker before its
+    /// events are sent (they wait in the ledger meanwhile).
+    fn assign(&mut self, shards: Vec<Shard>) {
+        for shard in shards {
+            if !self.owned.insert(shard) {
+                continue;
+            }
+            let i = worker_for_shard(shard, self.cfg.workers);
+            if self.workers[i].slot.link.is_some() {
+                self.load(i, shard);
+            }
+            // Otherwise the worker loads it when it (re)starts.
+        }
+    }
+
+    /// Asks storage for a shard's durable state on behalf of worker `i`.
+    fn load(&mut self, i: usize, shard: Shard) {
+        let generation = self.workers[i].slot.generation;
+        self.workers[i].restoring.insert(shard);
+        let id = self.id();
+        let frame = self.encode(&ToStorage::Load { id, shard });
+        if let Some(l) = &self.storage.link {
+            l.send(frame.clone());
+        }
+        self.loads.insert(
+            id,
+            PendingLoad {
+                frame,
+                worker: i,
+                generation,
+                shard,
+            },
+        );
+    }
+
+    /// Answers the revokes whose shards are durable (nothing unacknowledged,
+    /// nothing restoring), after dropping the shards here and in the worker.
+    fn finish_revokes(&mut self) {
+        let mut k = 0;
+        while k < self.revoking.len() {
+            let durable = self.revoking[k].0.iter().all(|&s| {
+                self.ledger.pending(s).next().is_none()
+                    && !self.workers[worker_for_shard(s, self.cfg.workers)]
+                        .restoring
+                        .contains(&s)
+            });
+            if !durable {
+                k += 1;
+                continue;
+            }
+            let (shards, done) = self.revoking.remove(k);
+            for shard in shards {
+                self.owned.remove(&shard);
+                self.ledger.forget(shard);
+                let frame = self.encode(&ToWorker::Release { shard });
+                if let Some(l) = &self.workers[worker_for_shard(shard, self.cfg.workers)]
+                    .slot
+                    .link
+                {
+                    l.send(frame);
+                }
+            }
+            // The consumer thread waits on this; it may have timed out.
+            let _ = done.send(());
+        }
+    }
+
+    /// Tells the Kafka consumer what storage now holds.
+    fn queue_commits<'a>(&self, acked: impl Iterator<Item = (Shard, &'a [Position])>) {
+        let Some(kafka) = &self.kafka else {
+            return;
+        };
+        let positions: Vec<(Shard, Position)> = acked
+            .flat_map(|(s, ps)| ps.iter().map(move |p| (s, p.clone())))
+            .collect();
+        if !positions.is_empty() {
+            let _ = kafka.commands.send(SourceCmd::Commit(positions));
         }
     }
 
@@ -534,6 +683,7 @@ impl Tree {
                     for (shard, positions) in &w.positions {
                         self.ledger.ack(*shard, positions);
                     }
+                    self.queue_commits(w.positions.iter().map(|(s, p)| (*s, p.as_slice())));
                     for r in w.reasons {
                         *self.summary.rejected.entry(r.to_string()).or_default() += 1;
                     }
@@ -542,6 +692,7 @@ impl Tree {
                 if self.draining && self.writes.is_empty() && !self.ledger.is_drained() {
                     self.flush();
                 }
+                self.finish_revokes();
             }
             FromStorage::Loaded { id, state } => {
                 let Some(load) = self.loads.get(&id) else {
@@ -559,6 +710,10 @@ impl Tree {
                 let w = &self.workers[worker];
                 if w.slot.generation != generation {
                     return Ok(()); // that worker died meanwhile; its successor loads again
+                }
+                if !self.owned.contains(&shard) {
+                    self.workers[worker].restoring.remove(&shard);
+                    return Ok(()); // revoked while loading
                 }
                 let frame = self.encode(&ToWorker::Restore(state));
                 let w = &mut self.workers[worker];
@@ -671,28 +826,19 @@ impl Tree {
             )
             .await?;
         link.send(self.encode(&ToWorker::Configure(self.cfg.worker.clone())));
-        let generation = self.workers[i].slot.generation;
         let w = &mut self.workers[i];
         w.slot.link = Some(link);
         // A new process: nothing sent to it yet (replays after its restore
         // are not counted; the ledger bounds them).
         (w.sent_events, w.flush_mark, w.answered_events) = (0, 0, 0);
-        for shard in self.workers[i].shards.clone() {
-            self.workers[i].restoring.insert(shard);
-            let id = self.id();
-            let frame = self.encode(&ToStorage::Load { id, shard });
-            if let Some(l) = &self.storage.link {
-                l.send(frame.clone());
-            }
-            self.loads.insert(
-                id,
-                PendingLoad {
-                    frame,
-                    worker: i,
-                    generation,
-                    shard,
-                },
-            );
+        let shards: Vec<Shard> = self
+            .owned
+            .iter()
+            .copied()
+            .filter(|&s| worker_for_shard(s, self.cfg.workers) == i)
+            .collect();
+        for shard in shards {
+            self.load(i, shard);
         }
         Ok(())
     }
@@ -714,7 +860,11 @@ impl Tree {
         slot.restart_at = None;
         let generation = slot.generation;
         let what = peer.to_string();
-        let spawned = spawn_child(&program, &args).map_err(|source| TreeError::Spawn {
+        let envs = match peer {
+            Peer::Storage => self.cfg.storage_env.clone(),
+            Peer::Worker(_) => Vec::new(),
+        };
+        let spawned = spawn_child(&program, &args, &envs).map_err(|source| TreeError::Spawn {
             what: what.clone(),
             source,
         })?;

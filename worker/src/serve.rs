@@ -44,6 +44,12 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
                     .ok_or(ServeError::NotConfigured("Events"))?
                     .apply_batch(&batch);
             }
+            ToWorker::Release { shard } => {
+                restoring.remove(&shard);
+                fold.as_mut()
+                    .ok_or(ServeError::NotConfigured("Release"))?
+                    .release(shard);
+            }
             ToWorker::Flush { id } => {
                 let shards = fold
                     .as_mut()

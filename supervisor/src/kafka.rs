@@ -1,0 +1,477 @@
+//! The Kafka source (DESIGN §2, §5): an rdkafka consumer in a consumer group,
+//! polled on its own thread.
+//!
+//! - A shard is a partition number: partition `p` of every subscribed topic
+//!   is shard `p`, one stream per topic. The range assignor (librdkafka's
+//!   default, forced here) hands partition `p` of all three topics to the same
+//!   member, so one seller's created/updated/deleted events meet in one worker.
+//! - Offsets are committed only when the tree says storage holds them
+//!   ([`SourceCmd::Commit`]); auto-commit is off.
+//! - On a revoke the thread hands over what it holds, asks the tree to make
+//!   the revoked shards durable and waits, then commits what the tree reports,
+//!   all before librdkafka releases the partitions.
+//! - When the tree stops taking batches, the thread pauses its partitions
+//!   (bounded memory, and it keeps polling so the group stays joined) and
+//!   resumes them once a batch is taken again.
+
+use crate::source::SourceMsg;
+use proto::{EventBatch, Offset, Position, Shard};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Events per batch handed to the tree.
+const BATCH_EVENTS: usize = 1024;
+/// A partly filled batch is handed over after this long.
+const BATCH_LINGER: Duration = Duration::from_millis(20);
+/// How long a revoke waits for the tree to make the revoked shards durable.
+/// Past it the partitions are released uncommitted (safe: the next owner
+/// replays from the last commit and skips what storage already holds).
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// librdkafka properties passed through (`--kafka-property k=v`); they win
+    /// over our defaults.
+    pub properties: Vec<(String, String)>,
+    /// How often consumer lag is reported.
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSourceError {
+    #[error("creating the Kafka consumer: {0}")]
+    Create(KafkaError),
+    #[error("subscribing to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        source: KafkaError,
+    },
+    #[error("starting the consumer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Commands from the tree to the consumer thread.
+#[derive(Debug)]
+pub enum SourceCmd {
+    /// Storage holds these shards up to these positions (last applied
+    /// offsets): commit offset + 1.
+    Commit(Vec<(Shard, Position)>),
+}
+
+/// The tree's answer to a revoke: the shards are durable and their commits
+/// were queued; the consumer may release them.
+pub type RevokeDone = std_mpsc::SyncSender<()>;
+
+impl KafkaSettings {
+    /// The consumer configuration: our defaults, then the pass-through
+    /// properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "range")
+            // A long fetch wait makes consumers crawl against small brokers
+            // (DESIGN §10: ~60k msg/s at the default, ~1M at 5 ms).
+            .set("fetch.wait.max.ms", "5")
+            .set(
+                "statistics.interval.ms",
+                self.stats_interval.as_millis().max(1).to_string(),
+            )
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+/// Consumer callbacks. Runs on the consumer thread, inside `poll`.
+struct Hooks {
+    to_tree: mpsc::Sender<SourceMsg>,
+    cmds: Mutex<std_mpsc::Receiver<SourceCmd>>,
+    /// Batches not yet handed over, by (partition, topic).
+    held: Mutex<Held>,
+    /// The tree is gone: stop waiting for it.
+    tree_gone: AtomicBool,
+    lag: Arc<Mutex<BTreeMap<(String, i32), i64>>>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Full batches in arrival order, waiting for room in the tree.
+    outbox: std::collections::VecDeque<EventBatch>,
+    /// Partly filled batches by (partition, topic); newer than the outbox's.
+    batches: BTreeMap<(Shard, Arc<str>), EventBatch>,
+    /// When the oldest partial batch was started.
+    since: Option<Instant>,
+}
+
+impl ClientContext for Hooks {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+            _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        lag.clear();
+        for (topic, t) in &stats.topics {
+            for (&p, part) in &t.partitions {
+                // -1 (unknown) for partitions we do not consume.
+                if p >= 0 && part.consumer_lag >= 0 {
+                    lag.insert((topic.clone(), p), part.consumer_lag);
+                }
+            }
+        }
+        let total: i64 = lag.values().sum();
+        let max = lag.iter().max_by_key(|(_, l)| **l);
+        if let Some(((topic, partition), max)) = max {
+            tracing::info!(
+                total_lag = total,
+                max_lag = max,
+                topic = %topic,
+                partition,
+                partitions = lag.len(),
+                "consumer lag"
+            );
+        }
+    }
+}
+
+impl ConsumerContext for Hooks {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let shards: BTreeSet<Shard> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| Shard::try_from(e.partition()).ok())
+            .collect();
+        tracing::info!(
+            ?shards,
+            "partitions revoked; making them durable before release"
+        );
+        if self.tree_gone.load(Ordering::Relaxed) || !self.hand_over_all() {
+            return;
+        }
+        let (done_tx, done_rx) = std_mpsc::sync_channel(1);
+        let msg = SourceMsg::Revoked {
+            shards: shards.iter().copied().collect(),
+            done: done_tx,
+        };
+        if self.to_tree.blocking_send(msg).is_err() {
+            self.tree_gone.store(true, Ordering::Relaxed);
+            return;
+        }
+        match done_rx.recv_timeout(REVOKE_TIMEOUT) {
+            Ok(()) => self.run_commands(consumer, CommitMode::Sync),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "revoked partitions were not made durable in time; releasing them uncommitted (the next owner replays)"
+            ),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let shards: BTreeSet<Shard> = tpl
+                .elements()
+                .iter()
+                .filter_map(|e| Shard::try_from(e.partition()).ok())
+                .collect();
+            tracing::info!(?shards, "partitions assigned");
+            if !shards.is_empty()
+                && self
+                    .to_tree
+                    .blocking_send(SourceMsg::Assigned(shards.into_iter().collect()))
+                    .is_err()
+            {
+                self.tree_gone.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // The next commit covers these offsets again; a replay is harmless.
+            tracing::warn!(error = %e, partitions = offsets.count(), "offset commit failed");
+        }
+    }
+}
+
+impl Hooks {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands every held batch to the tree, waiting for room: first the
+    /// outbox (older), then the partial batches. False when the tree is gone.
+    fn hand_over_all(&self) -> bool {
+        let (outbox, partial) = {
+            let mut held = self.held();
+            held.since = None;
+            (
+                std::mem::take(&mut held.outbox),
+                std::mem::take(&mut held.batches),
+            )
+        };
+        for batch in outbox.into_iter().chain(partial.into_values()) {
+            if self.to_tree.blocking_send(SourceMsg::Batch(batch)).is_err() {
+                self.tree_gone.store(true, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends outbox batches while the tree has room. True when the outbox is
+    /// empty afterwards.
+    fn drain_outbox(&self) -> bool {
+        let mut held = self.held();
+        while let Some(batch) = held.outbox.pop_front() {
+            match self.to_tree.try_send(SourceMsg::Batch(batch)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(SourceMsg::Batch(b))) => {
+                    held.outbox.push_front(b);
+                    return false;
+                }
+                Err(_) => {
+                    self.tree_gone.store(true, Ordering::Relaxed);
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Executes the queued commit commands in one commit.
+    fn run_commands(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
+        let cmds: Vec<SourceCmd> = {
+            let rx = self.cmds.lock().unwrap_or_else(|p| p.into_inner());
+            rx.try_iter().collect()
+        };
+        commit(consumer, cmds, mode);
+    }
+}
+
+/// Commits offset + 1 of the latest position per topic-partition. Offsets
+/// of partitions no longer assigned are still committed: the tree queued
+/// them while it owned them.
+fn commit(consumer: &BaseConsumer<Hooks>, cmds: Vec<SourceCmd>, mode: CommitMode) {
+    let mut latest: BTreeMap<(Shard, Box<str>), Offset> = BTreeMap::new();
+    for SourceCmd::Commit(positions) in cmds {
+        for (shard, p) in positions {
+            let slot = latest.entry((shard, p.stream)).or_insert(p.offset);
+            *slot = (*slot).max(p.offset);
+        }
+    }
+    if latest.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((shard, topic), offset) in &latest {
+        let Ok(partition) = i32::try_from(*shard) else {
+            continue;
+        };
+        if let Err(e) = tpl.add_partition_offset(
+            topic,
+            partition,
+            rdkafka::Offset::Offset(offset.saturating_add(1)),
+        ) {
+            tracing::warn!(error = %e, topic = &**topic, partition, "cannot queue an offset commit");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(error = %e, "offset commit failed; the next one covers it");
+    }
+}
+
+/// A running consumer thread.
+pub struct KafkaHandle {
+    pub commands: std_mpsc::Sender<SourceCmd>,
+    pub thread: std::thread::JoinHandle<()>,
+    /// Consumer lag per (topic, partition), from the last statistics.
+    pub lag: Arc<Mutex<BTreeMap<(String, i32), i64>>>,
+}
+
+/// Creates the consumer, subscribes, and polls on a thread until `stop` is
+/// set; then hands over what it holds, sends [`SourceMsg::Stopped`], and
+/// keeps committing what the tree sends until the command channel closes.
+pub fn start(
+    settings: &KafkaSettings,
+    to_tree: mpsc::Sender<SourceMsg>,
+    stop: Arc<AtomicBool>,
+) -> Result<KafkaHandle, KafkaSourceError> {
+    let (cmd_tx, cmd_rx) = std_mpsc::channel();
+    let lag = Arc::new(Mutex::new(BTreeMap::new()));
+    let hooks = Hooks {
+        to_tree,
+        cmds: Mutex::new(cmd_rx),
+        held: Mutex::new(Held::default()),
+        tree_gone: AtomicBool::new(false),
+        lag: lag.clone(),
+    };
+    let consumer: BaseConsumer<Hooks> = settings
+        .client_config()
+        .create_with_context(hooks)
+        .map_err(KafkaSourceError::Create)?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| KafkaSourceError::Subscribe {
+            topics: settings.topics.clone(),
+            source,
+        })?;
+    tracing::info!(
+        brokers = %settings.brokers,
+        group = %settings.group_id,
+        topics = ?settings.topics,
+        "consuming from Kafka"
+    );
+    let thread = std::thread::Builder::new()
+        .name("kafka".into())
+        .spawn(move || poll_loop(consumer, stop))
+        .map_err(KafkaSourceError::Thread)?;
+    Ok(KafkaHandle {
+        commands: cmd_tx,
+        thread,
+        lag,
+    })
+}
+
+fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
+    let hooks = consumer.context();
+    let mut topics: BTreeMap<String, Arc<str>> = BTreeMap::new();
+    let mut paused: Option<TopicPartitionList> = None;
+    while !stop.load(Ordering::Relaxed) && !hooks.tree_gone.load(Ordering::Relaxed) {
+        hooks.run_commands(&consumer, CommitMode::Async);
+        // The tree takes batches only while the pipeline keeps up: pause
+        // fetching while the outbox waits, resume once it is empty.
+        let drained = hooks.drain_outbox();
+        match (drained, paused.is_some()) {
+            (false, false) => paused = pause_all(&consumer),
+            (true, true) => {
+                if let Some(tpl) = paused.take()
+                    && let Err(e) = consumer.resume(&tpl)
+                {
+                    tracing::warn!(error = %e, "resuming partitions failed");
+                }
+                tracing::info!("consumption resumed");
+            }
+            _ => {}
+        }
+        let wait = if paused.is_some() { 50 } else { 5 };
+        match consumer.poll(Duration::from_millis(wait)) {
+            Some(Ok(msg)) => {
+                let Ok(shard) = Shard::try_from(msg.partition()) else {
+                    continue;
+                };
+                let topic = topics
+                    .entry(msg.topic().to_string())
+                    .or_insert_with(|| Arc::from(msg.topic()))
+                    .clone();
+                let mut held = hooks.held();
+                held.since.get_or_insert_with(Instant::now);
+                let batch = held
+                    .batches
+                    .entry((shard, topic.clone()))
+                    .or_insert_with(|| EventBatch::new(shard, Box::from(&*topic)));
+                // A tombstone (no value) is an empty event: dead-lettered.
+                batch.push(msg.offset(), msg.payload().unwrap_or_default());
+                if batch.len() >= BATCH_EVENTS
+                    && let Some(full) = held.batches.remove(&(shard, topic))
+                {
+                    held.outbox.push_back(full);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consume error"),
+            None => {}
+        }
+        let mut held = hooks.held();
+        if held.since.is_some_and(|t| t.elapsed() >= BATCH_LINGER) {
+            held.since = None;
+            let partial = std::mem::take(&mut held.batches);
+            held.outbox.extend(partial.into_values());
+        }
+    }
+    // Stopping: hand over everything (the tree reads regardless of
+    // backpressure while stopping), then serve commits until the tree is done.
+    if !hooks.tree_gone.load(Ordering::Relaxed) && hooks.hand_over_all() {
+        let _ = hooks.to_tree.blocking_send(SourceMsg::Stopped);
+    }
+    loop {
+        let next = {
+            let rx = hooks.cmds.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv_timeout(Duration::from_millis(100)).map(|first| {
+                std::iter::once(first)
+                    .chain(rx.try_iter())
+                    .collect::<Vec<_>>()
+            })
+        };
+        match next {
+            Ok(cmds) => commit(&consumer, cmds, CommitMode::Sync),
+            // Keep the group session alive while the tree drains.
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                let _ = consumer.poll(Duration::ZERO);
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    // Dropping the consumer leaves the group; its revoke finds the tree gone.
+    hooks.tree_gone.store(true, Ordering::Relaxed);
+    tracing::info!("Kafka consumer closed");
+}
+
+fn pause_all(consumer: &BaseConsumer<Hooks>) -> Option<TopicPartitionList> {
+    match consumer.assignment() {
+        Ok(tpl) => match consumer.pause(&tpl) {
+            Ok(()) => {
+                tracing::info!(
+                    partitions = tpl.count(),
+                    "pipeline is behind; consumption paused"
+                );
+                Some(tpl)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pausing partitions failed");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the assignment failed");
+            None
+        }
+    }
+}
