@@ -8,10 +8,12 @@
 //! - [`archive`]: the archive directory with the S3 key layout (metric
 //!   snapshots as gzip JSON lines).
 //! - [`dlq`]: the dead-letter topic of the Kafka mode.
+//! - [`produce`]: `analytics produce`, publishing a file as the catalogue does.
 //! - [`query`]: `analytics query` and `analytics export` output.
 
 pub mod archive;
 pub mod dlq;
+pub mod produce;
 pub mod query;
 pub mod storage;
 pub mod store;

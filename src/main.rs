@@ -60,6 +60,30 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Publish a JSON-lines file to Kafka the way the catalogue backend does
+    /// (topic by eventType, key sellerId, partition by the backend's hash):
+    /// for tests, benchmarks and demos against a local broker.
+    Produce {
+        #[arg(long, env = "ANALYTICS_KAFKA_BROKERS")]
+        kafka_brokers: String,
+        /// Topics of created, updated and deleted events.
+        #[arg(
+            long,
+            env = "ANALYTICS_KAFKA_TOPICS",
+            value_delimiter = ',',
+            default_value = "product.created,product.updated,product.deleted"
+        )]
+        kafka_topics: Vec<String>,
+        /// Partitions of the topics (the backend's modulus).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+        partitions: u32,
+        /// Create these topics first, with `--partitions` partitions
+        /// (existing ones are kept).
+        #[arg(long, value_delimiter = ',')]
+        create_topics: Vec<String>,
+        /// JSON-lines file of event values; stdin without it.
+        input: Option<PathBuf>,
+    },
     /// The storage process (spawned by `run`).
     #[command(hide = true)]
     Storage {
@@ -191,6 +215,19 @@ fn main() -> ExitCode {
         Command::Run(args) => run_tree(args),
         Command::Query { store, json, what } => return query_cmd(&store.data_dir, json, what),
         Command::Export { store } => export_cmd(&store.data_dir),
+        Command::Produce {
+            kafka_brokers,
+            kafka_topics,
+            partitions,
+            create_topics,
+            input,
+        } => produce_cmd(
+            &kafka_brokers,
+            &kafka_topics,
+            partitions,
+            create_topics,
+            input,
+        ),
         Command::Storage {
             store,
             ttl_days,
@@ -448,6 +485,34 @@ fn export_cmd(data_dir: &Path) -> anyhow::Result<()> {
     let store = open_store(data_dir)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     query::export(&store, now_ms(), &mut out)?;
+    Ok(())
+}
+
+fn produce_cmd(
+    brokers: &str,
+    topics: &[String],
+    partitions: u32,
+    create: Vec<String>,
+    input: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use analytics::produce;
+    if !create.is_empty() {
+        produce::create_topics(brokers, &create, partitions)?;
+    }
+    let target = produce::Target {
+        brokers,
+        topics,
+        partitions,
+    };
+    let sent = match &input {
+        Some(p) if p.as_os_str() != "-" => {
+            let file =
+                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+            produce::produce(&target, std::io::BufReader::with_capacity(1 << 20, file))?
+        }
+        _ => produce::produce(&target, std::io::stdin().lock())?,
+    };
+    eprintln!("published {sent} events");
     Ok(())
 }
 

@@ -126,3 +126,29 @@ pub fn signal(pid: i32, sig: Signal) {
     kill(Pid::from_raw(pid), sig)
         .unwrap_or_else(|e| panic!("{sig} to {pid}: {e} (did the run end too early?)"));
 }
+
+/// Asserts two record dumps are equal, showing only the lines that differ.
+pub fn assert_same_records(got: &str, want: &str, what: &str) {
+    if got == want {
+        return;
+    }
+    let g: std::collections::BTreeSet<&str> = got.lines().collect();
+    let w: std::collections::BTreeSet<&str> = want.lines().collect();
+    let extra: Vec<&&str> = g.difference(&w).take(8).collect();
+    let missing: Vec<&&str> = w.difference(&g).take(8).collect();
+    panic!(
+        "{what}: {} records vs {} expected\nonly in ours:\n{}\nonly in expected:\n{}",
+        got.lines().count(),
+        want.lines().count(),
+        extra
+            .iter()
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        missing
+            .iter()
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+}
