@@ -8,8 +8,12 @@
 //! - [`archive`]: the archive directory with the S3 key layout (metric
 //!   snapshots as gzip JSON lines).
 //! - [`query`]: `analytics query` and `analytics export` output.
+//! - [`aws_store`]: the same store on DynamoDB and S3 (DESIGN §5, §6): state
+//!   as a checkpoint log in S3 committed by a conditional pointer, entity
+//!   items summed from per-shard parts.
 
 pub mod archive;
+pub mod aws_store;
 pub mod query;
 pub mod storage;
 pub mod store;
