@@ -785,13 +785,13 @@ pub(crate) fn low_stock_value(
 impl<'a> LowStockItem<'a> {
     fn new(id: &ProductId, state: &'a ProductState) -> Self {
         LowStockItem {
-        product_id: id.clone(),
-        seller_id: seller_of(state),
-        name: state.name.value.as_deref().unwrap_or(""),
-        category: state.category.value.as_deref().unwrap_or(""),
-        quantity: state.quantity.value.unwrap_or(0),
-        price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
-        since: state.low_stock_since,
+            product_id: id.clone(),
+            seller_id: seller_of(state),
+            name: state.name.value.as_deref().unwrap_or(""),
+            category: state.category.value.as_deref().unwrap_or(""),
+            quantity: state.quantity.value.unwrap_or(0),
+            price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
+            since: state.low_stock_since,
         }
     }
 }

@@ -176,7 +176,10 @@ mod tests {
         assert!(sdk_retryable(&make("RequestLimitExceeded", 400)));
         assert!(sdk_retryable(&make("Whatever", 503)));
         assert!(!sdk_retryable(&make("ValidationException", 400)));
-        assert!(!sdk_retryable(&make("ConditionalCheckFailedException", 400)));
+        assert!(!sdk_retryable(&make(
+            "ConditionalCheckFailedException",
+            400
+        )));
         assert_eq!(
             sdk_code(&make("ThrottlingException", 400)),
             Some("ThrottlingException")

@@ -65,11 +65,10 @@ pub fn to_json(item: &Item) -> Result<Value, AwsStoreError> {
             AttributeValue::Null(_) => Value::Null,
             AttributeValue::Bool(b) => Value::Bool(*b),
             AttributeValue::S(s) => Value::String(s.clone()),
-            AttributeValue::N(n) if MONEY.contains(&name.as_str()) => {
-                Value::String(money_text(n).ok_or_else(|| {
-                    decode_err(format!("{name}: not a money amount: {n:?}"))
-                })?)
-            }
+            AttributeValue::N(n) if MONEY.contains(&name.as_str()) => Value::String(
+                money_text(n)
+                    .ok_or_else(|| decode_err(format!("{name}: not a money amount: {n:?}")))?,
+            ),
             AttributeValue::N(n) => serde_json::from_str::<serde_json::Number>(n)
                 .map(Value::Number)
                 .map_err(|e| decode_err(format!("{name}: {n:?}: {e}")))?,
@@ -144,7 +143,10 @@ mod tests {
             ("-0.1", "-0.10"),
             ("-0", "0.00"),
             ("007.05", "7.05"),
-            ("12345678901234567890123456789012345.67", "12345678901234567890123456789012345.67"),
+            (
+                "12345678901234567890123456789012345.67",
+                "12345678901234567890123456789012345.67",
+            ),
         ] {
             assert_eq!(money_text(n).as_deref(), Some(text), "{n}");
         }

@@ -5,13 +5,13 @@
 //! # Layout
 //!
 //! **Metrics table** (default `analytics-metrics`, PK/SK strings, TTL on
-//! `TTL`): exactly DESIGN §6 and the embedded store's attributes —
+//! `TTL`): exactly DESIGN §6 and the embedded store's attributes:
 //! `SELLER#<id>` / `CATEGORY#<name>` × `CURRENT` / `DAY#YYYY-MM-DD` (the UTC
-//! day of the entity's `lastEventAt`), with `updatedAt` and `TTL` = write time
-//! + ttl; `LOWSTOCK#<seller>` / `PRODUCT#<id>` without TTL. Counts and times
-//! are `N`; money is `N` holding the exact decimal (`120.00`; DynamoDB
-//! numbers are exact decimals of up to 38 digits, so sums stay exact and
-//! analysts can compare and add them); see [`item`].
+//! day of the entity's `lastEventAt`), with `updatedAt` and `TTL` (write time
+//! plus the ttl); `LOWSTOCK#<seller>` / `PRODUCT#<id>` without TTL. Counts
+//! and times are `N`; money is `N` holding the exact decimal (`120.00`:
+//! DynamoDB numbers are exact decimals of up to 38 digits, so sums stay exact
+//! and analysts can compare and add them); see [`item`].
 //!
 //! **State table** (default `analytics-state`, never expires):
 //! - `SHARD#<p>` / `CHECKPOINT`: the shard's commit pointer ([`state::Checkpoint`]):
@@ -95,12 +95,12 @@ use crate::store::{
 };
 use analytics_worker::records::{MetricRecord, low_stock_key, sort_records};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
     KeysAndAttributes, Put, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
     TimeToLiveStatus, TransactWriteItem,
 };
-use aws_sdk_dynamodb::types::AttributeValue;
 use error::describe;
 use item::Item;
 use proto::{EntityKey, EntityTotals, ProductId, Shard, ShardChanges, ShardState};
@@ -172,6 +172,9 @@ pub struct AwsStore {
     fail_after_commit: bool,
 }
 
+/// One entity's transaction items and the shard checkpoints that fence them.
+type EntityOp = (EntityKey, Vec<TransactWriteItem>, Vec<(Shard, u64)>);
+
 /// How a transaction ended, when it did not fail outright.
 enum Transact {
     Done,
@@ -234,6 +237,12 @@ impl AwsStore {
         &self.cfg
     }
 
+    /// The DynamoDB and S3 clients, for tools and tests that look at the
+    /// raw items and objects.
+    pub fn clients(&self) -> (&aws_sdk_dynamodb::Client, &aws_sdk_s3::Client) {
+        (&self.ddb, &self.s3)
+    }
+
     /// Test hook: make `write` stop with [`AwsStoreError::Injected`] right
     /// after its commits, before any metric item is written (a crash
     /// between commit and metric writes).
@@ -250,19 +259,34 @@ impl AwsStore {
             detail,
             retryable,
         };
-        let exists = retry(&self.cfg.backoff, "describe_table", AwsStoreError::is_retryable, || async {
-            match self.ddb.describe_table().table_name(name).send().await {
-                Ok(_) => Ok(true),
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => Ok(false),
-                Err(e) => {
-                    let (d, r) = describe(&e);
-                    Err(setup(d, r))
+        let exists = retry(
+            &self.cfg.backoff,
+            "describe_table",
+            AwsStoreError::is_retryable,
+            || async {
+                match self.ddb.describe_table().table_name(name).send().await {
+                    Ok(_) => Ok(true),
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|s| s.is_resource_not_found_exception()) =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => {
+                        let (d, r) = describe(&e);
+                        Err(setup(d, r))
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         if !exists {
-            let key = |n: &str, t| KeySchemaElement::builder().attribute_name(n).key_type(t).build();
+            let key = |n: &str, t| {
+                KeySchemaElement::builder()
+                    .attribute_name(n)
+                    .key_type(t)
+                    .build()
+            };
             let attr = |n: &str| {
                 AttributeDefinition::builder()
                     .attribute_name(n)
@@ -284,7 +308,9 @@ impl AwsStore {
             match created {
                 Ok(_) => tracing::info!(table = name, "created DynamoDB table"),
                 // Another instance created it first.
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => {}
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_resource_in_use_exception()) => {}
                 Err(e) => {
                     let (d, r) = describe(&e);
                     return Err(setup(d, r));
@@ -308,7 +334,10 @@ impl AwsStore {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(setup(format!("not ACTIVE after {:?} ({status:?})", self.cfg.table_wait), true));
+                return Err(setup(
+                    format!("not ACTIVE after {:?} ({status:?})", self.cfg.table_wait),
+                    true,
+                ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -321,19 +350,27 @@ impl AwsStore {
             detail,
             retryable,
         };
-        let out = retry(&self.cfg.backoff, "describe_time_to_live", AwsStoreError::is_retryable, || async {
-            self.ddb
-                .describe_time_to_live()
-                .table_name(table)
-                .send()
-                .await
-                .map_err(|e| setup(describe(&e)))
-        })
+        let out = retry(
+            &self.cfg.backoff,
+            "describe_time_to_live",
+            AwsStoreError::is_retryable,
+            || async {
+                self.ddb
+                    .describe_time_to_live()
+                    .table_name(table)
+                    .send()
+                    .await
+                    .map_err(|e| setup(describe(&e)))
+            },
+        )
         .await?;
         let status = out
             .time_to_live_description()
             .and_then(|d| d.time_to_live_status().cloned());
-        if matches!(status, Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)) {
+        if matches!(
+            status,
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+        ) {
             return Ok(());
         }
         let spec = TimeToLiveSpecification::builder()
@@ -341,15 +378,20 @@ impl AwsStore {
             .attribute_name("TTL")
             .build()
             .map_err(|e| setup((e.to_string(), false)))?;
-        retry(&self.cfg.backoff, "update_time_to_live", AwsStoreError::is_retryable, || async {
-            self.ddb
-                .update_time_to_live()
-                .table_name(table)
-                .time_to_live_specification(spec.clone())
-                .send()
-                .await
-                .map_err(|e| setup(describe(&e)))
-        })
+        retry(
+            &self.cfg.backoff,
+            "update_time_to_live",
+            AwsStoreError::is_retryable,
+            || async {
+                self.ddb
+                    .update_time_to_live()
+                    .table_name(table)
+                    .time_to_live_specification(spec.clone())
+                    .send()
+                    .await
+                    .map_err(|e| setup(describe(&e)))
+            },
+        )
         .await?;
         tracing::info!(table, "enabled TTL on attribute TTL");
         Ok(())
@@ -362,14 +404,21 @@ impl AwsStore {
             detail,
             retryable,
         };
-        let exists = retry(&self.cfg.backoff, "head_bucket", AwsStoreError::is_retryable, || async {
-            match self.s3.head_bucket().bucket(bucket).send().await {
-                Ok(_) => Ok(true),
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
-                Err(e) => Err(setup(describe(&e))),
-            }
-        })
+        let exists = retry(
+            &self.cfg.backoff,
+            "head_bucket",
+            AwsStoreError::is_retryable,
+            || async {
+                match self.s3.head_bucket().bucket(bucket).send().await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+                    Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(setup(describe(&e))),
+                }
+            },
+        )
         .await?;
         if exists {
             return Ok(());
@@ -391,9 +440,8 @@ impl AwsStore {
                 Ok(())
             }
             Err(e)
-                if e.as_service_error().is_some_and(|s| {
-                    s.is_bucket_already_owned_by_you()
-                }) =>
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_bucket_already_owned_by_you()) =>
             {
                 Ok(())
             }
@@ -484,7 +532,18 @@ impl AwsStore {
             None => {
                 let cp = self.read_checkpoint(shard).await?;
                 let listed = match &cp {
-                    Some(cp) => self.read_image(shard, cp, false).await?.listed,
+                    Some(c) => match self.read_image(shard, c, false).await {
+                        Ok(image) => image.listed,
+                        Err(e) if self.read_checkpoint(shard).await? != cp => {
+                            // Another instance is compacting the shard: not ours yet.
+                            return Err(AwsStoreError::StateObject {
+                                key: format!("state/shard={shard}/"),
+                                detail: format!("the checkpoint moved while reading it ({e})"),
+                                retryable: true,
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    },
                     None => HashMap::new(),
                 };
                 ShardCache { cp, listed }
@@ -497,11 +556,21 @@ impl AwsStore {
     }
 
     /// Redoes the metric writes of a committed but unapplied seq.
-    async fn repair(&self, shard: Shard, cp: &mut Checkpoint, now_ms: i64) -> Result<(), AwsStoreError> {
+    async fn repair(
+        &self,
+        shard: Shard,
+        cp: &mut Checkpoint,
+        now_ms: i64,
+    ) -> Result<(), AwsStoreError> {
         if cp.applied >= cp.seq {
             return Ok(());
         }
-        tracing::info!(shard, seq = cp.seq, applied = cp.applied, "redoing the metric writes of a committed write");
+        tracing::info!(
+            shard,
+            seq = cp.seq,
+            applied = cp.applied,
+            "redoing the metric writes of a committed write"
+        );
         if let Some(key) = &cp.last_delta {
             let delta = state::decode_delta(&self.get_object(key).await?)?;
             if delta.seq != cp.seq || delta.shard != shard {
@@ -510,7 +579,8 @@ impl AwsStore {
                     detail: format!("{key} holds shard {} seq {}", delta.shard, delta.seq),
                 });
             }
-            self.apply_metrics(std::slice::from_ref(&delta), now_ms).await?;
+            self.apply_metrics(std::slice::from_ref(&delta), now_ms)
+                .await?;
         }
         self.mark_applied(shard, cp.seq).await?;
         cp.applied = cp.seq;
@@ -561,7 +631,11 @@ impl AwsStore {
             cp.deltas.push(key.clone());
             cp.last_delta = Some(key.clone());
             if cp.should_compact(self.cfg.compact_after) {
-                let image = self.read_image(shard, &cp, true).await?;
+                let image = match self.read_image(shard, &cp, true).await {
+                    Ok(image) => image,
+                    // A new owner's compaction may have removed our base.
+                    Err(e) => return Err(self.ownership_or(shard, prev.as_ref(), e).await),
+                };
                 let base = state::encode_base(shard, cp.seq, &delta.positions, &image)?;
                 let base_key = state::object_key(shard, cp.seq, "base", &self.writer);
                 self.put_object(&base_key, base.clone()).await?;
@@ -581,7 +655,8 @@ impl AwsStore {
             // Positions only: nothing to apply.
             cp.applied = cp.seq;
         }
-        self.put_checkpoint(shard, prev.as_ref().map(|p| p.seq), &cp, now_ms).await?;
+        self.put_checkpoint(shard, prev.as_ref().map(|p| p.seq), &cp, now_ms)
+            .await?;
         for (id, st) in &sc.products {
             if st.low_stock_since.is_some() {
                 cache.listed.insert(id.clone(), seller_of(st).into());
@@ -591,11 +666,39 @@ impl AwsStore {
         }
         cache.cp = Some(cp);
         for key in superseded {
-            if let Err(error) = self.s3.delete_object().bucket(&self.cfg.bucket).key(&key).send().await {
+            if let Err(error) = self
+                .s3
+                .delete_object()
+                .bucket(&self.cfg.bucket)
+                .key(&key)
+                .send()
+                .await
+            {
                 tracing::warn!(key, error = %error::sdk_detail(&error), "could not delete a superseded state object");
             }
         }
         Ok(has_metrics.then_some(delta))
+    }
+
+    /// `e`, unless the shard's checkpoint moved past `prev`: then another
+    /// instance owns the shard, which explains `e`.
+    async fn ownership_or(
+        &self,
+        shard: Shard,
+        prev: Option<&Checkpoint>,
+        e: AwsStoreError,
+    ) -> AwsStoreError {
+        let expected = prev.map(|p| p.seq);
+        match self.read_checkpoint(shard).await {
+            Ok(cp) if cp.as_ref().map(|c| c.seq) != expected => {
+                self.cache().remove(&shard);
+                AwsStoreError::LostOwnership {
+                    shard,
+                    seq: expected.unwrap_or(0),
+                }
+            }
+            _ => e,
+        }
     }
 
     async fn put_checkpoint(
@@ -606,37 +709,42 @@ impl AwsStore {
         now_ms: i64,
     ) -> Result<(), AwsStoreError> {
         let item = cp.to_item(shard, now_ms);
-        let result = retry(&self.cfg.backoff, "commit", AwsStoreError::is_retryable, || async {
-            let mut req = self
-                .ddb
-                .put_item()
-                .table_name(&self.cfg.state_table)
-                .set_item(Some(item.clone()));
-            req = match expected {
-                Some(seq) => req
-                    .condition_expression("seq = :expected")
-                    .expression_attribute_values(":expected", item::n(seq)),
-                None => req.condition_expression("attribute_not_exists(PK)"),
-            };
-            match req.send().await {
-                Ok(_) => Ok(true),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                {
-                    Ok(false)
+        let result = retry(
+            &self.cfg.backoff,
+            "commit",
+            AwsStoreError::is_retryable,
+            || async {
+                let mut req = self
+                    .ddb
+                    .put_item()
+                    .table_name(&self.cfg.state_table)
+                    .set_item(Some(item.clone()));
+                req = match expected {
+                    Some(seq) => req
+                        .condition_expression("seq = :expected")
+                        .expression_attribute_values(":expected", item::n(seq)),
+                    None => req.condition_expression("attribute_not_exists(PK)"),
+                };
+                match req.send().await {
+                    Ok(_) => Ok(true),
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => {
+                        let (detail, retryable) = describe(&e);
+                        Err(AwsStoreError::Commit {
+                            shard,
+                            seq: cp.seq,
+                            detail,
+                            retryable,
+                        })
+                    }
                 }
-                Err(e) => {
-                    let (detail, retryable) = describe(&e);
-                    Err(AwsStoreError::Commit {
-                        shard,
-                        seq: cp.seq,
-                        detail,
-                        retryable,
-                    })
-                }
-            }
-        })
+            },
+        )
         .await?;
         if result {
             return Ok(());
@@ -655,36 +763,44 @@ impl AwsStore {
     }
 
     async fn mark_applied(&self, shard: Shard, seq: u64) -> Result<(), AwsStoreError> {
-        let ok = retry(&self.cfg.backoff, "mark_applied", AwsStoreError::is_retryable, || async {
-            match self
-                .ddb
-                .update_item()
-                .table_name(&self.cfg.state_table)
-                .set_key(Some(item::key(state::checkpoint_pk(shard), state::CHECKPOINT_SK)))
-                .update_expression("SET applied = :seq")
-                .condition_expression("seq = :seq")
-                .expression_attribute_values(":seq", item::n(seq))
-                .send()
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+        let ok = retry(
+            &self.cfg.backoff,
+            "mark_applied",
+            AwsStoreError::is_retryable,
+            || async {
+                match self
+                    .ddb
+                    .update_item()
+                    .table_name(&self.cfg.state_table)
+                    .set_key(Some(item::key(
+                        state::checkpoint_pk(shard),
+                        state::CHECKPOINT_SK,
+                    )))
+                    .update_expression("SET applied = :seq")
+                    .condition_expression("seq = :seq")
+                    .expression_attribute_values(":seq", item::n(seq))
+                    .send()
+                    .await
                 {
-                    Ok(false)
+                    Ok(_) => Ok(true),
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => {
+                        let (detail, retryable) = describe(&e);
+                        Err(AwsStoreError::Commit {
+                            shard,
+                            seq,
+                            detail,
+                            retryable,
+                        })
+                    }
                 }
-                Err(e) => {
-                    let (detail, retryable) = describe(&e);
-                    Err(AwsStoreError::Commit {
-                        shard,
-                        seq,
-                        detail,
-                        retryable,
-                    })
-                }
-            }
-        })
+            },
+        )
         .await?;
         if !ok {
             self.cache().remove(&shard);
@@ -700,7 +816,11 @@ impl AwsStore {
     }
 
     /// Step 4 for committed deltas: low-stock items, then entity items.
-    async fn apply_metrics(&self, deltas: &[Delta], now_ms: i64) -> Result<WriteStats, AwsStoreError> {
+    async fn apply_metrics(
+        &self,
+        deltas: &[Delta],
+        now_ms: i64,
+    ) -> Result<WriteStats, AwsStoreError> {
         let mut stats = WriteStats::default();
         for d in deltas {
             let mut ops: BTreeMap<(String, String), Option<Item>> = BTreeMap::new();
@@ -724,23 +844,31 @@ impl AwsStore {
                 match op {
                     Some(it) => {
                         stats.low_stock_puts += 1;
-                        items.push(TransactWriteItem::builder().put(
-                            Put::builder()
-                                .table_name(&self.cfg.metrics_table)
-                                .set_item(Some(it))
-                                .build()
-                                .map_err(build_err)?,
-                        ).build());
+                        items.push(
+                            TransactWriteItem::builder()
+                                .put(
+                                    Put::builder()
+                                        .table_name(&self.cfg.metrics_table)
+                                        .set_item(Some(it))
+                                        .build()
+                                        .map_err(build_err)?,
+                                )
+                                .build(),
+                        );
                     }
                     None => {
                         stats.low_stock_deletes += 1;
-                        items.push(TransactWriteItem::builder().delete(
-                            Delete::builder()
-                                .table_name(&self.cfg.metrics_table)
-                                .set_key(Some(item::key(pk, sk)))
-                                .build()
-                                .map_err(build_err)?,
-                        ).build());
+                        items.push(
+                            TransactWriteItem::builder()
+                                .delete(
+                                    Delete::builder()
+                                        .table_name(&self.cfg.metrics_table)
+                                        .set_key(Some(item::key(pk, sk)))
+                                        .build()
+                                        .map_err(build_err)?,
+                                )
+                                .build(),
+                        );
                     }
                 }
             }
@@ -758,7 +886,8 @@ impl AwsStore {
                                 return Err(AwsStoreError::Contention { attempts: round });
                             }
                             tracing::debug!(why, "low-stock transaction cancelled; retrying");
-                            tokio::time::sleep(self.cfg.backoff.delay(round, retry::random_u64())).await;
+                            tokio::time::sleep(self.cfg.backoff.delay(round, retry::random_u64()))
+                                .await;
                         }
                     }
                 }
@@ -769,7 +898,10 @@ impl AwsStore {
         let mut pending: BTreeMap<EntityKey, Vec<(Shard, u64, EntityTotals)>> = BTreeMap::new();
         for d in deltas {
             for (key, totals) in &d.entities {
-                pending.entry(key.clone()).or_default().push((d.shard, d.seq, *totals));
+                pending
+                    .entry(key.clone())
+                    .or_default()
+                    .push((d.shard, d.seq, *totals));
             }
         }
         stats.entities = pending.len() as u64;
@@ -785,7 +917,7 @@ impl AwsStore {
             round += 1;
             let stored = self.read_parts(pending.keys()).await?;
             // (entity, items, shards to fence)
-            let mut ops: Vec<(EntityKey, Vec<TransactWriteItem>, Vec<(Shard, u64)>)> = Vec::new();
+            let mut ops: Vec<EntityOp> = Vec::new();
             let mut done = Vec::new();
             for (key, updates) in &pending {
                 let (version, mut parts) = stored.get(key).cloned().unwrap_or_default();
@@ -800,7 +932,11 @@ impl AwsStore {
                     done.push(key.clone());
                     continue;
                 }
-                ops.push((key.clone(), self.entity_items(key, &parts, version, now_ms, ttl)?, fences));
+                ops.push((
+                    key.clone(),
+                    self.entity_items(key, &parts, version, now_ms, ttl)?,
+                    fences,
+                ));
             }
             for key in done {
                 pending.remove(&key);
@@ -814,7 +950,9 @@ impl AwsStore {
                 while i < ops.len() {
                     let (key, its, fs) = &ops[i];
                     let new_fences = fs.iter().filter(|f| !fences.contains(f)).count();
-                    if !keys.is_empty() && items.len() + fences.len() + its.len() + new_fences > TRANSACT_MAX {
+                    if !keys.is_empty()
+                        && items.len() + fences.len() + its.len() + new_fences > TRANSACT_MAX
+                    {
                         break;
                     }
                     fences.extend(fs.iter().copied());
@@ -833,7 +971,11 @@ impl AwsStore {
                     }
                     Transact::Cancelled(why) => {
                         self.check_fences(&fences).await?;
-                        tracing::debug!(why, entities = keys.len(), "entity transaction cancelled; re-reading");
+                        tracing::debug!(
+                            why,
+                            entities = keys.len(),
+                            "entity transaction cancelled; re-reading"
+                        );
                     }
                 }
             }
@@ -854,13 +996,19 @@ impl AwsStore {
         let sum = parts.sum();
         let record = MetricRecord::entity(key, &sum);
         let obj = entity_object(&record, now_ms, ttl).map_err(store_err)?;
-        let day_ms = if sum.last_event_at >= 0 { sum.last_event_at } else { now_ms };
+        let day_ms = if sum.last_event_at >= 0 {
+            sum.last_event_at
+        } else {
+            now_ms
+        };
         let day = format!("DAY#{}", utc_day(day_ms));
         let mut parts_item = item::key(state::parts_pk(key), state::PARTS_SK);
         parts_item.insert("parts".into(), AttributeValue::B(parts.encode()?.into()));
         parts_item.insert("version".into(), item::n(version + 1));
         parts_item.insert("updatedAt".into(), item::n(now_ms));
-        let parts_put = Put::builder().table_name(&self.cfg.state_table).set_item(Some(parts_item));
+        let parts_put = Put::builder()
+            .table_name(&self.cfg.state_table)
+            .set_item(Some(parts_item));
         let parts_put = if version == 0 {
             parts_put.condition_expression("attribute_not_exists(PK)")
         } else {
@@ -870,11 +1018,19 @@ impl AwsStore {
         };
         let put = |it: Item| -> Result<TransactWriteItem, AwsStoreError> {
             Ok(TransactWriteItem::builder()
-                .put(Put::builder().table_name(&self.cfg.metrics_table).set_item(Some(it)).build().map_err(build_err)?)
+                .put(
+                    Put::builder()
+                        .table_name(&self.cfg.metrics_table)
+                        .set_item(Some(it))
+                        .build()
+                        .map_err(build_err)?,
+                )
                 .build())
         };
         Ok(vec![
-            TransactWriteItem::builder().put(parts_put.build().map_err(build_err)?).build(),
+            TransactWriteItem::builder()
+                .put(parts_put.build().map_err(build_err)?)
+                .build(),
             put(item::to_item(&pk, CURRENT, &obj)?)?,
             put(item::to_item(&pk, &day, &obj)?)?,
         ])
@@ -889,7 +1045,10 @@ impl AwsStore {
                     .condition_check(
                         ConditionCheck::builder()
                             .table_name(&self.cfg.state_table)
-                            .set_key(Some(item::key(state::checkpoint_pk(shard), state::CHECKPOINT_SK)))
+                            .set_key(Some(item::key(
+                                state::checkpoint_pk(shard),
+                                state::CHECKPOINT_SK,
+                            )))
                             .condition_expression("seq = :seq")
                             .expression_attribute_values(":seq", item::n(seq))
                             .build()
@@ -914,33 +1073,38 @@ impl AwsStore {
     }
 
     async fn transact(&self, items: Vec<TransactWriteItem>) -> Result<Transact, AwsStoreError> {
-        retry(&self.cfg.backoff, "transact_write_items", AwsStoreError::is_retryable, || async {
-            match self
-                .ddb
-                .transact_write_items()
-                .set_transact_items(Some(items.clone()))
-                .send()
-                .await
-            {
-                Ok(_) => Ok(Transact::Done),
-                Err(e) => match e.as_service_error() {
-                    Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
-                        let why = c
-                            .cancellation_reasons()
-                            .iter()
-                            .filter_map(|r| r.code())
-                            .filter(|c| *c != "None")
-                            .collect::<Vec<_>>()
-                            .join(",");
-                        Ok(Transact::Cancelled(why))
-                    }
-                    _ => {
-                        let (detail, retryable) = describe(&e);
-                        Err(AwsStoreError::MetricWrite { detail, retryable })
-                    }
-                },
-            }
-        })
+        retry(
+            &self.cfg.backoff,
+            "transact_write_items",
+            AwsStoreError::is_retryable,
+            || async {
+                match self
+                    .ddb
+                    .transact_write_items()
+                    .set_transact_items(Some(items.clone()))
+                    .send()
+                    .await
+                {
+                    Ok(_) => Ok(Transact::Done),
+                    Err(e) => match e.as_service_error() {
+                        Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
+                            let why = c
+                                .cancellation_reasons()
+                                .iter()
+                                .filter_map(|r| r.code())
+                                .filter(|c| *c != "None")
+                                .collect::<Vec<_>>()
+                                .join(",");
+                            Ok(Transact::Cancelled(why))
+                        }
+                        _ => {
+                            let (detail, retryable) = describe(&e);
+                            Err(AwsStoreError::MetricWrite { detail, retryable })
+                        }
+                    },
+                }
+            },
+        )
         .await
     }
 
@@ -982,17 +1146,22 @@ impl AwsStore {
             .consistent_read(true)
             .build()
             .map_err(build_err)?;
-        let out = retry(&self.cfg.backoff, "batch_get_item", AwsStoreError::is_retryable, || async {
-            self.ddb
-                .batch_get_item()
-                .request_items(table, ka.clone())
-                .send()
-                .await
-                .map_err(|e| {
-                    let (detail, retryable) = describe(&e);
-                    AwsStoreError::Read { detail, retryable }
-                })
-        })
+        let out = retry(
+            &self.cfg.backoff,
+            "batch_get_item",
+            AwsStoreError::is_retryable,
+            || async {
+                self.ddb
+                    .batch_get_item()
+                    .request_items(table, ka.clone())
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        let (detail, retryable) = describe(&e);
+                        AwsStoreError::Read { detail, retryable }
+                    })
+            },
+        )
         .await?;
         let items = out
             .responses()
@@ -1010,25 +1179,42 @@ impl AwsStore {
     // ---- state objects ----------------------------------------------------
 
     async fn read_checkpoint(&self, shard: Shard) -> Result<Option<Checkpoint>, AwsStoreError> {
-        let out = retry(&self.cfg.backoff, "get_checkpoint", AwsStoreError::is_retryable, || async {
-            self.ddb
-                .get_item()
-                .table_name(&self.cfg.state_table)
-                .set_key(Some(item::key(state::checkpoint_pk(shard), state::CHECKPOINT_SK)))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(|e| {
-                    let (detail, retryable) = describe(&e);
-                    AwsStoreError::ReadCheckpoint { shard, detail, retryable }
-                })
-        })
+        let out = retry(
+            &self.cfg.backoff,
+            "get_checkpoint",
+            AwsStoreError::is_retryable,
+            || async {
+                self.ddb
+                    .get_item()
+                    .table_name(&self.cfg.state_table)
+                    .set_key(Some(item::key(
+                        state::checkpoint_pk(shard),
+                        state::CHECKPOINT_SK,
+                    )))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        let (detail, retryable) = describe(&e);
+                        AwsStoreError::ReadCheckpoint {
+                            shard,
+                            detail,
+                            retryable,
+                        }
+                    })
+            },
+        )
         .await?;
         out.item().map(Checkpoint::from_item).transpose()
     }
 
     /// The shard as of `cp`: its base, then its deltas in order.
-    async fn read_image(&self, shard: Shard, cp: &Checkpoint, keep_products: bool) -> Result<Image, AwsStoreError> {
+    async fn read_image(
+        &self,
+        shard: Shard,
+        cp: &Checkpoint,
+        keep_products: bool,
+    ) -> Result<Image, AwsStoreError> {
         let mut image = Image::default();
         let keys = cp.base_key.iter().chain(cp.deltas.iter());
         for key in keys {
@@ -1052,44 +1238,64 @@ impl AwsStore {
     }
 
     async fn put_object(&self, key: &str, bytes: Vec<u8>) -> Result<(), AwsStoreError> {
-        retry(&self.cfg.backoff, "put_object", AwsStoreError::is_retryable, || async {
-            self.s3
-                .put_object()
-                .bucket(&self.cfg.bucket)
-                .key(key)
-                .body(bytes.clone().into())
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let (detail, retryable) = describe(&e);
-                    AwsStoreError::StateObject { key: key.to_string(), detail, retryable }
-                })
-        })
+        retry(
+            &self.cfg.backoff,
+            "put_object",
+            AwsStoreError::is_retryable,
+            || async {
+                self.s3
+                    .put_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(key)
+                    .body(bytes.clone().into())
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        let (detail, retryable) = describe(&e);
+                        AwsStoreError::StateObject {
+                            key: key.to_string(),
+                            detail,
+                            retryable,
+                        }
+                    })
+            },
+        )
         .await
     }
 
     async fn get_object(&self, key: &str) -> Result<Vec<u8>, AwsStoreError> {
-        retry(&self.cfg.backoff, "get_object", AwsStoreError::is_retryable, || async {
-            let err = |detail: String, retryable| AwsStoreError::StateObject {
-                key: key.to_string(),
-                detail,
-                retryable,
-            };
-            let out = self
-                .s3
-                .get_object()
-                .bucket(&self.cfg.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| {
-                    let (d, r) = describe(&e);
-                    err(d, r)
-                })?;
-            let body = out.body.collect().await.map_err(|e| err(e.to_string(), true))?;
-            Ok(body.into_bytes().to_vec())
-        })
+        retry(
+            &self.cfg.backoff,
+            "get_object",
+            AwsStoreError::is_retryable,
+            || async {
+                let err = |detail: String, retryable| AwsStoreError::StateObject {
+                    key: key.to_string(),
+                    detail,
+                    retryable,
+                };
+                let out = self
+                    .s3
+                    .get_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        let (d, r) = describe(&e);
+                        // A missing object does not come back by asking again.
+                        let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key());
+                        err(d, r && !missing)
+                    })?;
+                let body = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| err(e.to_string(), true))?;
+                Ok(body.into_bytes().to_vec())
+            },
+        )
         .await
     }
 
@@ -1105,17 +1311,32 @@ impl AwsStore {
     ) -> Result<Vec<ShardState>, AwsStoreError> {
         let max = max_products_per_chunk.max(1);
         self.cache().remove(&shard);
-        let mut cp = self.read_checkpoint(shard).await?;
-        if let Some(cp) = &mut cp {
-            self.repair(shard, cp, crate::storage::now_ms()).await?;
-        }
-        let image = match &cp {
-            Some(c) => self.read_image(shard, c, true).await?,
-            None => Image::default(),
+        let mut attempt = 0;
+        let (cp, image) = loop {
+            let mut cp = self.read_checkpoint(shard).await?;
+            if let Some(cp) = &mut cp {
+                self.repair(shard, cp, crate::storage::now_ms()).await?;
+            }
+            let image = match &cp {
+                Some(c) => self.read_image(shard, c, true).await,
+                None => Ok(Image::default()),
+            };
+            match image {
+                Ok(image) => break (cp, image),
+                // The previous owner compacted while we read: read again.
+                Err(e) if attempt < 3 && self.read_checkpoint(shard).await? != cp => {
+                    tracing::info!(shard, error = %e, "shard moved on while loading; reading again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         };
         let mut first = ShardState {
             shard,
-            positions: cp.as_ref().map(Checkpoint::position_list).unwrap_or_default(),
+            positions: cp
+                .as_ref()
+                .map(Checkpoint::position_list)
+                .unwrap_or_default(),
             entity_times: image
                 .contributions
                 .iter()
@@ -1140,7 +1361,13 @@ impl AwsStore {
                 },
             ));
         }
-        self.put_back(shard, ShardCache { cp, listed: image.listed });
+        self.put_back(
+            shard,
+            ShardCache {
+                cp,
+                listed: image.listed,
+            },
+        );
         Ok(chunks)
     }
 
@@ -1169,7 +1396,11 @@ impl AwsStore {
     }
 
     /// The category's current record and its daily history (oldest day first).
-    pub async fn category(&self, name: &str, now_ms: i64) -> Result<Option<History>, AwsStoreError> {
+    pub async fn category(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<History>, AwsStoreError> {
         self.entity(&format!("CATEGORY#{name}"), now_ms).await
     }
 
@@ -1192,7 +1423,10 @@ impl AwsStore {
     }
 
     /// Low-stock items, of one seller or of all, sorted by key.
-    pub async fn low_stock(&self, seller: Option<&str>) -> Result<Vec<MetricRecord>, AwsStoreError> {
+    pub async fn low_stock(
+        &self,
+        seller: Option<&str>,
+    ) -> Result<Vec<MetricRecord>, AwsStoreError> {
         let items = match seller {
             Some(s) => self.query_pk(&format!("{LOW_STOCK_PREFIX}{s}")).await?,
             None => {
@@ -1214,21 +1448,26 @@ impl AwsStore {
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
         loop {
-            let page = retry(&self.cfg.backoff, "query", AwsStoreError::is_retryable, || async {
-                self.ddb
-                    .query()
-                    .table_name(&self.cfg.metrics_table)
-                    .key_condition_expression("PK = :pk")
-                    .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
-                    .consistent_read(true)
-                    .set_exclusive_start_key(start.clone())
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        let (detail, retryable) = describe(&e);
-                        AwsStoreError::Read { detail, retryable }
-                    })
-            })
+            let page = retry(
+                &self.cfg.backoff,
+                "query",
+                AwsStoreError::is_retryable,
+                || async {
+                    self.ddb
+                        .query()
+                        .table_name(&self.cfg.metrics_table)
+                        .key_condition_expression("PK = :pk")
+                        .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+                        .consistent_read(true)
+                        .set_exclusive_start_key(start.clone())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            let (detail, retryable) = describe(&e);
+                            AwsStoreError::Read { detail, retryable }
+                        })
+                },
+            )
             .await?;
             out.extend(page.items().iter().cloned());
             match page.last_evaluated_key() {
@@ -1238,7 +1477,11 @@ impl AwsStore {
         }
     }
 
-    async fn scan_metrics(&self, filter: &str, values: &[(&str, &str)]) -> Result<Vec<Item>, AwsStoreError> {
+    async fn scan_metrics(
+        &self,
+        filter: &str,
+        values: &[(&str, &str)],
+    ) -> Result<Vec<Item>, AwsStoreError> {
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
         let values: HashMap<String, AttributeValue> = values
@@ -1246,21 +1489,26 @@ impl AwsStore {
             .map(|(k, v)| (k.to_string(), AttributeValue::S(v.to_string())))
             .collect();
         loop {
-            let page = retry(&self.cfg.backoff, "scan", AwsStoreError::is_retryable, || async {
-                self.ddb
-                    .scan()
-                    .table_name(&self.cfg.metrics_table)
-                    .filter_expression(filter)
-                    .set_expression_attribute_values(Some(values.clone()))
-                    .consistent_read(true)
-                    .set_exclusive_start_key(start.clone())
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        let (detail, retryable) = describe(&e);
-                        AwsStoreError::Read { detail, retryable }
-                    })
-            })
+            let page = retry(
+                &self.cfg.backoff,
+                "scan",
+                AwsStoreError::is_retryable,
+                || async {
+                    self.ddb
+                        .scan()
+                        .table_name(&self.cfg.metrics_table)
+                        .filter_expression(filter)
+                        .set_expression_attribute_values(Some(values.clone()))
+                        .consistent_read(true)
+                        .set_exclusive_start_key(start.clone())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            let (detail, retryable) = describe(&e);
+                            AwsStoreError::Read { detail, retryable }
+                        })
+                },
+            )
             .await?;
             out.extend(page.items().iter().cloned());
             match page.last_evaluated_key() {
@@ -1276,7 +1524,11 @@ impl AwsStore {
     /// `metrics/dt=YYYY-MM-DD/snapshot-<epochMillis>.jsonl.gz` and returns the
     /// key. One `PutObject`: readers never see a partial snapshot, and a
     /// retry overwrites itself.
-    pub async fn write_metric_snapshot(&self, records: &[MetricRecord], now_ms: i64) -> Result<String, AwsStoreError> {
+    pub async fn write_metric_snapshot(
+        &self,
+        records: &[MetricRecord],
+        now_ms: i64,
+    ) -> Result<String, AwsStoreError> {
         use flate2::{Compression, write::GzEncoder};
         use std::io::Write;
         let key = metric_snapshot_key(now_ms);
@@ -1286,26 +1538,36 @@ impl AwsStore {
         };
         let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
         for r in records {
-            gz.write_all(r.to_json_line().as_bytes()).map_err(encode_err)?;
+            gz.write_all(r.to_json_line().as_bytes())
+                .map_err(encode_err)?;
             gz.write_all(b"\n").map_err(encode_err)?;
         }
         let bytes = gz.finish().map_err(encode_err)?;
-        retry(&self.cfg.backoff, "put_snapshot", AwsStoreError::is_retryable, || async {
-            self.s3
-                .put_object()
-                .bucket(&self.cfg.bucket)
-                .key(&key)
-                .content_type("application/x-ndjson")
-                .content_encoding("gzip")
-                .body(bytes.clone().into())
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let (detail, retryable) = describe(&e);
-                    AwsStoreError::Archive { key: key.clone(), detail, retryable }
-                })
-        })
+        retry(
+            &self.cfg.backoff,
+            "put_snapshot",
+            AwsStoreError::is_retryable,
+            || async {
+                self.s3
+                    .put_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(&key)
+                    .content_type("application/x-ndjson")
+                    .content_encoding("gzip")
+                    .body(bytes.clone().into())
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        let (detail, retryable) = describe(&e);
+                        AwsStoreError::Archive {
+                            key: key.clone(),
+                            detail,
+                            retryable,
+                        }
+                    })
+            },
+        )
         .await?;
         Ok(key)
     }
@@ -1316,38 +1578,45 @@ impl AwsStore {
     /// DynamoDB's TTL. Returns the items refreshed.
     pub async fn refresh_ttl(&self, now_ms: i64) -> Result<u64, AwsStoreError> {
         let ttl = now_ms.div_euclid(1000).saturating_add(self.ttl_secs);
-        let items = self.scan_metrics("SK = :current", &[(":current", CURRENT)]).await?;
+        let items = self
+            .scan_metrics("SK = :current", &[(":current", CURRENT)])
+            .await?;
         let mut refreshed = 0;
         for it in &items {
             let (Some(pk), Some(sk)) = (item::s(it, "PK"), item::s(it, "SK")) else {
                 continue;
             };
-            let updated = retry(&self.cfg.backoff, "refresh_ttl", AwsStoreError::is_retryable, || async {
-                match self
-                    .ddb
-                    .update_item()
-                    .table_name(&self.cfg.metrics_table)
-                    .set_key(Some(item::key(pk, sk)))
-                    .update_expression("SET #ttl = :ttl")
-                    .condition_expression("attribute_exists(PK)")
-                    .expression_attribute_names("#ttl", "TTL")
-                    .expression_attribute_values(":ttl", item::n(ttl))
-                    .send()
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            let updated = retry(
+                &self.cfg.backoff,
+                "refresh_ttl",
+                AwsStoreError::is_retryable,
+                || async {
+                    match self
+                        .ddb
+                        .update_item()
+                        .table_name(&self.cfg.metrics_table)
+                        .set_key(Some(item::key(pk, sk)))
+                        .update_expression("SET #ttl = :ttl")
+                        .condition_expression("attribute_exists(PK)")
+                        .expression_attribute_names("#ttl", "TTL")
+                        .expression_attribute_values(":ttl", item::n(ttl))
+                        .send()
+                        .await
                     {
-                        Ok(false)
+                        Ok(_) => Ok(true),
+                        Err(e)
+                            if e.as_service_error()
+                                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                        {
+                            Ok(false)
+                        }
+                        Err(e) => {
+                            let (detail, retryable) = describe(&e);
+                            Err(AwsStoreError::MetricWrite { detail, retryable })
+                        }
                     }
-                    Err(e) => {
-                        let (detail, retryable) = describe(&e);
-                        Err(AwsStoreError::MetricWrite { detail, retryable })
-                    }
-                }
-            })
+                },
+            )
             .await?;
             refreshed += u64::from(updated);
         }
@@ -1416,7 +1685,10 @@ mod tests {
         let got = resubmit((0..7).collect::<Vec<u32>>(), |keys| {
             calls.push(keys.len());
             let (now, later) = keys.split_at(keys.len().min(2));
-            let result = (now.iter().map(|k| k * 10).collect::<Vec<_>>(), later.to_vec());
+            let result = (
+                now.iter().map(|k| k * 10).collect::<Vec<_>>(),
+                later.to_vec(),
+            );
             async move { Ok(result) }
         })
         .await

@@ -38,11 +38,7 @@ impl Backoff {
             .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX))
             .min(self.cap);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(if nanos == 0 {
-            0
-        } else {
-            random % (nanos + 1)
-        })
+        Duration::from_nanos(if nanos == 0 { 0 } else { random % (nanos + 1) })
     }
 }
 
@@ -119,27 +115,42 @@ mod tests {
             max_attempts: 4,
         };
         let mut calls = 0;
-        let r: Result<(), String> = retry(&b, "t", |_| true, || {
-            calls += 1;
-            async { Err("busy".to_string()) }
-        })
+        let r: Result<(), String> = retry(
+            &b,
+            "t",
+            |_| true,
+            || {
+                calls += 1;
+                async { Err("busy".to_string()) }
+            },
+        )
         .await;
         assert_eq!((r.is_err(), calls), (true, 4));
 
         let mut calls = 0;
-        let r: Result<(), String> = retry(&b, "t", |e: &String| e == "busy", || {
-            calls += 1;
-            async { Err("bad request".to_string()) }
-        })
+        let r: Result<(), String> = retry(
+            &b,
+            "t",
+            |e: &String| e == "busy",
+            || {
+                calls += 1;
+                async { Err("bad request".to_string()) }
+            },
+        )
         .await;
         assert_eq!((r.is_err(), calls), (true, 1));
 
         let mut calls = 0;
-        let r: Result<u32, String> = retry(&b, "t", |_| true, || {
-            calls += 1;
-            let c = calls;
-            async move { if c < 3 { Err("busy".into()) } else { Ok(c) } }
-        })
+        let r: Result<u32, String> = retry(
+            &b,
+            "t",
+            |_| true,
+            || {
+                calls += 1;
+                let c = calls;
+                async move { if c < 3 { Err("busy".into()) } else { Ok(c) } }
+            },
+        )
         .await;
         assert_eq!(r, Ok(3));
     }

@@ -131,10 +131,12 @@ impl Encoder {
             detail: e.to_string(),
         })?;
         self.records += 1;
-        self.gz.write_all(&self.frame).map_err(|e| AwsStoreError::Encode {
-            what: "state object",
-            detail: e.to_string(),
-        })
+        self.gz
+            .write_all(&self.frame)
+            .map_err(|e| AwsStoreError::Encode {
+                what: "state object",
+                detail: e.to_string(),
+            })
     }
 
     fn finish(mut self) -> Result<Vec<u8>, AwsStoreError> {
@@ -376,7 +378,10 @@ impl Checkpoint {
     /// Each stream keeps its largest offset.
     pub fn merge_positions(&mut self, positions: &[Position]) {
         for p in positions {
-            let e = self.positions.entry(p.stream.to_string()).or_insert(p.offset);
+            let e = self
+                .positions
+                .entry(p.stream.to_string())
+                .or_insert(p.offset);
             *e = (*e).max(p.offset);
         }
     }
@@ -454,10 +459,12 @@ impl Parts {
 
 /// The entity of a parts item's PK.
 pub fn entity_of_parts_pk(pk: &str) -> Result<EntityKey, AwsStoreError> {
-    let inner = pk.strip_prefix("PARTS#").ok_or_else(|| AwsStoreError::Decode {
-        what: "parts key",
-        detail: pk.to_string(),
-    })?;
+    let inner = pk
+        .strip_prefix("PARTS#")
+        .ok_or_else(|| AwsStoreError::Decode {
+            what: "parts key",
+            detail: pk.to_string(),
+        })?;
     parse_entity_pk(inner).map_err(|e| AwsStoreError::Decode {
         what: "parts key",
         detail: e.to_string(),
