@@ -57,7 +57,7 @@ const SHARD_SCHEME: &str = "shard_scheme";
 pub const DB_FILE: &str = "analytics.redb";
 pub const DEAD_LETTER_FILE: &str = "dead-letters.jsonl";
 pub const CURRENT: &str = "CURRENT";
-const LOW_STOCK_PREFIX: &str = "LOWSTOCK#";
+pub(crate) const LOW_STOCK_PREFIX: &str = "LOWSTOCK#";
 const MS_PER_DAY: i64 = 86_400_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -632,7 +632,7 @@ pub fn entity_pk(key: &EntityKey) -> String {
     }
 }
 
-fn parse_entity_pk(pk: &str) -> Result<EntityKey, StoreError> {
+pub(crate) fn parse_entity_pk(pk: &str) -> Result<EntityKey, StoreError> {
     if let Some(s) = pk.strip_prefix("SELLER#") {
         Ok(EntityKey::Seller(s.into()))
     } else if let Some(c) = pk.strip_prefix("CATEGORY#") {
@@ -700,7 +700,7 @@ fn compact_log(
     Ok(())
 }
 
-fn seller_of(state: &ProductState) -> &str {
+pub(crate) fn seller_of(state: &ProductState) -> &str {
     state.seller.value.as_deref().unwrap_or("")
 }
 
@@ -730,7 +730,7 @@ fn decode_len(bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_le_bytes(arr))
 }
 
-type JsonObject = serde_json::Map<String, serde_json::Value>;
+pub(crate) type JsonObject = serde_json::Map<String, serde_json::Value>;
 
 fn parse_object(text: &str) -> Result<JsonObject, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Decode {
@@ -747,7 +747,7 @@ fn json_string(obj: &JsonObject) -> Result<String, StoreError> {
 }
 
 /// A record's attributes (without its `type` tag) as a JSON object.
-fn record_object(record: &MetricRecord) -> Result<JsonObject, StoreError> {
+pub(crate) fn record_object(record: &MetricRecord) -> Result<JsonObject, StoreError> {
     match serde_json::to_value(record) {
         Ok(serde_json::Value::Object(mut obj)) => {
             obj.remove("type");
@@ -765,10 +765,20 @@ fn record_object(record: &MetricRecord) -> Result<JsonObject, StoreError> {
 }
 
 fn entity_item(record: &MetricRecord, now_ms: i64, ttl: i64) -> Result<String, StoreError> {
+    json_string(&entity_object(record, now_ms, ttl)?)
+}
+
+/// An entity item's attributes (DESIGN §6): the record's fields, `updatedAt`
+/// and `TTL`. Shared with the AWS store.
+pub(crate) fn entity_object(
+    record: &MetricRecord,
+    now_ms: i64,
+    ttl: i64,
+) -> Result<JsonObject, StoreError> {
     let mut obj = record_object(record)?;
     obj.insert("updatedAt".into(), now_ms.into());
     obj.insert("TTL".into(), ttl.into());
-    json_string(&obj)
+    Ok(obj)
 }
 
 /// A low-stock item's attributes (DESIGN §6), serialized straight from the
@@ -787,19 +797,36 @@ struct LowStockItem<'a> {
 }
 
 fn low_stock_item(id: &ProductId, state: &ProductState) -> Result<String, StoreError> {
-    let item = LowStockItem {
-        product_id: id.clone(),
-        seller_id: seller_of(state),
-        name: state.name.value.as_deref().unwrap_or(""),
-        category: state.category.value.as_deref().unwrap_or(""),
-        quantity: state.quantity.value.unwrap_or(0),
-        price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
-        since: state.low_stock_since,
-    };
-    serde_json::to_string(&item).map_err(|e| StoreError::Encode {
+    serde_json::to_string(&LowStockItem::new(id, state)).map_err(|e| StoreError::Encode {
         what: "item",
         detail: e.to_string(),
     })
+}
+
+/// A low-stock item's attributes as a JSON value (the AWS store's items are
+/// built from the same form).
+pub(crate) fn low_stock_value(
+    id: &ProductId,
+    state: &ProductState,
+) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(LowStockItem::new(id, state)).map_err(|e| StoreError::Encode {
+        what: "item",
+        detail: e.to_string(),
+    })
+}
+
+impl<'a> LowStockItem<'a> {
+    fn new(id: &ProductId, state: &'a ProductState) -> Self {
+        LowStockItem {
+            product_id: id.clone(),
+            seller_id: seller_of(state),
+            name: state.name.value.as_deref().unwrap_or(""),
+            category: state.category.value.as_deref().unwrap_or(""),
+            quantity: state.quantity.value.unwrap_or(0),
+            price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
+            since: state.low_stock_since,
+        }
+    }
 }
 
 /// The record an item holds, or `None` when its TTL has passed.
@@ -808,6 +835,16 @@ fn parse_item(pk: &str, text: &str, now_ms: i64) -> Result<Option<MetricRecord>,
         what: "item",
         detail: e.to_string(),
     })?;
+    parse_item_value(pk, value, now_ms)
+}
+
+/// The record an item's attributes (as JSON) hold, or `None` when its TTL
+/// has passed. Shared with the AWS store.
+pub(crate) fn parse_item_value(
+    pk: &str,
+    value: serde_json::Value,
+    now_ms: i64,
+) -> Result<Option<MetricRecord>, StoreError> {
     if let Some(ttl) = value.get("TTL").and_then(|t| t.as_i64())
         && ttl < now_ms.div_euclid(1000)
     {
