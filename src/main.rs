@@ -123,8 +123,8 @@ enum QueryWhat {
 #[derive(Args)]
 struct RunArgs {
     /// JSON-lines file of event values; `-` or none reads stdin (when no
-    /// Kafka brokers are set).
-    #[arg(long, env = "ANALYTICS_INPUT", conflicts_with = "kafka_brokers")]
+    /// Kafka brokers are set). Wins over --kafka-brokers.
+    #[arg(long, env = "ANALYTICS_INPUT")]
     input: Option<PathBuf>,
     #[command(flatten)]
     kafka: KafkaArgs,

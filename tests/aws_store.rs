@@ -1,7 +1,7 @@
 //! The AWS store against a real DynamoDB + S3 API server (moto, DESIGN §10),
 //! with the embedded store as the oracle.
 //!
-//! The server's endpoint comes from `ANALYTICS_AWS_ENDPOINT` (default
+//! The server's endpoint comes from `ANALYTICS_TEST_AWS_ENDPOINT` (default
 //! `http://127.0.0.1:5000`). These tests fail, never skip, when it is absent.
 
 use analytics::aws_store::{AwsConfig, AwsStore, AwsStoreError};
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 const T0: i64 = 1_696_176_060_000; // 2023-10-01T16:01:00Z
 
 fn endpoint() -> String {
-    std::env::var("ANALYTICS_AWS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+    std::env::var("ANALYTICS_TEST_AWS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
 }
 
 static ENV: Once = Once::new();

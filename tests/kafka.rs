@@ -25,7 +25,7 @@ const PARTITIONS: i32 = 4;
 
 fn brokers() -> String {
     let brokers =
-        std::env::var("ANALYTICS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        std::env::var("ANALYTICS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let reachable = brokers.split(',').any(|b| {
         use std::net::ToSocketAddrs;
         b.to_socket_addrs()
@@ -37,7 +37,7 @@ fn brokers() -> String {
     assert!(
         reachable,
         "no Kafka broker answers at {brokers}: start the local stack with `scripts/stack up` \
-         (scripts/test does), or point ANALYTICS_KAFKA_BROKERS at one"
+         (scripts/test does), or point ANALYTICS_TEST_KAFKA_BROKERS at one"
     );
     brokers
 }

@@ -35,6 +35,8 @@ fn fold_rejections(input: &Path) -> String {
 /// `analytics run` with quick flushes, so that crashes land between flushes.
 fn run_cmd(data: &Path) -> Command {
     let mut c = Command::new(ANALYTICS);
+    // File mode, whatever the developer's shell exports.
+    c.env_remove("ANALYTICS_KAFKA_BROKERS");
     c.arg("run")
         .arg("--data-dir")
         .arg(data)
