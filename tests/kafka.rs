@@ -369,7 +369,7 @@ fn sigkill_of_a_worker_and_of_storage_mid_stream_loses_and_doubles_nothing() {
     let mut run = start(&topics, &data);
     let pid = run.id();
     topics.produce(&refs[..quarter]);
-    // Right after the partitions arrive, while shards are restoring.
+    // Early: often before or while the shards restore.
     let workers = wait_for_children(pid, "analytics-worker", 2);
     signal(workers[0], Signal::SIGKILL);
     topics.produce(&refs[quarter..2 * quarter]);
