@@ -66,14 +66,8 @@ enum Command {
     Produce {
         #[arg(long, env = "ANALYTICS_KAFKA_BROKERS")]
         kafka_brokers: String,
-        /// Topics of created, updated and deleted events.
-        #[arg(
-            long,
-            env = "ANALYTICS_KAFKA_TOPICS",
-            value_delimiter = ',',
-            default_value = "product.created,product.updated,product.deleted"
-        )]
-        kafka_topics: Vec<String>,
+        #[command(flatten)]
+        topics: TopicArgs,
         /// Partitions of the topics (the backend's modulus).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: u32,
@@ -163,6 +157,18 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct TopicArgs {
+    /// Topics of created, updated and deleted events.
+    #[arg(
+        long,
+        env = "ANALYTICS_KAFKA_TOPICS",
+        value_delimiter = ',',
+        default_value = "product.created,product.updated,product.deleted"
+    )]
+    kafka_topics: Vec<String>,
+}
+
+#[derive(Args)]
 struct KafkaArgs {
     /// Consume from these Kafka brokers (host:port,...) instead of a file.
     #[arg(long, env = "ANALYTICS_KAFKA_BROKERS")]
@@ -174,14 +180,8 @@ struct KafkaArgs {
         default_value = "analytics-service-group"
     )]
     kafka_group_id: String,
-    /// Topics of created, updated and deleted events.
-    #[arg(
-        long,
-        env = "ANALYTICS_KAFKA_TOPICS",
-        value_delimiter = ',',
-        default_value = "product.created,product.updated,product.deleted"
-    )]
-    kafka_topics: Vec<String>,
+    #[command(flatten)]
+    topics: TopicArgs,
     /// A librdkafka client property, `key=value` (repeatable); wins over ours.
     #[arg(long = "kafka-property", value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
@@ -217,13 +217,13 @@ fn main() -> ExitCode {
         Command::Export { store } => export_cmd(&store.data_dir),
         Command::Produce {
             kafka_brokers,
-            kafka_topics,
+            topics,
             partitions,
             create_topics,
             input,
         } => produce_cmd(
             &kafka_brokers,
-            &kafka_topics,
+            &topics.kafka_topics,
             partitions,
             create_topics,
             input,
@@ -285,7 +285,7 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         .map(|brokers| KafkaSettings {
             brokers: brokers.clone(),
             group_id: args.kafka.kafka_group_id.clone(),
-            topics: args.kafka.kafka_topics.clone(),
+            topics: args.kafka.topics.kafka_topics.clone(),
             properties: args.kafka.kafka_properties.clone(),
             stats_interval: Duration::from_millis(args.kafka.kafka_stats_interval_ms.max(100)),
         });

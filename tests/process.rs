@@ -54,18 +54,6 @@ fn run_cmd(data: &Path) -> Command {
     c
 }
 
-fn finish(child: Child) -> Output {
-    let out = wait_with_deadline(child);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "run failed ({}): {stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// `analytics run` over a whole file, which must succeed.
 fn run_file(data: &Path, input: &Path) -> Output {
     finish(

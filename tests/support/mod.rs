@@ -152,3 +152,16 @@ pub fn assert_same_records(got: &str, want: &str, what: &str) {
             .join("\n"),
     );
 }
+
+/// Waits for a run, which must have succeeded; its output.
+pub fn finish(child: Child) -> Output {
+    let out = wait_with_deadline(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "run failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
