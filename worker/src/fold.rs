@@ -328,6 +328,7 @@ impl ShardFold {
                 p.name = Some((**n).into());
                 changed = true;
             }
+            changed |= version > p.name_v;
             p.name_v = p.name_v.max(version);
         }
         if let Some(price) = e.price_cents {
@@ -499,14 +500,17 @@ fn apply_contribution(t: &mut EntityTotals, c: &Contribution, sign: i64) {
 }
 
 /// Writes a register if the version is at least its own; true if the value
-/// changed.
+/// or the version changed. A newer version with the same value must reach
+/// storage too: after a restore, an older event on another topic (a delete
+/// replayed after a re-create with identical data) would otherwise win.
 fn write<T: PartialEq>(value: &mut T, current: &mut Version, new: T, version: Version) -> bool {
     if version < *current {
         return false;
     }
+    let bumped = version > *current;
     *current = version;
     if *value == new {
-        return false;
+        return bumped;
     }
     *value = new;
     true
@@ -680,6 +684,55 @@ mod tests {
                 .collect();
             assert_eq!(lines, expected);
         }
+    }
+
+    /// A re-create with the same data only moves the `deleted` register's
+    /// version. That version must be flushed: restored elsewhere, the older
+    /// delete (another topic, replayed after the restore) must still lose.
+    #[test]
+    fn a_version_only_change_survives_flush_and_restore() {
+        let created = |ts: i64| {
+            format!(
+                r#"{{"eventType":"ProductCreated","timestamp":{ts},"data":{{"productId":7,"sellerId":"s","name":"N","category":"c","price":1.00,"quantity":50}}}}"#
+            )
+        };
+        let delete = r#"{"eventType":"ProductDeleted","timestamp":2000,"data":{"productId":7,"sellerId":"s","name":"N","category":"c"}}"#;
+        let (first, second) = (created(1000), created(3000));
+
+        let mut before_crash = Fold::new(10, 1 << 20);
+        before_crash.apply_batch(&batch(&[&first]));
+        before_crash.take_changes();
+        before_crash.apply_batch(&batch(&[&first, &second]));
+        let flushed = before_crash.take_changes();
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(flushed[0].products.len(), 1, "the version bump is flushed");
+
+        // Restore what the two flushes hold, then the delete arrives.
+        let mut restored = Fold::new(10, 1 << 20);
+        restored.restore(
+            ShardState {
+                shard: 0,
+                positions: flushed[0].positions.clone(),
+                products: flushed[0].products.clone(),
+                entity_times: Vec::new(),
+                last: true,
+            },
+            true,
+        );
+        let mut deletes = EventBatch::new(0, "deleted".into());
+        deletes.push(0, delete.as_bytes());
+        restored.apply_batch(&deletes);
+
+        let mut straight = Fold::new(10, 1 << 20);
+        straight.apply_batch(&batch(&[&first, &second, delete]));
+        let active = |f: &Fold| {
+            f.records().iter().find_map(|r| match r {
+                MetricRecord::Seller(s) => Some((s.active_products, s.deleted_products)),
+                _ => None,
+            })
+        };
+        assert_eq!(active(&straight), Some((1, 0)));
+        assert_eq!(active(&restored), active(&straight));
     }
 
     #[test]
