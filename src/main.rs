@@ -71,6 +71,11 @@ enum Command {
         /// Partitions of the topics (the backend's modulus).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: u32,
+        /// Records per produce batch. 1 (the default) because tansu cannot
+        /// serve a fetch that starts inside a batch (see src/produce.rs);
+        /// raise it against a real Kafka.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch_records: u32,
         /// Create these topics first, with `--partitions` partitions
         /// (existing ones are kept).
         #[arg(long, value_delimiter = ',')]
@@ -219,12 +224,13 @@ fn main() -> ExitCode {
             kafka_brokers,
             topics,
             partitions,
+            batch_records,
             create_topics,
             input,
         } => produce_cmd(
             &kafka_brokers,
             &topics.kafka_topics,
-            partitions,
+            (partitions, batch_records),
             create_topics,
             input,
         ),
@@ -308,9 +314,23 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         Some(_) => "kafka-partitions".to_string(),
         None => format!("file-{FILE_SHARDS}-virtual-partitions"),
     };
-    EmbeddedStore::open(&data_dir, StoreOptions::default())
-        .and_then(|store| store.claim_shard_scheme(&scheme))
-        .with_context(|| format!("the store in {}", data_dir.display()))?;
+    // A previous instance's storage process may still be exiting (it dies
+    // with its supervisor, a moment later): wait for its lock a little.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match EmbeddedStore::open(&data_dir, StoreOptions::default())
+            .and_then(|store| store.claim_shard_scheme(&scheme))
+        {
+            Ok(()) => break,
+            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "the store is busy; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("the store in {}", data_dir.display()));
+            }
+        }
+    }
     let me = std::env::current_exe().context("cannot find our own executable")?;
     let worker_program = match std::env::var_os("ANALYTICS_WORKER_BIN") {
         Some(p) => PathBuf::from(p),
@@ -491,7 +511,7 @@ fn export_cmd(data_dir: &Path) -> anyhow::Result<()> {
 fn produce_cmd(
     brokers: &str,
     topics: &[String],
-    partitions: u32,
+    (partitions, batch_records): (u32, u32),
     create: Vec<String>,
     input: Option<PathBuf>,
 ) -> anyhow::Result<()> {
@@ -503,6 +523,7 @@ fn produce_cmd(
         brokers,
         topics,
         partitions,
+        batch_records,
     };
     let sent = match &input {
         Some(p) if p.as_os_str() != "-" => {
