@@ -14,8 +14,9 @@
 //!   is down), handing over blocks, so the thread stops polling: memory stays
 //!   bounded by one batch per partition plus librdkafka's prefetch queue, and
 //!   consumption resumes by itself. (Pausing the partitions instead, to keep
-//!   polling, lost messages against tansu: measured in the kill test, 2 runs
-//!   in 12 with pause/resume, 0 in 10 without.) A stall longer than
+//!   polling, lost messages against tansu: it serves no fetch that starts
+//!   inside a record batch, and a resume fetches from the middle of one;
+//!   see src/produce.rs.) A stall longer than
 //!   `max.poll.interval.ms` (default 5 min) makes librdkafka leave the group
 //!   and rejoin afterwards; nothing is lost, since offsets are committed only
 //!   for what storage holds.
