@@ -131,7 +131,7 @@ pub fn produce(target: &Target<'_>, input: impl BufRead) -> Result<u64, ProduceE
         sent += 1;
     }
     producer
-        .flush(Duration::from_secs(120))
+        .flush(Duration::from_secs(600))
         .map_err(ProduceError::Flush)?;
     Ok(sent)
 }

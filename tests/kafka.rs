@@ -96,11 +96,20 @@ impl Topics {
         [&self.created, &self.updated, &self.deleted]
     }
 
-    /// Publishes lines with `analytics produce` (as the catalogue backend).
+    /// Publishes lines with `analytics produce` (as the catalogue backend),
+    /// one record per batch, so that a restarted consumer can resume at any
+    /// offset on tansu (see src/produce.rs).
     fn produce(&self, lines: &[&str]) {
+        self.produce_batched(lines, 1);
+    }
+
+    /// The same in batches of up to `records`: much faster on tansu, for
+    /// tests whose consumer never resumes mid-stream.
+    fn produce_batched(&self, lines: &[&str], records: u32) {
         let mut child = Command::new(ANALYTICS)
             .args(["produce", "--kafka-brokers", &self.brokers])
             .args(["--kafka-topics", &self.topics_arg()])
+            .args(["--batch-records", &records.to_string()])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -297,7 +306,7 @@ fn a_realistic_trace_through_kafka_equals_the_straight_fold_with_every_bad_event
     let data = dir.path().join("data");
 
     let mut run = start(&topics, &data);
-    topics.produce(&refs);
+    topics.produce_batched(&refs, 10_000);
     topics.wait_until_committed(&mut run);
     let stdout = stop(run);
 
@@ -341,7 +350,7 @@ fn redelivered_messages_change_nothing() {
             with_copies.push(*l);
         }
     }
-    topics.produce(&with_copies);
+    topics.produce_batched(&with_copies, 10_000);
     topics.wait_until_committed(&mut run);
     stop(run);
     assert_same_records(&export(&data), &fold(&input), "export vs fold");
