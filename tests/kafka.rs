@@ -277,23 +277,13 @@ fn read_lines(path: &Path) -> Vec<String> {
 
 /// Lines `fold` rejects, by reason, from its stderr summary.
 fn rejections_by_reason(input: &Path) -> BTreeMap<String, usize> {
-    let out = Command::new(WORKER)
-        .arg("fold")
-        .arg(input)
-        .output()
-        .expect("run analytics-worker fold");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let mut by = BTreeMap::new();
-    if let Some((_, reasons)) = stderr.trim().split_once(" lines: ") {
-        for part in reasons.split(", ") {
-            if let Some((reason, n)) = part.rsplit_once(' ')
-                && let Ok(n) = n.parse()
-            {
-                by.insert(reason.to_string(), n);
-            }
-        }
-    }
-    by
+    fold_rejections(input)
+        .split(", ")
+        .filter_map(|part| {
+            let (reason, n) = part.rsplit_once(' ')?;
+            Some((reason.to_string(), n.parse().ok()?))
+        })
+        .collect()
 }
 
 #[test]

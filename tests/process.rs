@@ -17,21 +17,6 @@ use std::time::{Duration, Instant};
 mod support;
 use support::*;
 
-/// The reasons part of `fold`'s stderr summary ("invalid_json 3, …").
-fn fold_rejections(input: &Path) -> String {
-    let out = Command::new(WORKER)
-        .arg("fold")
-        .arg(input)
-        .output()
-        .expect("run analytics-worker fold");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    stderr
-        .trim()
-        .split_once(" lines: ")
-        .map(|(_, r)| r.to_string())
-        .unwrap_or_default()
-}
-
 /// `analytics run` with quick flushes, so that crashes land between flushes.
 fn run_cmd(data: &Path) -> Command {
     let mut c = Command::new(ANALYTICS);

@@ -165,3 +165,18 @@ pub fn finish(child: Child) -> Output {
     );
     out
 }
+
+/// The reasons part of `fold`'s stderr summary ("invalid_json 3, …").
+pub fn fold_rejections(input: &Path) -> String {
+    let out = Command::new(WORKER)
+        .arg("fold")
+        .arg(input)
+        .output()
+        .expect("run analytics-worker fold");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .trim()
+        .split_once(" lines: ")
+        .map(|(_, r)| r.to_string())
+        .unwrap_or_default()
+}
