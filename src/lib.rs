@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`store`]: the embedded store, one redb file with the DynamoDB item model
 //!   (metric items with TTL) and the service's own durable state.
+//! - [`backend`]: the configured store, embedded or AWS, behind one API.
 //! - [`storage`]: the storage process, serving the supervisor's load, write
 //!   and snapshot requests over the proto channel.
 //! - [`archive`]: the archive directory with the S3 key layout (metric
@@ -16,6 +17,7 @@
 
 pub mod archive;
 pub mod aws_store;
+pub mod backend;
 pub mod dlq;
 pub mod produce;
 pub mod query;

@@ -4,6 +4,8 @@
 //! - `analytics query …` / `analytics export`: read the metrics back.
 //! - `analytics storage`: the storage process, spawned by `run` (internal).
 
+use analytics::aws_store::{AwsConfig, AwsStore};
+use analytics::backend::{Backend, BackendConfig};
 use analytics::query;
 use analytics::storage::now_ms;
 use analytics::store::{EmbeddedStore, StoreOptions};
@@ -35,9 +37,88 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct StoreArgs {
+    /// Where metrics and the service's state live: `embedded` (a redb file
+    /// and an archive directory in --data-dir) or `aws` (DynamoDB and S3).
+    #[arg(long, env = "ANALYTICS_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
     /// Directory of the embedded store, dead letters and archive.
     #[arg(long, env = "ANALYTICS_DATA_DIR", default_value = "./analytics-data")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Aws,
+}
+
+/// The AWS store's settings. Credentials and, unless given here, the region
+/// come from the standard provider chain (AWS_* environment, profile,
+/// instance role).
+#[derive(Args, Clone)]
+struct AwsArgs {
+    /// Endpoint override for a local stack (e.g. moto on
+    /// http://127.0.0.1:5000); S3 then uses path-style addressing.
+    #[arg(long, env = "ANALYTICS_AWS_ENDPOINT")]
+    aws_endpoint: Option<String>,
+    #[arg(long, env = "ANALYTICS_AWS_REGION")]
+    aws_region: Option<String>,
+    /// DynamoDB table of the metric items (DESIGN §6).
+    #[arg(long, env = "ANALYTICS_DYNAMODB_TABLE", default_value = "analytics-metrics")]
+    dynamodb_table: String,
+    /// DynamoDB table of the service's own state (never expires).
+    #[arg(long, env = "ANALYTICS_STATE_TABLE", default_value = "analytics-state")]
+    state_table: String,
+    /// S3 bucket of the archive and the state checkpoints.
+    #[arg(long, env = "ANALYTICS_S3_BUCKET", default_value = "analytics-archive")]
+    s3_bucket: String,
+}
+
+impl StoreArgs {
+    fn backend_config(&self, ttl_days: u64) -> BackendConfig {
+        match self.store {
+            StoreKind::Embedded => BackendConfig::Embedded {
+                data_dir: self.data_dir.clone(),
+            },
+            StoreKind::Aws => BackendConfig::Aws(AwsConfig {
+                endpoint: self.aws.aws_endpoint.clone(),
+                region: self.aws.aws_region.clone(),
+                metrics_table: self.aws.dynamodb_table.clone(),
+                state_table: self.aws.state_table.clone(),
+                bucket: self.aws.s3_bucket.clone(),
+                ttl: Duration::from_secs(ttl_days.saturating_mul(24 * 3600)),
+                ..AwsConfig::default()
+            }),
+        }
+    }
+
+    /// The same settings as command-line arguments, for the storage
+    /// process (none of them is a secret).
+    fn to_args(&self, data_dir: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--data-dir".into(), data_dir.into()];
+        if self.store == StoreKind::Aws {
+            let aws = &self.aws;
+            args.extend(["--store".into(), "aws".into()]);
+            for (flag, value) in [
+                ("--aws-endpoint", &aws.aws_endpoint),
+                ("--aws-region", &aws.aws_region),
+            ] {
+                if let Some(v) = value {
+                    args.extend([flag.into(), v.into()]);
+                }
+            }
+            for (flag, value) in [
+                ("--dynamodb-table", &aws.dynamodb_table),
+                ("--state-table", &aws.state_table),
+                ("--s3-bucket", &aws.s3_bucket),
+            ] {
+                args.extend([flag.into(), value.into()]);
+            }
+        }
+        args
+    }
 }
 
 #[derive(Subcommand)]
@@ -218,8 +299,8 @@ fn main() -> ExitCode {
     init_logging(role);
     let result = match cli.command {
         Command::Run(args) => run_tree(args),
-        Command::Query { store, json, what } => return query_cmd(&store.data_dir, json, what),
-        Command::Export { store } => export_cmd(&store.data_dir),
+        Command::Query { store, json, what } => return query_cmd(&store, json, what),
+        Command::Export { store } => export_cmd(&store),
         Command::Produce {
             kafka_brokers,
             topics,
@@ -240,7 +321,7 @@ fn main() -> ExitCode {
             dlq_topic,
             ipc_fd,
             parent_pid,
-        } => storage_cmd(&store.data_dir, ttl_days, dlq_topic, ipc_fd, parent_pid),
+        } => storage_cmd(&store, ttl_days, dlq_topic, ipc_fd, parent_pid),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -301,6 +382,10 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
             "--kafka-topics must name at least one topic"
         );
     }
+    anyhow::ensure!(
+        args.store.store == StoreKind::Embedded || kafka.is_some(),
+        "--store aws needs --kafka-brokers: a file source keeps its dead letters in the embedded store"
+    );
     std::fs::create_dir_all(&args.store.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -316,8 +401,9 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
     };
     // A previous instance's storage process may still be exiting (it dies
     // with its supervisor, a moment later): wait for its lock a little.
+    // (The AWS store is keyed by Kafka partitions only.)
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    while args.store.store == StoreKind::Embedded {
         match EmbeddedStore::open(&data_dir, StoreOptions::default())
             .and_then(|store| store.claim_shard_scheme(&scheme))
         {
@@ -347,13 +433,9 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
             .max(1)
     });
     anyhow::ensure!(workers >= 1, "--workers must be at least 1");
-    let mut storage_args = vec![
-        OsString::from("storage"),
-        "--data-dir".into(),
-        data_dir.clone().into_os_string(),
-        "--ttl-days".into(),
-        args.ttl_days.to_string().into(),
-    ];
+    let mut storage_args = vec![OsString::from("storage")];
+    storage_args.extend(args.store.to_args(&data_dir));
+    storage_args.extend(["--ttl-days".into(), args.ttl_days.to_string().into()]);
     let mut storage_env = Vec::new();
     if let Some(k) = &kafka {
         storage_args.extend(["--dlq-topic".into(), args.kafka.dlq_topic.clone().into()]);
@@ -450,49 +532,74 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
     }
     println!("worker/storage restarts: {}", summary.restarts);
     if let Some(key) = summary.snapshot {
-        println!(
-            "snapshot: {}",
-            analytics::archive::archive_dir(&data_dir)
-                .join(key)
-                .display()
-        );
+        match args.store.store {
+            StoreKind::Embedded => println!(
+                "snapshot: {}",
+                analytics::archive::archive_dir(&data_dir)
+                    .join(key)
+                    .display()
+            ),
+            StoreKind::Aws => println!("snapshot: s3://{}/{key}", args.store.aws.s3_bucket),
+        }
     }
     Ok(())
 }
 
-fn open_store(data_dir: &Path) -> anyhow::Result<EmbeddedStore> {
-    anyhow::ensure!(
-        data_dir.join(analytics::store::DB_FILE).exists(),
-        "no store in {} (run `analytics run` first)",
-        data_dir.display()
-    );
-    EmbeddedStore::open(data_dir, StoreOptions::default())
-        .with_context(|| format!("cannot open the store in {}", data_dir.display()))
+/// Opens the configured store for reading.
+async fn open_backend(config: BackendConfig) -> anyhow::Result<Backend> {
+    Ok(match config {
+        BackendConfig::Embedded { data_dir } => {
+            anyhow::ensure!(
+                data_dir.join(analytics::store::DB_FILE).exists(),
+                "no store in {} (run `analytics run` first)",
+                data_dir.display()
+            );
+            let store = EmbeddedStore::open(&data_dir, StoreOptions::default())
+                .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+            Backend::Embedded {
+                store,
+                archive_dir: analytics::archive::archive_dir(&data_dir),
+            }
+        }
+        BackendConfig::Aws(cfg) => Backend::Aws(Box::new(
+            AwsStore::connect(cfg)
+                .await
+                .context("cannot reach the AWS store")?,
+        )),
+    })
 }
 
-fn query_cmd(data_dir: &Path, json: bool, what: QueryWhat) -> ExitCode {
-    let store = match open_store(data_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("analytics: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+fn query_cmd(store: &StoreArgs, json: bool, what: QueryWhat) -> ExitCode {
     let mut out = std::io::stdout().lock();
-    let result = match &what {
-        QueryWhat::Seller { id } => query::query_seller(&store, id, json, now_ms(), &mut out),
-        QueryWhat::Category { name } => {
-            query::query_category(&store, name, json, now_ms(), &mut out)
-        }
-        QueryWhat::LowStock { seller } => {
-            query::query_low_stock(&store, seller.as_deref(), json, &mut out)
-        }
-    };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let backend = open_backend(store.backend_config(30)).await?;
+            let now = now_ms();
+            anyhow::Ok(match &what {
+                QueryWhat::Seller { id } => {
+                    let found = backend.seller(id, now).await?;
+                    query::print_entity("seller", id, found, json, &mut out)
+                }
+                QueryWhat::Category { name } => {
+                    let found = backend.category(name, now).await?;
+                    query::print_entity("category", name, found, json, &mut out)
+                }
+                QueryWhat::LowStock { seller } => {
+                    let records = backend.low_stock(seller.as_deref()).await?;
+                    query::print_low_stock(&records, seller.as_deref(), json, &mut out)
+                }
+            })
+        })
+    });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is_not_found() => ExitCode::FAILURE,
-        Err(query::QueryError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) if e.is_not_found() => ExitCode::FAILURE,
+        Ok(Err(query::QueryError::Output(e))) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("analytics: {e:#}");
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("analytics: {e:#}");
@@ -501,10 +608,13 @@ fn query_cmd(data_dir: &Path, json: bool, what: QueryWhat) -> ExitCode {
     }
 }
 
-fn export_cmd(data_dir: &Path) -> anyhow::Result<()> {
-    let store = open_store(data_dir)?;
+fn export_cmd(store: &StoreArgs) -> anyhow::Result<()> {
+    let records = runtime()?.block_on(async {
+        let backend = open_backend(store.backend_config(30)).await?;
+        anyhow::Ok(backend.current_records(now_ms()).await?)
+    })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    query::export(&store, now_ms(), &mut out)?;
+    query::export(&records, &mut out)?;
     Ok(())
 }
 
@@ -538,7 +648,7 @@ fn produce_cmd(
 }
 
 fn storage_cmd(
-    data_dir: &Path,
+    store: &StoreArgs,
     ttl_days: u64,
     dlq_topic: Option<String>,
     ipc_fd: i32,
@@ -562,20 +672,46 @@ fn storage_cmd(
         }
         None => None,
     };
-    let store = EmbeddedStore::open(
-        data_dir,
-        StoreOptions {
-            ttl: Duration::from_secs(ttl_days * 24 * 3600),
-        },
-    )?;
+    anyhow::ensure!(
+        dlq.is_some() || store.store == StoreKind::Embedded,
+        "the AWS store needs a dead-letter topic"
+    );
     runtime()?.block_on(async {
+        // Adopt the socket first: it closes with this process whatever
+        // happens next, so the supervisor learns of a failed start.
         let stream = proto::child::adopt_socket(ipc_fd)?;
-        analytics::storage::serve(
-            stream,
-            store,
-            analytics::archive::archive_dir(data_dir),
-            dlq,
-        )
-        .await
+        let backend = match store.backend_config(ttl_days) {
+            BackendConfig::Embedded { data_dir } => Backend::Embedded {
+                store: EmbeddedStore::open(
+                    &data_dir,
+                    StoreOptions {
+                        ttl: Duration::from_secs(ttl_days * 24 * 3600),
+                    },
+                )?,
+                archive_dir: analytics::archive::archive_dir(&data_dir),
+            },
+            BackendConfig::Aws(cfg) => Backend::Aws(Box::new(connect_aws(cfg).await?)),
+        };
+        analytics::storage::serve(stream, backend, dlq).await
     })
+}
+
+/// Connects to DynamoDB and S3, retrying with capped backoff for as long as
+/// they are unreachable (the supervisor holds input back meanwhile); a
+/// setting that cannot work is an error at once.
+async fn connect_aws(cfg: AwsConfig) -> anyhow::Result<AwsStore> {
+    let mut attempt = 0u32;
+    loop {
+        match AwsStore::connect(cfg.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if !e.is_retryable() => return Err(e).context("connecting to the AWS store"),
+            Err(e) => {
+                let delay = Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5));
+                tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %e,
+                    "cannot reach the AWS store; retrying");
+                tokio::time::sleep(delay).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
 }

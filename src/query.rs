@@ -1,8 +1,8 @@
-//! `analytics query` and `analytics export` output: metric records from the
-//! embedded store as JSON lines (the one record format of DESIGN §4) or as
+//! `analytics query` and `analytics export` output: metric records read from
+//! the configured store as JSON lines (the one record format of DESIGN §4) or as
 //! readable aligned tables.
 
-use crate::store::{EmbeddedStore, History, StoreError, civil_from_days};
+use crate::store::{History, civil_from_days};
 use analytics_worker::records::MetricRecord;
 use std::io::{self, Write};
 
@@ -10,8 +10,6 @@ use std::io::{self, Write};
 pub enum QueryError {
     #[error("no {kind} named {name:?}")]
     NotFound { kind: &'static str, name: String },
-    #[error("reading the store: {0}")]
-    Store(#[from] StoreError),
     #[error("writing the output: {0}")]
     Output(#[from] io::Error),
 }
@@ -23,51 +21,24 @@ impl QueryError {
     }
 }
 
-/// Writes every current record as a JSON line, sorted by key; returns the
-/// number of records.
-pub fn export(store: &EmbeddedStore, now_ms: i64, out: &mut impl Write) -> anyhow::Result<u64> {
-    let records = store.current_records(now_ms)?;
-    for record in &records {
+/// Writes every record as a JSON line (export prints every current record,
+/// sorted by key).
+pub fn export(records: &[MetricRecord], out: &mut impl Write) -> io::Result<()> {
+    for record in records {
         writeln!(out, "{}", record.to_json_line())?;
     }
-    out.flush()?;
-    Ok(records.len() as u64)
-}
-
-/// A seller's current metrics and daily history (newest day first).
-pub fn query_seller(
-    store: &EmbeddedStore,
-    id: &str,
-    json: bool,
-    now_ms: i64,
-    out: &mut impl Write,
-) -> Result<(), QueryError> {
-    let found = store.seller(id, now_ms)?;
-    print_entity("seller", id, found, json, out)
-}
-
-/// A category's current metrics and daily history (newest day first).
-pub fn query_category(
-    store: &EmbeddedStore,
-    name: &str,
-    json: bool,
-    now_ms: i64,
-    out: &mut impl Write,
-) -> Result<(), QueryError> {
-    let found = store.category(name, now_ms)?;
-    print_entity("category", name, found, json, out)
+    out.flush()
 }
 
 /// The low-stock list, of one seller or of all.
-pub fn query_low_stock(
-    store: &EmbeddedStore,
+pub fn print_low_stock(
+    records: &[MetricRecord],
     seller: Option<&str>,
     json: bool,
     out: &mut impl Write,
 ) -> Result<(), QueryError> {
-    let records = store.low_stock(seller)?;
     if json {
-        for r in &records {
+        for r in records {
             writeln!(out, "{}", r.to_json_line())?;
         }
     } else if records.is_empty() {
@@ -109,7 +80,9 @@ pub fn query_low_stock(
     Ok(())
 }
 
-fn print_entity(
+/// A seller's or category's current metrics and daily history (newest day
+/// first); `kind` is `seller` or `category`.
+pub fn print_entity(
     kind: &'static str,
     name: &str,
     found: Option<History>,
@@ -252,7 +225,7 @@ fn write_table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
+    use crate::store::{EmbeddedStore, StoreOptions};
 
     const T0: i64 = 1_696_176_060_000;
 
@@ -277,10 +250,10 @@ mod tests {
     fn export_writes_every_current_record_as_json_lines() {
         let (_dir, store) = store();
         let mut out = Vec::new();
-        assert_eq!(export(&store, T0, &mut out).unwrap(), 4);
-        let expected: String = store
-            .current_records(T0)
-            .unwrap()
+        let records = store.current_records(T0).unwrap();
+        assert_eq!(records.len(), 4);
+        export(&records, &mut out).unwrap();
+        let expected: String = records
             .iter()
             .map(|r| r.to_json_line() + "\n")
             .collect();
@@ -291,7 +264,7 @@ mod tests {
     #[test]
     fn seller_table_and_json() {
         let (_dir, store) = store();
-        let (text, result) = run(|out| query_seller(&store, "s1", false, T0, out));
+        let (text, result) = run(|out| print_entity("seller", "s1", store.seller("s1", T0).unwrap(), false, out));
         result.unwrap();
         assert!(text.starts_with("seller s1\n"), "{text}");
         assert!(text.contains("  totalValue       120.00\n"), "{text}");
@@ -304,7 +277,7 @@ mod tests {
         assert!(day_row.starts_with("  2023-10-01"), "{day_row}");
         assert!(day_row.contains(" 120.00 "), "{day_row}");
 
-        let (text, result) = run(|out| query_seller(&store, "s1", true, T0, out));
+        let (text, result) = run(|out| print_entity("seller", "s1", store.seller("s1", T0).unwrap(), true, out));
         result.unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -341,7 +314,7 @@ mod tests {
             };
             store.write(&[changes], T0).unwrap();
         }
-        let (text, result) = run(|out| query_category(&store, "Books", true, T0, out));
+        let (text, result) = run(|out| print_entity("category", "Books", store.category("Books", T0).unwrap(), true, out));
         result.unwrap();
         let days: Vec<String> = text
             .lines()
@@ -359,10 +332,10 @@ mod tests {
     #[test]
     fn unknown_entities_are_a_typed_not_found() {
         let (_dir, store) = store();
-        let (text, result) = run(|out| query_seller(&store, "s9", false, T0, out));
+        let (text, result) = run(|out| print_entity("seller", "s9", store.seller("s9", T0).unwrap(), false, out));
         assert_eq!(text, "no seller named \"s9\"\n");
         assert!(result.unwrap_err().is_not_found());
-        let (text, result) = run(|out| query_category(&store, "Toys", true, T0, out));
+        let (text, result) = run(|out| print_entity("category", "Toys", store.category("Toys", T0).unwrap(), true, out));
         assert_eq!(text, "");
         assert!(matches!(
             result,
@@ -376,7 +349,7 @@ mod tests {
     #[test]
     fn low_stock_table() {
         let (_dir, store) = store();
-        let (text, result) = run(|out| query_low_stock(&store, None, false, out));
+        let (text, result) = run(|out| print_low_stock(&store.low_stock(None).unwrap(), None, false, out));
         result.unwrap();
         assert_eq!(
             text,
@@ -385,10 +358,10 @@ mod tests {
                 "  s1        1          name-s1-Games  Games            8  15.00\n"
             )
         );
-        let (text, result) = run(|out| query_low_stock(&store, Some("s2"), false, out));
+        let (text, result) = run(|out| print_low_stock(&store.low_stock(Some("s2")).unwrap(), Some("s2"), false, out));
         result.unwrap();
         assert_eq!(text, "no low-stock products for seller \"s2\"\n");
-        let (text, result) = run(|out| query_low_stock(&store, Some("s1"), true, out));
+        let (text, result) = run(|out| print_low_stock(&store.low_stock(Some("s1")).unwrap(), Some("s1"), true, out));
         result.unwrap();
         assert_eq!(
             text,

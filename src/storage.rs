@@ -1,21 +1,36 @@
 //! The storage process: serves the supervisor's `Load`, `Write` and
-//! `Snapshot` requests against the embedded store (DESIGN §4, §5, §8).
+//! `Snapshot` requests against the configured store (DESIGN §4, §5, §6, §8).
 //!
-//! The process does one thing, so its blocking redb work runs inline.
+//! The process does one thing at a time, in request order: the supervisor
+//! relies on writes being answered in order.
+//!
+//! While the store is unreachable (the AWS store's own retries ran out on
+//! an outage) a request is retried here, with capped exponential backoff
+//! and full jitter, until it passes: the supervisor meanwhile holds back
+//! input (bounded memory) and commits nothing, and restarting this process
+//! would not help. Only the embedded store's retryable errors (a busy lock)
+//! are reported back, so the supervisor can replace the process.
 
-use crate::archive::write_metric_snapshot;
+use crate::aws_store::retry::{Backoff, random_u64};
+use crate::backend::{Backend, BackendError};
 use crate::dlq::KafkaDlq;
-use crate::store::EmbeddedStore;
 use anyhow::Context;
 use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage};
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::UnixStream;
 
 /// Products per `Loaded` chunk, well below the frame limit.
 pub const LOAD_CHUNK_PRODUCTS: usize = 50_000;
 /// Current items are refreshed at least this often (DESIGN §6).
 const TTL_REFRESH_MS: i64 = 24 * 3600 * 1000;
+/// Backoff between attempts of a request while the AWS store is down.
+const OUTAGE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
+    max_attempts: u32::MAX,
+};
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -28,8 +43,7 @@ pub fn now_ms() -> i64 {
 /// the protocol (`Err`: the supervisor replaces this process).
 pub async fn serve(
     stream: UnixStream,
-    mut store: EmbeddedStore,
-    archive_dir: PathBuf,
+    mut store: Backend,
     dlq: Option<KafkaDlq>,
 ) -> anyhow::Result<()> {
     let (mut tx, mut rx, hello) =
@@ -38,9 +52,10 @@ pub async fn serve(
             .context("storage handshake with the supervisor")?;
     tracing::info!(
         supervisor_pid = hello.pid,
+        aws = store.is_aws(),
         "storage connected to the supervisor"
     );
-    let mut last_refresh = refresh(&mut store, now_ms());
+    let mut last_refresh = refresh(&mut store, now_ms()).await;
     loop {
         let request = match rx.recv().await {
             Ok(request) => request,
@@ -52,9 +67,9 @@ pub async fn serve(
         };
         let now = now_ms();
         if now.saturating_sub(last_refresh) >= TTL_REFRESH_MS {
-            last_refresh = refresh(&mut store, now);
+            last_refresh = refresh(&mut store, now).await;
         }
-        for reply in handle(&mut store, &archive_dir, dlq.as_ref(), request, now) {
+        for reply in handle(&mut store, dlq.as_ref(), request, now).await {
             tx.send(&reply)
                 .await
                 .context("sending a reply to the supervisor")?;
@@ -64,8 +79,8 @@ pub async fn serve(
 
 /// Refreshes the TTL of current items; a failure is logged and retried on
 /// the next request. Returns the time of the last successful refresh.
-fn refresh(store: &mut EmbeddedStore, now: i64) -> i64 {
-    match store.refresh_ttl(now) {
+async fn refresh(store: &mut Backend, now: i64) -> i64 {
+    match store.refresh_ttl(now).await {
         Ok(items) => {
             tracing::info!(items, "refreshed the TTL of current items");
             now
@@ -77,21 +92,54 @@ fn refresh(store: &mut EmbeddedStore, now: i64) -> i64 {
     }
 }
 
-fn handle(
-    store: &mut EmbeddedStore,
-    archive_dir: &Path,
+/// A store operation, boxed so one retry loop serves them all.
+type StoreOp<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
+
+/// Runs `op` until it succeeds or fails for good; retryable failures of
+/// the AWS store are retried here (see the module doc), others returned.
+/// `input` is what the operation borrows (its own lifetime would not fit
+/// the boxed future's otherwise).
+async fn until_done<I: ?Sized + Sync, T>(
+    store: &mut Backend,
+    what: &str,
+    input: &I,
+    mut op: impl for<'a> FnMut(&'a mut Backend, &'a I) -> StoreOp<'a, T>,
+) -> Result<T, BackendError> {
+    let mut attempt = 0u32;
+    loop {
+        match op(store, input).await {
+            Err(e) if store.is_aws() && e.is_retryable() => {
+                let delay = OUTAGE_BACKOFF.delay(attempt, random_u64());
+                tracing::warn!(what, attempt, delay_ms = delay.as_millis() as u64, error = %e,
+                    "the store is unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                attempt = attempt.saturating_add(1);
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn handle(
+    store: &mut Backend,
     dlq: Option<&KafkaDlq>,
     request: ToStorage,
     now: i64,
 ) -> Vec<FromStorage> {
     match request {
-        ToStorage::Load { id, shard } => match store.load_shard(shard, LOAD_CHUNK_PRODUCTS) {
-            Ok(chunks) => chunks
-                .into_iter()
-                .map(|state| FromStorage::Loaded { id, state })
-                .collect(),
-            Err(e) => vec![failed(id, "load", shard.to_string(), &e, e.is_retryable())],
-        },
+        ToStorage::Load { id, shard } => {
+            let loaded = until_done(store, "load", &(), |s, _| {
+                Box::pin(s.load_shard(shard, LOAD_CHUNK_PRODUCTS))
+            })
+            .await;
+            match loaded {
+                Ok(chunks) => chunks
+                    .into_iter()
+                    .map(|state| FromStorage::Loaded { id, state })
+                    .collect(),
+                Err(e) => vec![failed(id, "load", shard.to_string(), &e, e.is_retryable())],
+            }
+        }
         ToStorage::Write { id, mut changes } => {
             // With a dead-letter topic, rejected events are published (and
             // acknowledged by the broker) before the write commits; the
@@ -106,34 +154,28 @@ fn handle(
                     c.dead_letters.clear();
                 }
             }
-            write(store, id, &changes, now)
+            write(store, id, &changes, now).await
         }
         ToStorage::Snapshot { id } => {
-            let result = store
-                .current_records(now)
-                .map_err(|e| (e.is_retryable(), anyhow::Error::new(e)))
-                .and_then(|records| {
-                    write_metric_snapshot(archive_dir, &records, now)
-                        .map_err(|e| (true, anyhow::Error::new(e)))
-                });
-            match result {
+            match until_done(store, "snapshot", &(), |s, _| Box::pin(s.snapshot(now))).await {
                 Ok(key) => {
                     tracing::info!(id, key, "metric snapshot archived");
                     vec![FromStorage::Snapshotted { id, key }]
                 }
-                Err((retryable, e)) => vec![failed(id, "snapshot", String::new(), &*e, retryable)],
+                Err(e) => vec![failed(id, "snapshot", String::new(), &e, e.is_retryable())],
             }
         }
     }
 }
 
-fn write(
-    store: &mut EmbeddedStore,
+async fn write(
+    store: &mut Backend,
     id: u64,
     changes: &[ShardChanges],
     now: i64,
 ) -> Vec<FromStorage> {
-    match store.write(changes, now) {
+    let result = until_done(store, "write", changes, |s, c| Box::pin(s.write(c, now))).await;
+    match result {
         Ok(stats) => {
             tracing::debug!(
                 id,
@@ -193,7 +235,7 @@ fn format_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
+    use crate::store::{EmbeddedStore, StoreOptions};
     use proto::{EntityKey, EntityTotals, Position, ProductId, ShardChanges};
 
     #[tokio::test]
@@ -202,7 +244,14 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let archive = dir.path().join("archive");
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, store, archive.clone(), None));
+        let server = tokio::spawn(serve(
+            theirs,
+            Backend::Embedded {
+                store,
+                archive_dir: archive.clone(),
+            },
+            None,
+        ));
 
         let (mut tx, mut rx, hello) =
             proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
@@ -270,13 +319,20 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    fn embedded(store: EmbeddedStore, dir: &std::path::Path) -> Backend {
+        Backend::Embedded {
+            store,
+            archive_dir: dir.join("archive"),
+        }
+    }
+
     #[tokio::test]
     async fn a_broken_frame_is_an_error() {
         use tokio::io::AsyncWriteExt;
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, store, dir.path().join("archive"), None));
+        let server = tokio::spawn(serve(theirs, embedded(store, dir.path()), None));
         let (tx, rx, _) =
             proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
                 .await
@@ -286,7 +342,7 @@ mod tests {
 
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let (mut ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, store, dir.path().join("archive"), None));
+        let server = tokio::spawn(serve(theirs, embedded(store, dir.path()), None));
         // Not a hello at all: a frame claiming far too many bytes.
         ours.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
         assert!(server.await.unwrap().is_err());
