@@ -1,6 +1,9 @@
-//! Helpers shared by the process and Kafka tests: the real binaries, their
+//! Helpers shared by the process, Kafka and DynamoDB tests: the real binaries, their
 //! output, and the process tree of a running service.
 #![allow(dead_code)] // each test binary uses a different subset
+
+pub mod kafka;
+pub mod proxy;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -1,0 +1,232 @@
+//! The production path end to end against the real local stack (Kafka on
+//! tansu, DynamoDB and S3 on moto; `scripts/stack up`, which the test
+//! command runs): the service consumes the catalogue's topics into the AWS
+//! store, and the metrics read back from DynamoDB (`analytics export
+//! --store aws`) must equal `analytics-worker fold` of the same events,
+//! whatever is killed, redelivered, rebalanced or unreachable. A missing
+//! server fails every test with a clear message.
+//!
+//! Each test has its own topics, consumer group, tables and bucket.
+
+mod support;
+
+use nix::sys::signal::Signal;
+use std::time::{Duration, Instant};
+use support::kafka::*;
+use support::proxy::Proxy;
+use support::*;
+
+struct Case {
+    topics: Topics,
+    sink: Sink,
+    input: std::path::PathBuf,
+    lines: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new(name: &str, events: u64, bad_every: u64) -> Case {
+        let tag = unique_tag(name);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = Sink::aws(&tag, dir.path().join("data"));
+        let input = generate(dir.path(), events, bad_every);
+        Case {
+            topics: Topics::new(&tag),
+            sink,
+            lines: read_lines(&input),
+            input,
+            _dir: dir,
+        }
+    }
+
+    fn lines(&self) -> Vec<&str> {
+        self.lines.iter().map(String::as_str).collect()
+    }
+
+    fn assert_exact(&self) {
+        assert_same_records(&self.sink.export(), &fold(&self.input), "DynamoDB vs fold");
+    }
+}
+
+/// A pseudo-random pause of up to `max_ms`, so kills land at different
+/// moments from run to run (the seed is printed to reproduce one).
+fn random_pause(max_ms: u64) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let ms = nanos % (max_ms + 1);
+    eprintln!("pausing {ms} ms before the next kill");
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[test]
+fn a_realistic_trace_into_dynamodb_equals_the_straight_fold_with_every_bad_event_in_the_dlq() {
+    let case = Case::new("ddb-trace", 100_000, 1000);
+    let mut run = start(&case.topics, &case.sink);
+    case.topics.produce_batched(&case.lines(), 10_000);
+    case.topics.wait_until_committed(&mut [&mut run]);
+    let stdout = stop(run);
+
+    case.assert_exact();
+    let expected = rejections_by_reason(&case.input);
+    assert!(!expected.is_empty(), "the trace has malformed events");
+    let letters = case.topics.dead_letters(expected.values().sum());
+    assert_eq!(letters_by_reason(&letters), expected, "dead letters by reason");
+    // A clean shutdown archives a metric snapshot to S3.
+    assert!(stdout.contains("snapshot: s3://"), "run summary: {stdout}");
+}
+
+#[test]
+fn redelivered_messages_change_nothing_in_dynamodb() {
+    let case = Case::new("ddb-dup", 20_000, 0);
+    let lines = case.lines();
+    // A producer retry: every 7th message is delivered twice, the copy a
+    // little later in its partition.
+    let mut with_copies = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        with_copies.push(*l);
+        if i % 7 == 0 {
+            with_copies.push(*l);
+        }
+    }
+    let mut run = start(&case.topics, &case.sink);
+    case.topics.produce_batched(&with_copies, 10_000);
+    case.topics.wait_until_committed(&mut [&mut run]);
+    stop(run);
+    case.assert_exact();
+}
+
+#[test]
+fn sigkill_of_a_worker_storage_and_supervisor_at_random_moments_loses_and_doubles_nothing() {
+    let case = Case::new("ddb-kill", 40_000, 2000);
+    let lines = case.lines();
+    let quarter = lines.len() / 4;
+    let topics = &case.topics;
+
+    let run = start(topics, &case.sink);
+    let pid = run.id();
+    topics.produce(&lines[..quarter]);
+    random_pause(500);
+    let workers = wait_for_children(pid, "analytics-worker", 2);
+    signal(workers[0], Signal::SIGKILL);
+    topics.produce(&lines[quarter..2 * quarter]);
+    random_pause(500);
+    let storage = wait_for_children(pid, " storage ", 1);
+    signal(storage[0], Signal::SIGKILL);
+    topics.produce(&lines[2 * quarter..3 * quarter]);
+    random_pause(500);
+    // The supervisor dies (its children with it); systemd would start the
+    // service again, and the new one resumes from DynamoDB's state.
+    run.kill();
+
+    let mut run = start(topics, &case.sink);
+    topics.produce(&lines[3 * quarter..]);
+    topics.wait_until_committed(&mut [&mut run]);
+    stop(run);
+
+    case.assert_exact();
+    let expected: usize = rejections_by_reason(&case.input).values().sum();
+    let letters = topics.dead_letters(expected);
+    let mut distinct: Vec<&String> = letters.iter().map(|(k, _, _)| k).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), expected, "every bad event has a dead letter");
+}
+
+#[test]
+fn two_instances_in_one_group_one_killed_mid_run_sum_categories_exactly() {
+    let case = Case::new("ddb-two", 40_000, 0);
+    let lines = case.lines();
+    let third = lines.len() / 3;
+    let topics = &case.topics;
+    // Two instances: one group, one set of tables, their own data dirs.
+    let other = case._dir.path().join("other");
+    let Sink::Aws { endpoint, tag, .. } = &case.sink else {
+        unreachable!("an AWS case")
+    };
+    let log_a = case._dir.path().join("a.log");
+    let log_b = case._dir.path().join("b.log");
+    let file = |p: &std::path::Path| std::fs::File::create(p).expect("log file").into();
+    let mut a = start_with(topics, &case.sink.args(), file(&log_a));
+    let mut b = start_with(
+        topics,
+        &case.sink.args_with_endpoint(endpoint, tag, &other),
+        file(&log_b),
+    );
+    topics.produce(&lines[..third]);
+    topics.wait_until_committed(&mut [&mut a, &mut b]);
+    // Both instances own partitions (so both write category parts).
+    for log in [&log_a, &log_b] {
+        let text = std::fs::read_to_string(log).expect("read a log");
+        let owned = text
+            .lines()
+            .filter(|l| l.contains("partitions assigned"))
+            .next_back()
+            .unwrap_or_default();
+        assert!(
+            owned.contains("shards={") && !owned.contains("shards={}"),
+            "{} owns no partition: {owned:?}",
+            log.display()
+        );
+    }
+    topics.produce(&lines[third..2 * third]);
+    random_pause(1000);
+    a.kill();
+    // b takes over a's partitions after the session timeout and restores
+    // them from DynamoDB/S3.
+    topics.produce(&lines[2 * third..]);
+    topics.wait_until_committed(&mut [&mut b]);
+    stop(b);
+    case.assert_exact();
+}
+
+#[test]
+fn a_20_second_dynamodb_outage_mid_run_is_waited_out_and_loses_nothing() {
+    let case = Case::new("ddb-outage", 20_000, 0);
+    let lines = case.lines();
+    let half = lines.len() / 2;
+    let topics = &case.topics;
+    let Sink::Aws {
+        endpoint,
+        tag,
+        data,
+    } = &case.sink
+    else {
+        unreachable!("an AWS case")
+    };
+    let target: std::net::SocketAddr = endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("moto endpoint host:port");
+    let proxy = Proxy::start(target);
+    let store_args = case.sink.args_with_endpoint(&proxy.endpoint(), tag, data);
+
+    let mut run = start_with(topics, &store_args, service_log());
+    topics.produce_batched(&lines[..half], 10_000);
+    topics.wait_until_committed(&mut [&mut run]);
+    let before = topics.committed();
+
+    proxy.down();
+    topics.produce_batched(&lines[half..], 10_000);
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(20) {
+        // The service waits: it neither exits nor commits what it could
+        // not store.
+        assert!(
+            run.try_wait().is_none(),
+            "the service exited during the outage"
+        );
+        assert_eq!(topics.committed(), before, "committed offsets during the outage");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    proxy.up();
+    topics.wait_until_committed(&mut [&mut run]);
+    let stdout = stop(run);
+    assert!(
+        stdout.contains("worker/storage restarts: 0"),
+        "the outage is waited out, not crashed through: {stdout}"
+    );
+    case.assert_exact();
+}
+

@@ -1,0 +1,468 @@
+//! The Kafka side of the integration tests: one test's topics and consumer
+//! group on the local broker, the store the service writes to (embedded or
+//! DynamoDB/S3 on the local moto), and `analytics run` on them.
+
+use super::*;
+use nix::sys::signal::Signal;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+
+/// Partitions per topic, as the catalogue's topics have.
+pub const PARTITIONS: i32 = 4;
+
+/// Fails the test with a clear message unless something accepts TCP
+/// connections at one of `addrs` (host:port, comma separated).
+fn assert_reachable(addrs: &str, what: &str, hint: &str) {
+    use std::net::ToSocketAddrs;
+    let reachable = addrs.split(',').any(|b| {
+        b.to_socket_addrs()
+            .ok()
+            .into_iter()
+            .flatten()
+            .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+    });
+    assert!(reachable, "no {what} answers at {addrs}: {hint}");
+}
+
+pub fn brokers() -> String {
+    let brokers =
+        std::env::var("ANALYTICS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    assert_reachable(
+        &brokers,
+        "Kafka broker",
+        "start the local stack with `scripts/stack up` (scripts/test does), \
+         or point ANALYTICS_TEST_KAFKA_BROKERS at one",
+    );
+    brokers
+}
+
+/// The moto endpoint (`ANALYTICS_TEST_AWS_ENDPOINT`), checked to answer.
+pub fn aws_endpoint() -> String {
+    let ep = std::env::var("ANALYTICS_TEST_AWS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let hostport = ep
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    assert_reachable(
+        &hostport,
+        "DynamoDB/S3 server (moto)",
+        "start the local stack with `scripts/stack up` (scripts/test does), \
+         or point ANALYTICS_TEST_AWS_ENDPOINT at one",
+    );
+    ep
+}
+
+/// A name unique to this test and moment, valid for topics, tables and
+/// buckets (lower case, digits, dashes).
+pub fn unique_tag(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() % 10_000_000_000)
+            .unwrap_or(0)
+    )
+}
+
+/// Where the service under test keeps its metrics.
+pub enum Sink {
+    /// The embedded store in this data directory.
+    Embedded(PathBuf),
+    /// DynamoDB and S3 on the local moto; the data directory is unused but
+    /// given (the service must not need it).
+    Aws {
+        endpoint: String,
+        tag: String,
+        data: PathBuf,
+    },
+}
+
+impl Sink {
+    pub fn embedded(data: PathBuf) -> Sink {
+        Sink::Embedded(data)
+    }
+
+    /// Tables and bucket of their own, named after `tag`.
+    pub fn aws(tag: &str, data: PathBuf) -> Sink {
+        Sink::Aws {
+            endpoint: aws_endpoint(),
+            tag: tag.to_lowercase(),
+            data,
+        }
+    }
+
+    /// The store's flags, for `run`, `export` and `query`.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Sink::Embedded(data) => vec!["--data-dir".into(), data.display().to_string()],
+            Sink::Aws {
+                endpoint,
+                tag,
+                data,
+            } => {
+                self.args_with_endpoint(endpoint, tag, data)
+            }
+        }
+    }
+
+    /// The AWS flags with another endpoint (a proxy in front of moto).
+    pub fn args_with_endpoint(&self, endpoint: &str, tag: &str, data: &Path) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--store".into(),
+            "aws".into(),
+            "--aws-endpoint".into(),
+            endpoint.into(),
+            "--dynamodb-table".into(),
+            format!("{tag}-metrics"),
+            "--state-table".into(),
+            format!("{tag}-state"),
+            "--s3-bucket".into(),
+            format!("{tag}-archive"),
+        ]
+    }
+
+    /// `analytics export` of this store.
+    pub fn export(&self) -> String {
+        let mut cmd = Command::new(ANALYTICS);
+        cmd.arg("export").args(self.args());
+        aws_env(&mut cmd);
+        stdout_of(&mut cmd, "analytics export")
+    }
+}
+
+/// Dummy AWS credentials and region for moto, unless the environment has
+/// real ones; no instance-metadata probing.
+pub fn aws_env(cmd: &mut Command) {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        if std::env::var_os(k).is_none() {
+            cmd.env(k, v);
+        }
+    }
+}
+
+/// One test's topics and group.
+pub struct Topics {
+    pub brokers: String,
+    pub created: String,
+    pub updated: String,
+    pub deleted: String,
+    pub dlq: String,
+    pub group: String,
+    produced: std::cell::Cell<usize>,
+}
+
+impl Topics {
+    pub fn new(tag: &str) -> Topics {
+        let brokers = brokers();
+        let t = Topics {
+            created: format!("{tag}.product.created"),
+            updated: format!("{tag}.product.updated"),
+            deleted: format!("{tag}.product.deleted"),
+            dlq: format!("{tag}.dlq"),
+            group: format!("{tag}.group"),
+            produced: std::cell::Cell::new(0),
+            brokers,
+        };
+        let out = Command::new(ANALYTICS)
+            .args(["produce", "--kafka-brokers", &t.brokers])
+            .args(["--kafka-topics", &t.topics_arg()])
+            .args(["--create-topics", &format!("{},{}", t.topics_arg(), t.dlq)])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run analytics produce");
+        assert!(
+            out.status.success(),
+            "creating topics failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t
+    }
+
+    pub fn topics_arg(&self) -> String {
+        format!("{},{},{}", self.created, self.updated, self.deleted)
+    }
+
+    pub fn all(&self) -> [&str; 3] {
+        [&self.created, &self.updated, &self.deleted]
+    }
+
+    /// Publishes lines with `analytics produce` (as the catalogue backend),
+    /// one record per batch, so that a restarted consumer can resume at any
+    /// offset on tansu (see src/produce.rs).
+    pub fn produce(&self, lines: &[&str]) {
+        self.produce_batched(lines, 1);
+    }
+
+    /// The same in batches of up to `records`: much faster on tansu, for
+    /// tests whose consumer never resumes mid-stream.
+    pub fn produce_batched(&self, lines: &[&str], records: u32) {
+        let mut child = Command::new(ANALYTICS)
+            .args(["produce", "--kafka-brokers", &self.brokers])
+            .args(["--kafka-topics", &self.topics_arg()])
+            .args(["--batch-records", &records.to_string()])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run analytics produce");
+        {
+            use std::io::Write;
+            let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("stdin"));
+            for l in lines {
+                writeln!(stdin, "{l}").expect("write to produce");
+            }
+        }
+        let out = child.wait_with_output().expect("wait for produce");
+        self.produced.set(self.produced.get() + lines.len());
+        assert!(
+            out.status.success(),
+            "produce failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Offsets the service's group committed, summed over the topics'
+    /// partitions. Offsets start at 0 and are contiguous here, so the sum is
+    /// the number of events the service made durable. (tansu's high
+    /// watermarks lag behind at times, so they are not used.)
+    pub fn committed(&self) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group)
+            .create()
+            .expect("Kafka consumer");
+        let mut tpl = TopicPartitionList::new();
+        for t in self.all() {
+            for p in 0..PARTITIONS {
+                tpl.add_partition(t, p);
+            }
+        }
+        // A busy broker may time out a request now and then: ask again.
+        let mut attempts = 0;
+        let committed = loop {
+            match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                Ok(c) => break c,
+                Err(e) if attempts < 5 => {
+                    eprintln!("reading committed offsets: {e}; asking again");
+                    attempts += 1;
+                }
+                Err(e) => panic!("reading committed offsets: {e}"),
+            }
+        };
+        committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Waits until the group committed every event produced so far; fails
+    /// if every one of `runs` exited first.
+    pub fn wait_until_committed(&self, runs: &mut [&mut Service]) {
+        let produced = self.produced.get() as i64;
+        let deadline = Instant::now() + RUN_DEADLINE;
+        loop {
+            let done = self.committed();
+            assert!(
+                done <= produced,
+                "committed {done} offsets of {produced} events"
+            );
+            if done == produced {
+                return;
+            }
+            let exited: Vec<String> = runs
+                .iter_mut()
+                .filter_map(|r| r.try_wait().map(|s| s.to_string()))
+                .collect();
+            assert!(
+                exited.len() < runs.len(),
+                "the service exited ({}) having committed {done} of {produced}",
+                exited.join(", ")
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the service committed {done} of {produced} within {RUN_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every dead letter: (key, reason header, source.topic header).
+    pub fn dead_letters(&self, expected: usize) -> Vec<(String, String, String)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("{}-dlq-reader", self.group))
+            .set("fetch.wait.max.ms", "5")
+            .create()
+            .expect("Kafka consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(&self.dlq, p, Offset::Beginning)
+                .expect("dlq partition");
+        }
+        consumer.assign(&tpl).expect("assign dlq");
+        let mut out = Vec::new();
+        // Read until `expected` arrived, then a little longer for extras.
+        let mut deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if out.len() == expected {
+                deadline = deadline.min(Instant::now() + Duration::from_secs(1));
+            }
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let header = |name: &str| {
+                    m.headers()
+                        .and_then(|h| {
+                            h.iter().find(|x| x.key == name).and_then(|x| {
+                                x.value.map(|v| String::from_utf8_lossy(v).into_owned())
+                            })
+                        })
+                        .unwrap_or_default()
+                };
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                out.push((key, header("reason"), header("source.topic")));
+            }
+        }
+        out
+    }
+}
+
+/// A running `analytics run`, SIGKILLed (with its children, which die with
+/// it) if the test ends without stopping it: a failed test must not leave
+/// a service behind that loads the shared stack.
+pub struct Service(Option<Child>);
+
+impl Service {
+    pub fn id(&self) -> u32 {
+        self.child().id()
+    }
+
+    pub fn child(&self) -> &Child {
+        self.0.as_ref().expect("a running service")
+    }
+
+    /// The run's exit status, if it ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.0.take() {
+            signal(c.id() as i32, Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    fn take(mut self) -> Child {
+        self.0.take().expect("a running service")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `analytics run` on the test's topics into `store_args`, with quick
+/// flushes and short session and rebalance timeouts (a killed instance's
+/// partitions move on within seconds, not minutes).
+pub fn start_with(topics: &Topics, store_args: &[String], stderr: Stdio) -> Service {
+    let mut cmd = Command::new(ANALYTICS);
+    cmd.arg("run")
+        .args(store_args)
+        .args(["--workers", "2", "--flush-interval-ms", "100"])
+        .args(["--kafka-brokers", &topics.brokers])
+        .args(["--kafka-group-id", &topics.group])
+        .args(["--kafka-topics", &topics.topics_arg()])
+        .args(["--dlq-topic", &topics.dlq])
+        .args(["--kafka-stats-interval-ms", "1000"])
+        .args(["--kafka-property", "session.timeout.ms=6000"])
+        .args(["--kafka-property", "heartbeat.interval.ms=500"])
+        // The rebalance timeout: tansu keeps a SIGKILLed member in the group
+        // until it runs out (not the session timeout), so a survivor would
+        // wait the default 5 minutes for the dead one's partitions.
+        .args(["--kafka-property", "max.poll.interval.ms=15000"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    aws_env(&mut cmd);
+    Service(Some(cmd.spawn().expect("spawn analytics run")))
+}
+
+pub fn start(topics: &Topics, sink: &Sink) -> Service {
+    start_with(topics, &sink.args(), service_log())
+}
+
+/// The service's log: appended to `$ANALYTICS_TEST_SERVICE_LOG` when set
+/// (for debugging a failure), else captured with the run.
+pub fn service_log() -> Stdio {
+    std::env::var_os("ANALYTICS_TEST_SERVICE_LOG")
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .map_or_else(Stdio::piped, Stdio::from)
+}
+
+/// SIGTERM, then the run must exit 0; its stdout.
+pub fn stop(run: Service) -> String {
+    signal(run.id() as i32, Signal::SIGTERM);
+    String::from_utf8_lossy(&finish(run.take()).stdout).into_owned()
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("read events")
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Lines `fold` rejects, by reason, from its stderr summary.
+pub fn rejections_by_reason(input: &Path) -> BTreeMap<String, usize> {
+    fold_rejections(input)
+        .split(", ")
+        .filter_map(|part| {
+            let (reason, n) = part.rsplit_once(' ')?;
+            Some((reason.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Dead letters by reason; each key names its source topic.
+pub fn letters_by_reason(letters: &[(String, String, String)]) -> BTreeMap<String, usize> {
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    for (key, reason, source) in letters {
+        *got.entry(reason.clone()).or_default() += 1;
+        assert!(
+            key.starts_with(&format!("{source}/")),
+            "{key} from {source}"
+        );
+    }
+    got
+}
