@@ -7,7 +7,7 @@ use crate::archive::write_metric_snapshot;
 use crate::dlq::KafkaDlq;
 use crate::store::EmbeddedStore;
 use anyhow::Context;
-use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage};
+use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage, WriteReport};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::UnixStream;
@@ -96,17 +96,19 @@ fn handle(
             // With a dead-letter topic, rejected events are published (and
             // acknowledged by the broker) before the write commits; the
             // store then only records the rest.
+            let mut published = 0;
             if let Some(dlq) = dlq {
                 let letters: Vec<_> = changes.iter().flat_map(|c| &c.dead_letters).collect();
                 if let Err(e) = dlq.publish(&letters) {
                     let retryable = e.is_retryable();
                     return vec![failed(id, "write", "dead letters".into(), &e, retryable)];
                 }
+                published = letters.len() as u64;
                 for c in &mut changes {
                     c.dead_letters.clear();
                 }
             }
-            write(store, id, &changes, now)
+            write(store, id, &changes, now, published)
         }
         ToStorage::Snapshot { id } => {
             let result = store
@@ -127,11 +129,13 @@ fn handle(
     }
 }
 
+/// Writes changes; `published` dead letters already went to the topic.
 fn write(
     store: &mut EmbeddedStore,
     id: u64,
     changes: &[ShardChanges],
     now: i64,
+    published: u64,
 ) -> Vec<FromStorage> {
     match store.write(changes, now) {
         Ok(stats) => {
@@ -144,7 +148,13 @@ fn write(
                 dead_letters = stats.dead_letters,
                 "write committed"
             );
-            vec![FromStorage::Written { id }]
+            let (retries, throttles) = crate::aws_store::retry::take_counts();
+            let report = WriteReport {
+                dead_letters: published + stats.dead_letters,
+                retries,
+                throttles,
+            };
+            vec![FromStorage::Written { id, report }]
         }
         Err(e) => vec![failed(
             id,
@@ -218,7 +228,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(rx.recv().await.unwrap(), FromStorage::Written { id: 1 });
+        let FromStorage::Written { id: 1, report } = rx.recv().await.unwrap() else {
+            panic!("expected Written")
+        };
+        assert_eq!(report.dead_letters, 0);
 
         tx.send(&ToStorage::Load { id: 2, shard: 0 }).await.unwrap();
         let FromStorage::Loaded { id: 2, state } = rx.recv().await.unwrap() else {
@@ -257,7 +270,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(rx.recv().await.unwrap(), FromStorage::Written { id: 3 });
+        assert!(matches!(
+            rx.recv().await.unwrap(),
+            FromStorage::Written { id: 3, .. }
+        ));
 
         tx.send(&ToStorage::Snapshot { id: 4 }).await.unwrap();
         let FromStorage::Snapshotted { id: 4, key } = rx.recv().await.unwrap() else {

@@ -678,7 +678,7 @@ impl Tree {
 
     fn on_storage(&mut self, msg: FromStorage) -> Result<(), TreeError> {
         match msg {
-            FromStorage::Written { id } => {
+            FromStorage::Written { id, .. } => {
                 if let Some(w) = self.writes.remove(&id) {
                     for (shard, positions) in &w.positions {
                         self.ledger.ack(*shard, positions);
