@@ -4,6 +4,7 @@
 //! - `analytics query …` / `analytics export`: read the metrics back.
 //! - `analytics storage`: the storage process, spawned by `run` (internal).
 
+use analytics::logging::{LogArgs, Role};
 use analytics::query;
 use analytics::storage::now_ms;
 use analytics::store::{EmbeddedStore, StoreOptions};
@@ -31,6 +32,8 @@ const FILE_SHARDS: u32 = 16;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Args, Clone)]
@@ -212,12 +215,18 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let role = match cli.command {
-        Command::Storage { .. } => "storage",
-        _ => "supervisor",
+        Command::Storage { .. } => Role::Child("storage"),
+        _ => Role::Main,
     };
-    init_logging(role);
+    let child_env = match analytics::logging::init(role, &cli.log) {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("analytics: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
-        Command::Run(args) => run_tree(args),
+        Command::Run(args) => run_tree(args, child_env),
         Command::Query { store, json, what } => return query_cmd(&store.data_dir, json, what),
         Command::Export { store } => export_cmd(&store.data_dir),
         Command::Produce {
@@ -245,6 +254,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // A child's last words go through the log, so they name the child.
+        Err(e) if matches!(role, Role::Child(_)) => {
+            tracing::error!(error = format!("{e:#}"), "exiting on an error");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("analytics: {e:#}");
             ExitCode::FAILURE
@@ -260,30 +274,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn init_logging(role: &'static str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
-    // Every line of a child says which child it is.
-    if role != "supervisor" {
-        let span = tracing::info_span!("child", role, pid = std::process::id());
-        std::mem::forget(span.entered());
-    }
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
-fn run_tree(args: RunArgs) -> anyhow::Result<()> {
+fn run_tree(args: RunArgs, child_env: Vec<(OsString, OsString)>) -> anyhow::Result<()> {
     let kafka = args
         .kafka
         .kafka_brokers
@@ -387,6 +384,7 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         handshake_timeout: Duration::from_secs(10),
+        child_env,
     };
     let source = match kafka {
         Some(settings) => Source::Kafka(settings),

@@ -46,6 +46,8 @@ pub struct TreeConfig {
     pub restart: RestartPolicy,
     pub shutdown_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Environment of every child (log settings).
+    pub child_env: Vec<(OsString, OsString)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -860,10 +862,10 @@ impl Tree {
         slot.restart_at = None;
         let generation = slot.generation;
         let what = peer.to_string();
-        let envs = match peer {
-            Peer::Storage => self.cfg.storage_env.clone(),
-            Peer::Worker(_) => Vec::new(),
-        };
+        let mut envs = self.cfg.child_env.clone();
+        if peer == Peer::Storage {
+            envs.extend(self.cfg.storage_env.iter().cloned());
+        }
         let spawned = spawn_child(&program, &args, &envs).map_err(|source| TreeError::Spawn {
             what: what.clone(),
             source,
