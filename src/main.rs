@@ -11,12 +11,17 @@ use analytics::store::{EmbeddedStore, StoreOptions};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use supervisor::kafka::KafkaSettings;
 use supervisor::restart::RestartPolicy;
 use supervisor::source::{FileSource, Input, stream_name};
+use supervisor::endpoint;
+use supervisor::notify::Notifier;
+use supervisor::service::Service;
+use supervisor::telemetry::Telemetry;
 use supervisor::tree::{Source, TreeConfig, run};
 
 /// Virtual partitions of a file source. Fixed: shard state in the store is
@@ -162,6 +167,14 @@ struct RunArgs {
     /// Give up a graceful shutdown after this long (exit 1; nothing is lost).
     #[arg(long, env = "ANALYTICS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     shutdown_timeout_secs: u64,
+    /// A worker flush or storage request unanswered this long means the
+    /// pipeline is wedged: the systemd watchdog pings stop.
+    #[arg(long, env = "ANALYTICS_STALL_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_secs: u64,
+    /// Serve /metrics, /health and /ready over HTTP on this address
+    /// (e.g. 127.0.0.1:9464); off when unset.
+    #[arg(long, env = "ANALYTICS_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -384,6 +397,7 @@ fn run_tree(args: RunArgs, child_env: Vec<(OsString, OsString)>) -> anyhow::Resu
         },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         handshake_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(args.stall_timeout_secs),
         child_env,
     };
     let source = match kafka {
@@ -404,9 +418,30 @@ fn run_tree(args: RunArgs, child_env: Vec<(OsString, OsString)>) -> anyhow::Resu
         }
     };
     let is_kafka = matches!(source, Source::Kafka(_));
+    // A taken port is an error before anything starts.
+    let metrics = args.metrics_addr.map(endpoint::bind).transpose()?;
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    });
+    let telemetry = Telemetry::new();
+    let service = Service::new(notifier, telemetry.clone());
     let summary = runtime()?.block_on(async {
         let shutdown = supervisor::shutdown::listen()?;
-        anyhow::Ok(run(cfg, source, shutdown).await?)
+        // The endpoint outlives the shutdown signal (so /ready can say 503
+        // while draining) and stops when the tree is done.
+        let (endpoint_stop, endpoint_done) = supervisor::shutdown::Shutdown::manual();
+        let server = metrics.map(|listener| {
+            tokio::spawn(endpoint::serve(listener, telemetry.clone(), endpoint_done))
+        });
+        let result = run(cfg, source, shutdown, service).await;
+        let _ = endpoint_stop.send(true);
+        if let Some(server) = server
+            && let Ok(Err(e)) = server.await
+        {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+        anyhow::Ok(result?)
     })?;
 
     let rejected: u64 = summary.rejected.values().sum();
