@@ -2,6 +2,8 @@
 //! output, and the process tree of a running service.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod ops;
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
