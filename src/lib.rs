@@ -11,6 +11,7 @@
 //! - [`dlq`]: the dead-letter topic of the Kafka mode.
 //! - [`produce`]: `analytics produce`, publishing a file as the catalogue does.
 //! - [`query`]: `analytics query` and `analytics export` output.
+//! - [`logging`]: log format, level and child tagging for every process.
 //! - [`aws_store`]: the same store on DynamoDB and S3 (DESIGN §5, §6): state
 //!   as a checkpoint log in S3 committed by a conditional pointer, entity
 //!   items summed from per-shard parts.
@@ -19,6 +20,7 @@ pub mod archive;
 pub mod aws_store;
 pub mod backend;
 pub mod dlq;
+pub mod logging;
 pub mod produce;
 pub mod query;
 pub mod storage;

@@ -6,18 +6,24 @@
 
 use analytics::aws_store::{AwsConfig, AwsStore};
 use analytics::backend::{Backend, BackendConfig};
+use analytics::logging::{LogArgs, Role};
 use analytics::query;
 use analytics::storage::now_ms;
 use analytics::store::{EmbeddedStore, StoreOptions};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use supervisor::kafka::KafkaSettings;
 use supervisor::restart::RestartPolicy;
 use supervisor::source::{FileSource, Input, stream_name};
+use supervisor::endpoint;
+use supervisor::notify::Notifier;
+use supervisor::service::Service;
+use supervisor::telemetry::Telemetry;
 use supervisor::tree::{Source, TreeConfig, run};
 
 /// Virtual partitions of a file source. Fixed: shard state in the store is
@@ -33,6 +39,8 @@ const FILE_SHARDS: u32 = 16;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Args, Clone)]
@@ -240,6 +248,14 @@ struct RunArgs {
     /// Give up a graceful shutdown after this long (exit 1; nothing is lost).
     #[arg(long, env = "ANALYTICS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     shutdown_timeout_secs: u64,
+    /// A worker flush or storage request unanswered this long means the
+    /// pipeline is wedged: the systemd watchdog pings stop.
+    #[arg(long, env = "ANALYTICS_STALL_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_secs: u64,
+    /// Serve /metrics, /health and /ready over HTTP on this address
+    /// (e.g. 127.0.0.1:9464); off when unset.
+    #[arg(long, env = "ANALYTICS_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -293,12 +309,18 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let role = match cli.command {
-        Command::Storage { .. } => "storage",
-        _ => "supervisor",
+        Command::Storage { .. } => Role::Child("storage"),
+        _ => Role::Main,
     };
-    init_logging(role);
+    let child_env = match analytics::logging::init(role, &cli.log) {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("analytics: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
-        Command::Run(args) => run_tree(args),
+        Command::Run(args) => run_tree(args, child_env),
         Command::Query { store, json, what } => return query_cmd(&store, json, what),
         Command::Export { store } => export_cmd(&store),
         Command::Produce {
@@ -326,6 +348,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // A child's last words go through the log, so they name the child.
+        Err(e) if matches!(role, Role::Child(_)) => {
+            tracing::error!(error = format!("{e:#}"), "exiting on an error");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("analytics: {e:#}");
             ExitCode::FAILURE
@@ -341,30 +368,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn init_logging(role: &'static str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
-    // Every line of a child says which child it is.
-    if role != "supervisor" {
-        let span = tracing::info_span!("child", role, pid = std::process::id());
-        std::mem::forget(span.entered());
-    }
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
-fn run_tree(args: RunArgs) -> anyhow::Result<()> {
+fn run_tree(args: RunArgs, child_env: Vec<(OsString, OsString)>) -> anyhow::Result<()> {
     let kafka = args
         .kafka
         .kafka_brokers
@@ -469,6 +479,8 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         handshake_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(args.stall_timeout_secs),
+        child_env,
     };
     let source = match kafka {
         Some(settings) => Source::Kafka(settings),
@@ -488,9 +500,30 @@ fn run_tree(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let is_kafka = matches!(source, Source::Kafka(_));
+    // A taken port is an error before anything starts.
+    let metrics = args.metrics_addr.map(endpoint::bind).transpose()?;
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        Notifier::disabled()
+    });
+    let telemetry = Telemetry::new();
+    let service = Service::new(notifier, telemetry.clone());
     let summary = runtime()?.block_on(async {
         let shutdown = supervisor::shutdown::listen()?;
-        anyhow::Ok(run(cfg, source, shutdown).await?)
+        // The endpoint outlives the shutdown signal (so /ready can say 503
+        // while draining) and stops when the tree is done.
+        let (endpoint_stop, endpoint_done) = supervisor::shutdown::Shutdown::manual();
+        let server = metrics.map(|listener| {
+            tokio::spawn(endpoint::serve(listener, telemetry.clone(), endpoint_done))
+        });
+        let result = run(cfg, source, shutdown, service).await;
+        let _ = endpoint_stop.send(true);
+        if let Some(server) = server
+            && let Ok(Err(e)) = server.await
+        {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+        anyhow::Ok(result?)
     })?;
 
     let rejected: u64 = summary.rejected.values().sum();

@@ -15,7 +15,7 @@ use crate::aws_store::retry::{Backoff, random_u64};
 use crate::backend::{Backend, BackendError};
 use crate::dlq::KafkaDlq;
 use anyhow::Context;
-use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage};
+use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage, WriteReport};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -112,6 +112,7 @@ async fn until_done<I: ?Sized + Sync, T>(
                 let delay = OUTAGE_BACKOFF.delay(attempt, random_u64());
                 tracing::warn!(what, attempt, delay_ms = delay.as_millis() as u64, error = %e,
                     "the store is unreachable; retrying");
+                crate::aws_store::retry::note_retry();
                 tokio::time::sleep(delay).await;
                 attempt = attempt.saturating_add(1);
             }
@@ -144,17 +145,19 @@ async fn handle(
             // With a dead-letter topic, rejected events are published (and
             // acknowledged by the broker) before the write commits; the
             // store then only records the rest.
+            let mut published = 0;
             if let Some(dlq) = dlq {
                 let letters: Vec<_> = changes.iter().flat_map(|c| &c.dead_letters).collect();
                 if let Err(e) = dlq.publish(&letters) {
                     let retryable = e.is_retryable();
                     return vec![failed(id, "write", "dead letters".into(), &e, retryable)];
                 }
+                published = letters.len() as u64;
                 for c in &mut changes {
                     c.dead_letters.clear();
                 }
             }
-            write(store, id, &changes, now).await
+            write(store, id, &changes, now, published).await
         }
         ToStorage::Snapshot { id } => {
             match until_done(store, "snapshot", &(), |s, _| Box::pin(s.snapshot(now))).await {
@@ -168,11 +171,13 @@ async fn handle(
     }
 }
 
+/// Writes changes; `published` dead letters already went to the topic.
 async fn write(
     store: &mut Backend,
     id: u64,
     changes: &[ShardChanges],
     now: i64,
+    published: u64,
 ) -> Vec<FromStorage> {
     let result = until_done(store, "write", changes, |s, c| Box::pin(s.write(c, now))).await;
     match result {
@@ -186,7 +191,13 @@ async fn write(
                 dead_letters = stats.dead_letters,
                 "write committed"
             );
-            vec![FromStorage::Written { id }]
+            let (retries, throttles) = crate::aws_store::retry::take_counts();
+            let report = WriteReport {
+                dead_letters: published + stats.dead_letters,
+                retries,
+                throttles,
+            };
+            vec![FromStorage::Written { id, report }]
         }
         Err(e) => vec![failed(
             id,
@@ -267,7 +278,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(rx.recv().await.unwrap(), FromStorage::Written { id: 1 });
+        let FromStorage::Written { id: 1, report } = rx.recv().await.unwrap() else {
+            panic!("expected Written")
+        };
+        assert_eq!(report.dead_letters, 0);
 
         tx.send(&ToStorage::Load { id: 2, shard: 0 }).await.unwrap();
         let FromStorage::Loaded { id: 2, state } = rx.recv().await.unwrap() else {
@@ -306,7 +320,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(rx.recv().await.unwrap(), FromStorage::Written { id: 3 });
+        assert!(matches!(
+            rx.recv().await.unwrap(),
+            FromStorage::Written { id: 3, .. }
+        ));
 
         tx.send(&ToStorage::Snapshot { id: 4 }).await.unwrap();
         let FromStorage::Snapshotted { id: 4, key } = rx.recv().await.unwrap() else {

@@ -51,7 +51,7 @@ fn sigkill_of_a_worker_storage_and_the_whole_service_mid_stream_loses_and_double
     let sink = Sink::embedded(dir.path().join("data"));
     let quarter = refs.len() / 4;
 
-    let mut run = start(&topics, &sink);
+    let run = start(&topics, &sink);
     let pid = run.id();
     topics.produce(&refs[..quarter]);
     // Early: often before or while the shards restore.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -182,6 +182,20 @@ pub enum ToStorage {
     Snapshot { id: RequestId },
 }
 
+/// What a storage process did besides the write itself, for telemetry:
+/// counts since its previous `Written` (so a restarted process loses at most
+/// one reply's worth).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteReport {
+    /// Dead letters this write stored or published (a replayed write that
+    /// storage already holds writes none).
+    pub dead_letters: u64,
+    /// Calls to the backing store that failed and were retried.
+    pub retries: u64,
+    /// Of those, the ones the service throttled.
+    pub throttles: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromStorage {
     Loaded {
@@ -190,6 +204,7 @@ pub enum FromStorage {
     },
     Written {
         id: RequestId,
+        report: WriteReport,
     },
     Snapshotted {
         id: RequestId,

@@ -416,7 +416,14 @@ async fn from_storage_round_trip() {
                 last: true,
             },
         },
-        FromStorage::Written { id: 2 },
+        FromStorage::Written {
+            id: 2,
+            report: WriteReport {
+                dead_letters: 3,
+                retries: 2,
+                throttles: 1,
+            },
+        },
         FromStorage::Snapshotted {
             id: 3,
             key: "metrics/2023/10/01/snapshot-0001.jsonl.gz".into(),
@@ -614,7 +621,10 @@ async fn eof_inside_payload_is_truncated() {
 #[tokio::test]
 async fn eof_inside_second_frame_is_truncated() {
     let mut f = Vec::new();
-    frame::encode_into(&FromStorage::Written { id: 1 }, &mut f).unwrap();
+    frame::encode_into(&FromStorage::Written {
+            id: 1,
+            report: WriteReport::default()
+        }, &mut f).unwrap();
     let mut bytes = f.clone();
     bytes.extend_from_slice(&f[..f.len() - 1]);
     let (tx, rx) = UnixStream::pair().unwrap();
@@ -622,7 +632,10 @@ async fn eof_inside_second_frame_is_truncated() {
     w.write_all(&bytes).await.unwrap();
     drop(w);
     let mut rx = Receiver::<FromStorage, _>::new(rx);
-    assert_eq!(rx.recv().await.unwrap(), FromStorage::Written { id: 1 });
+    assert_eq!(rx.recv().await.unwrap(), FromStorage::Written {
+            id: 1,
+            report: WriteReport::default()
+        });
     let e = expect_err(rx.recv().await);
     let want = f.len() - 4;
     assert!(

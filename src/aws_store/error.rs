@@ -96,6 +96,26 @@ const RETRYABLE_CODES: &[&str] = &[
     "RequestTimeoutException",
 ];
 
+/// Error codes that mean the service throttled us (a subset of the above).
+const THROTTLE_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "Throttling",
+    "RequestLimitExceeded",
+    "SlowDown",
+];
+
+/// Whether the service refused the call for going too fast.
+pub fn sdk_throttled<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::ServiceError(e) => {
+            e.raw().status().as_u16() == 429
+                || e.err().code().is_some_and(|c| THROTTLE_CODES.contains(&c))
+        }
+        _ => false,
+    }
+}
+
 /// Whether a failed call may succeed when sent again: timeouts, connection
 /// errors, unreadable responses, throttling, conflicts and 5xx do; anything
 /// the service rejected on its merits (4xx) does not.
@@ -128,10 +148,14 @@ pub fn sdk_detail<E: std::error::Error + 'static>(err: &SdkError<E, HttpResponse
     DisplayErrorContext(err).to_string()
 }
 
-/// (detail, retryable) of an SDK error, for the variants above.
+/// (detail, retryable) of an SDK error, for the variants above. Every SDK
+/// error the store sees passes here, so throttles are counted here.
 pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     err: &SdkError<E, HttpResponse>,
 ) -> (String, bool) {
+    if sdk_throttled(err) {
+        super::retry::note_throttle();
+    }
     (sdk_detail(err), sdk_retryable(err))
 }
 
@@ -180,6 +204,11 @@ mod tests {
             "ConditionalCheckFailedException",
             400
         )));
+        assert!(sdk_throttled(&make("ThrottlingException", 400)));
+        assert!(sdk_throttled(&make("SlowDown", 503)));
+        assert!(sdk_throttled(&make("Whatever", 429)));
+        assert!(!sdk_throttled(&make("Whatever", 503)));
+        assert!(!sdk_throttled(&make("ValidationException", 400)));
         assert_eq!(
             sdk_code(&make("ThrottlingException", 400)),
             Some("ThrottlingException")

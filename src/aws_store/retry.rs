@@ -7,7 +7,33 @@
 //! a log line per retry.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Retries and throttled responses since the storage process last reported
+/// them (process-wide: a storage process has one store). The storage process
+/// takes them with [`take_counts`] and sends them to the supervisor, which
+/// keeps the totals for telemetry.
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+static THROTTLES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one retried store call (the storage process's outage loop).
+pub fn note_retry() {
+    RETRIES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one throttled response (called where SDK errors are classified).
+pub fn note_throttle() {
+    THROTTLES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// (retries, throttles) since the previous call.
+pub fn take_counts() -> (u64, u64) {
+    (
+        RETRIES.swap(0, Ordering::Relaxed),
+        THROTTLES.swap(0, Ordering::Relaxed),
+    )
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Backoff {
@@ -72,6 +98,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if retryable(&e) && attempt + 1 < policy.max_attempts => {
                 let delay = policy.delay(attempt, random_u64());
+                RETRIES.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "retrying an AWS call");
                 tokio::time::sleep(delay).await;
                 attempt += 1;

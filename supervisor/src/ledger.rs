@@ -9,6 +9,7 @@ use std::sync::Arc;
 struct Pending {
     stream: Arc<str>,
     last_offset: Offset,
+    events: u64,
     frame: Arc<Vec<u8>>,
 }
 
@@ -31,6 +32,7 @@ impl Ledger {
         shard: Shard,
         stream: Arc<str>,
         last_offset: Offset,
+        events: u64,
         frame: Arc<Vec<u8>>,
     ) {
         let s = self.shards.entry(shard).or_default();
@@ -41,27 +43,31 @@ impl Ledger {
         s.pending.push_back(Pending {
             stream,
             last_offset,
+            events,
             frame,
         });
     }
 
     /// Storage holds the shard up to these positions: forget what they cover.
-    pub fn ack(&mut self, shard: Shard, positions: &[Position]) {
+    /// Returns how many events that was.
+    pub fn ack(&mut self, shard: Shard, positions: &[Position]) -> u64 {
         let s = self.shards.entry(shard).or_default();
         for p in positions {
             let slot = s.acked.entry(Arc::from(&*p.stream)).or_insert(Offset::MIN);
             *slot = (*slot).max(p.offset);
         }
         let acked = &s.acked;
-        let mut freed = 0;
+        let (mut freed, mut events) = (0, 0);
         s.pending.retain(|b| {
             let done = acked.get(&b.stream).is_some_and(|&a| a >= b.last_offset);
             if done {
                 freed += b.frame.len();
+                events += b.events;
             }
             !done
         });
         self.bytes -= freed;
+        events
     }
 
     /// Drops a shard (it moved to another owner).
@@ -108,18 +114,19 @@ mod tests {
     fn ack_trims_what_storage_holds() {
         let mut l = Ledger::default();
         let f = |n: usize| Arc::new(vec![0u8; n]);
-        l.push(0, "a".into(), 10, f(5));
-        l.push(0, "a".into(), 20, f(7));
-        l.push(0, "b".into(), 3, f(1));
+        l.push(0, "a".into(), 10, 2, f(5));
+        l.push(0, "a".into(), 20, 3, f(7));
+        l.push(0, "b".into(), 3, 1, f(1));
         assert_eq!(l.buffered_bytes(), 13);
-        l.ack(0, &[pos("a", 15)]);
+        assert_eq!(l.ack(0, &[pos("a", 15)]), 2);
         assert_eq!(l.buffered_bytes(), 8);
         assert_eq!(l.pending(0).count(), 2);
-        l.ack(0, &[pos("a", 20), pos("b", 3)]);
+        assert_eq!(l.ack(0, &[pos("a", 20), pos("b", 3)]), 4);
         assert!(l.is_drained());
+        assert_eq!(l.ack(0, &[pos("a", 20)]), 0, "an ack counts events once");
         assert_eq!(l.acked(0, "a"), Some(20));
         // A batch already covered by an ack is not kept.
-        l.push(0, "a".into(), 19, f(9));
+        l.push(0, "a".into(), 19, 4, f(9));
         assert!(l.is_drained());
     }
 }

@@ -9,13 +9,21 @@
 //! - [`route`]: the backend's partitioner and shard → worker routing;
 //! - [`spawn`]: starting a child on a private socketpair;
 //! - [`restart`]: backoff and restart intensity;
-//! - [`shutdown`]: SIGTERM/SIGINT as one shutdown signal.
+//! - [`shutdown`]: SIGTERM/SIGINT as one shutdown signal;
+//! - [`service`]: readiness, watchdog and status for the service manager;
+//! - [`notify`]: the systemd notify protocol (`NOTIFY_SOCKET`);
+//! - [`telemetry`]: the metrics and their Prometheus text format;
+//! - [`endpoint`]: the HTTP endpoint serving `/metrics`, `/health`, `/ready`.
 
+pub mod endpoint;
 pub mod kafka;
 pub mod ledger;
 pub mod restart;
+pub mod notify;
 pub mod route;
+pub mod service;
 pub mod shutdown;
 pub mod source;
 pub mod spawn;
+pub mod telemetry;
 pub mod tree;

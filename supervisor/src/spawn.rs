@@ -32,8 +32,8 @@ pub fn spawn_child(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
-        tokio::process::Command::new(program)
-            .args(args)
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
             // Settings that may hold secrets travel in the environment, which
             // (unlike the command line) other users cannot read.
             .envs(envs.iter().map(|(k, v)| (k, v)))
@@ -44,8 +44,12 @@ pub fn spawn_child(
             .stdin(Stdio::null())
             // Ctrl-C goes to the supervisor alone; it stops the children.
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        // Only the supervisor speaks to systemd.
+        for name in crate::notify::CHILD_ENV_REMOVE {
+            cmd.env_remove(name);
+        }
+        cmd.spawn()
     };
     drop(theirs);
     let child = child?;

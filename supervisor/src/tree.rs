@@ -13,6 +13,7 @@ use crate::kafka::{KafkaHandle, KafkaSettings, RevokeDone, SourceCmd};
 use crate::ledger::Ledger;
 use crate::restart::{Intensity, RestartPolicy, TooManyRestarts};
 use crate::route::worker_for_shard;
+use crate::service::{Health, Service};
 use crate::shutdown::Shutdown;
 use crate::source::{FileSource, SourceMsg};
 use crate::spawn::spawn_child;
@@ -46,6 +47,11 @@ pub struct TreeConfig {
     pub restart: RestartPolicy,
     pub shutdown_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// A flush or storage request unanswered for longer than this means the
+    /// pipeline is wedged: watchdog pings stop, and systemd restarts us.
+    pub stall_timeout: Duration,
+    /// Environment of every child (log settings).
+    pub child_env: Vec<(OsString, OsString)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +95,16 @@ pub struct RunSummary {
 enum Peer {
     Worker(usize),
     Storage,
+}
+
+impl Peer {
+    /// The `process` label of its telemetry.
+    fn process_name(&self) -> String {
+        match self {
+            Peer::Worker(i) => format!("worker-{i}"),
+            Peer::Storage => "storage".to_string(),
+        }
+    }
 }
 
 impl std::fmt::Display for Peer {
@@ -151,6 +167,8 @@ struct WorkerState {
     /// Shards whose restore is under way; their events wait in the ledger.
     restoring: BTreeSet<Shard>,
     flush_pending: bool,
+    /// When the pending flush was asked for.
+    flush_sent_at: Option<Instant>,
     /// A flush was asked for while one was pending: send it on the answer.
     flush_wanted: bool,
     /// Events sent to this worker process, and how many of them its last
@@ -164,10 +182,15 @@ struct PendingWrite {
     frame: Arc<Vec<u8>>,
     positions: Vec<(Shard, Vec<Position>)>,
     reasons: Vec<Box<str>>,
+    /// When it was sent to the current storage process.
+    sent_at: Instant,
+    /// When the flush that produced it was asked for.
+    flush_started: Option<Instant>,
 }
 
 struct PendingLoad {
     frame: Arc<Vec<u8>>,
+    sent_at: Instant,
     worker: usize,
     generation: u64,
     shard: Shard,
@@ -189,6 +212,7 @@ pub async fn run(
     cfg: TreeConfig,
     source: Source,
     shutdown: Shutdown,
+    service: Service,
 ) -> Result<RunSummary, TreeError> {
     let stream = match &source {
         Source::File(f) => f.stream.clone(),
@@ -198,8 +222,9 @@ pub async fn run(
         Source::File(_) => (0..cfg.shards).collect(),
         Source::Kafka(_) => BTreeSet::new(),
     };
-    let mut tree = Tree::new(cfg, stream, owned);
+    let mut tree = Tree::new(cfg, stream, owned, service);
     let result = tree.run(source, shutdown).await;
+    tree.service.stopping();
     tree.stop_children().await;
     // The consumer commits what is still queued once the channel closes.
     if let Some(handle) = tree.kafka.take() {
@@ -237,20 +262,24 @@ struct Tree {
     events_since_flush: u64,
     summary: RunSummary,
     snapshot_requested: Option<RequestId>,
+    /// When the snapshot request went to the current storage process.
+    snapshot_sent_at: Option<Instant>,
     events_of_last_batch: u64,
     /// The input ended or shutdown began: flush until everything is durable.
     draining: bool,
     encode_buf: Vec<u8>,
+    service: Service,
 }
 
 impl Tree {
-    fn new(cfg: TreeConfig, stream: String, owned: BTreeSet<Shard>) -> Tree {
+    fn new(cfg: TreeConfig, stream: String, owned: BTreeSet<Shard>, service: Service) -> Tree {
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
         let workers = (0..cfg.workers)
             .map(|_| WorkerState {
                 slot: Slot::new(),
                 restoring: BTreeSet::new(),
                 flush_pending: false,
+                flush_sent_at: None,
                 flush_wanted: false,
                 sent_events: 0,
                 flush_mark: 0,
@@ -278,9 +307,11 @@ impl Tree {
             events_since_flush: 0,
             summary: RunSummary::default(),
             snapshot_requested: None,
+            snapshot_sent_at: None,
             events_of_last_batch: 0,
             draining: false,
             encode_buf: Vec::new(),
+            service,
         }
     }
 
@@ -317,11 +348,9 @@ impl Tree {
         let mut source = match source {
             Source::File(f) => Some((f, source_tx)),
             Source::Kafka(settings) => {
-                self.kafka = Some(crate::kafka::start(
-                    &settings,
-                    source_tx,
-                    source_stop.clone(),
-                )?);
+                let handle = crate::kafka::start(&settings, source_tx, source_stop.clone())?;
+                self.service.telemetry().set_lag_table(handle.lag.clone());
+                self.kafka = Some(handle);
                 None
             }
         };
@@ -332,6 +361,8 @@ impl Tree {
         let mut source_stop_deadline: Option<Instant> = None;
         let mut flush_tick = tokio::time::interval(self.cfg.flush_interval);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut service_tick = tokio::time::interval(self.service.tick_interval());
+        service_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             if self.initial_loads_left == 0
@@ -348,6 +379,16 @@ impl Tree {
                 src.start(from, tx, source_stop.clone())
                     .map_err(TreeError::Source)?;
             }
+            if !self.service.is_ready() && source.is_none() && self.children_up() {
+                let what = match &self.kafka {
+                    Some(_) => "Kafka consumer subscribed",
+                    None => "reading the input",
+                };
+                self.service.up(&format!(
+                    "{what}; {} workers and storage up, shards restored",
+                    self.workers.len()
+                ));
+            }
             let finishing = !source_open || stopping_deadline.is_some();
             if finishing && !self.draining {
                 self.draining = true;
@@ -361,6 +402,7 @@ impl Tree {
                         self.snapshot_requested = Some(id);
                         if let Some(l) = &self.storage.link {
                             l.send(frame);
+                            self.snapshot_sent_at = Some(Instant::now());
                         }
                     }
                     (Some(_), Some(_)) => return Ok(std::mem::take(&mut self.summary)),
@@ -380,6 +422,7 @@ impl Tree {
                         && !self.workers_behind()));
             tokio::select! {
                 _ = shutdown.requested(), if stopping_deadline.is_none() => {
+                    self.service.stopping();
                     stopping_deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
                     self.summary.interrupted = source_open;
                     source_stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -425,6 +468,14 @@ impl Tree {
                     self.flush()
                 }
                 _ = sleep_until(next_restart), if next_restart.is_some() => self.restart_due().await?,
+                _ = service_tick.tick() => {
+                    self.service.telemetry().set_buffered_bytes(self.ledger.buffered_bytes());
+                    let health = Health {
+                        stall: self.stall(Instant::now()),
+                        restarts: self.intensity.total,
+                    };
+                    self.service.tick(health);
+                }
                 _ = sleep_until(stopping_deadline), if stopping_deadline.is_some() => {
                     return Err(TreeError::ShutdownTimeout(self.cfg.shutdown_timeout));
                 }
@@ -440,6 +491,41 @@ impl Tree {
         self.workers
             .iter()
             .any(|w| w.slot.link.is_some() && w.sent_events - w.answered_events >= cap)
+    }
+
+    /// Storage and every worker run (shook hands), and the shards owned at
+    /// the start are restored.
+    fn children_up(&self) -> bool {
+        self.initial_loads_left == 0
+            && self.storage.link.is_some()
+            && self.workers.iter().all(|w| w.slot.link.is_some())
+    }
+
+    /// Why the pipeline is wedged, if it is: a live worker that has not
+    /// answered a flush, or a live storage process that has not answered a
+    /// request, within `stall_timeout`. A child that died is not a stall
+    /// (it is restarted, and too many restarts end the run).
+    fn stall(&self, now: Instant) -> Option<String> {
+        let bound = self.cfg.stall_timeout;
+        let late = |t: Instant| now.saturating_duration_since(t) > bound;
+        for (i, w) in self.workers.iter().enumerate() {
+            if w.slot.link.is_some() && w.flush_sent_at.is_some_and(late) {
+                return Some(format!("worker {i} has not answered a flush for over {bound:?}"));
+            }
+        }
+        if self.storage.link.is_some() {
+            let oldest = self
+                .writes
+                .values()
+                .map(|w| w.sent_at)
+                .chain(self.loads.values().map(|l| l.sent_at))
+                .chain(self.snapshot_sent_at.filter(|_| self.summary.snapshot.is_none()))
+                .min();
+            if oldest.is_some_and(late) {
+                return Some(format!("storage has not answered a request for over {bound:?}"));
+            }
+        }
+        None
     }
 
     /// Nothing in flight: every event acknowledged, every child idle.
@@ -501,9 +587,10 @@ impl Tree {
         };
         self.events_of_last_batch = batch.len() as u64;
         self.events_since_flush += batch.len() as u64;
-        let frame = self.encode(&ToWorker::Events(batch));
-        self.ledger.push(shard, stream, last, frame.clone());
         let events = self.events_of_last_batch;
+        self.service.telemetry().events_consumed(events);
+        let frame = self.encode(&ToWorker::Events(batch));
+        self.ledger.push(shard, stream, last, events, frame.clone());
         let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
         if let Some(link) = &w.slot.link
             && !w.restoring.contains(&shard)
@@ -546,6 +633,7 @@ impl Tree {
             id,
             PendingLoad {
                 frame,
+                sent_at: Instant::now(),
                 worker: i,
                 generation,
                 shard,
@@ -618,6 +706,7 @@ impl Tree {
         let frame = self.encode(&ToWorker::Flush { id });
         let w = &mut self.workers[i];
         w.flush_pending = true;
+        w.flush_sent_at = Some(Instant::now());
         w.flush_wanted = false;
         w.flush_mark = w.sent_events;
         if let Some(l) = &w.slot.link {
@@ -638,9 +727,10 @@ impl Tree {
             (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, .. })) => {
                 let w = &mut self.workers[i];
                 w.flush_pending = false;
+                let started = w.flush_sent_at.take();
                 w.answered_events = w.flush_mark;
                 w.slot.failures = 0;
-                self.write(shards);
+                self.write(shards, started);
                 self.send_flush(i);
                 Ok(())
             }
@@ -649,7 +739,7 @@ impl Tree {
         }
     }
 
-    fn write(&mut self, changes: Vec<ShardChanges>) {
+    fn write(&mut self, changes: Vec<ShardChanges>, flush_started: Option<Instant>) {
         if changes.is_empty() {
             return;
         }
@@ -672,22 +762,34 @@ impl Tree {
                 frame,
                 positions,
                 reasons,
+                sent_at: Instant::now(),
+                flush_started,
             },
         );
     }
 
     fn on_storage(&mut self, msg: FromStorage) -> Result<(), TreeError> {
         match msg {
-            FromStorage::Written { id } => {
+            FromStorage::Written { id, report } => {
+                let telemetry = self.service.telemetry().clone();
                 if let Some(w) = self.writes.remove(&id) {
+                    let mut acked = 0;
                     for (shard, positions) in &w.positions {
-                        self.ledger.ack(*shard, positions);
+                        acked += self.ledger.ack(*shard, positions);
                     }
                     self.queue_commits(w.positions.iter().map(|(s, p)| (*s, p.as_slice())));
+                    telemetry.events_applied(acked.saturating_sub(w.reasons.len() as u64));
                     for r in w.reasons {
+                        telemetry.event_rejected(&r);
                         *self.summary.rejected.entry(r.to_string()).or_default() += 1;
                     }
+                    if let Some(t) = w.flush_started {
+                        telemetry.flush_completed(t.elapsed());
+                    }
                 }
+                telemetry.dead_letters_written(report.dead_letters);
+                telemetry.storage_retries(report.retries);
+                telemetry.storage_throttles(report.throttles);
                 self.storage.failures = 0;
                 if self.draining && self.writes.is_empty() && !self.ledger.is_drained() {
                     self.flush();
@@ -745,6 +847,7 @@ impl Tree {
                 }
                 // Storage could not write now: restart it, which resends
                 // every unanswered request in order, after a backoff.
+                self.service.telemetry().storage_retries(1);
                 tracing::warn!(request = id, error = %error, "storage write failed; retrying");
                 return self.child_lost(Peer::Storage, &format!("request failed: {error}"));
             }
@@ -759,6 +862,7 @@ impl Tree {
             Peer::Worker(i) => {
                 let w = &mut self.workers[i];
                 w.flush_pending = false;
+                w.flush_sent_at = None;
                 w.restoring.clear();
                 &mut w.slot
             }
@@ -767,6 +871,7 @@ impl Tree {
             return Ok(());
         };
         link.kill();
+        self.service.telemetry().child_gone(&peer.process_name());
         self.schedule_restart(peer, link.pid, why)
     }
 
@@ -781,6 +886,10 @@ impl Tree {
         slot.failures += 1;
         slot.restart_at = Some(Instant::now() + delay);
         self.summary.restarts = self.intensity.total;
+        match peer {
+            Peer::Worker(_) => self.service.telemetry().worker_restarted(),
+            Peer::Storage => self.service.telemetry().storage_restarted(),
+        }
         tracing::warn!(child = %peer, pid, reason = why, restart_in_ms = delay.as_millis() as u64, "child lost");
         Ok(())
     }
@@ -805,12 +914,17 @@ impl Tree {
         for (_, frame) in resend {
             link.send(frame);
         }
+        // The new process has had no time to answer them yet.
+        let now = Instant::now();
+        self.writes.values_mut().for_each(|w| w.sent_at = now);
+        self.loads.values_mut().for_each(|l| l.sent_at = now);
         if let Some(id) = self
             .snapshot_requested
             .filter(|_| self.summary.snapshot.is_none())
         {
             let frame = self.encode(&ToStorage::Snapshot { id });
             link.send(frame);
+            self.snapshot_sent_at = Some(now);
         }
         self.storage.link = Some(link);
         Ok(())
@@ -860,10 +974,10 @@ impl Tree {
         slot.restart_at = None;
         let generation = slot.generation;
         let what = peer.to_string();
-        let envs = match peer {
-            Peer::Storage => self.cfg.storage_env.clone(),
-            Peer::Worker(_) => Vec::new(),
-        };
+        let mut envs = self.cfg.child_env.clone();
+        if peer == Peer::Storage {
+            envs.extend(self.cfg.storage_env.iter().cloned());
+        }
         let spawned = spawn_child(&program, &args, &envs).map_err(|source| TreeError::Spawn {
             what: what.clone(),
             source,
@@ -899,6 +1013,9 @@ impl Tree {
             let _ = incoming.send((peer, generation, Incoming::Lost(why)));
         });
         tracing::info!(child = %peer, pid, "child started");
+        self.service
+            .telemetry()
+            .child_started(peer.process_name(), pid);
         Ok(Link { tx, pid })
     }
 

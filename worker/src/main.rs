@@ -23,6 +23,8 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: analytics::logging::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -52,7 +54,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    use analytics::logging::Role;
     let cli = Cli::parse();
+    let role = match cli.command {
+        Command::Serve { .. } => Role::Child("worker"),
+        _ => Role::Main,
+    };
+    if let Err(e) = analytics::logging::init(role, &cli.log) {
+        eprintln!("analytics-worker: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Fold {
             file,
@@ -66,6 +77,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A child's last words go through the log, so they name the child.
+        Err(e) if matches!(role, Role::Child(_)) => {
+            tracing::error!(error = format!("{e:#}"), "exiting on an error");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("analytics-worker: {e:#}");
             ExitCode::from(2)

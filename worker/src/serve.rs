@@ -17,14 +17,21 @@ pub enum ServeError {
 
 /// Serves the supervisor until it closes the channel.
 pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
-    let (mut tx, mut rx, _) =
+    let (mut tx, mut rx, hello) =
         proto::handshake::<FromWorker, ToWorker>(stream, Role::Worker, Role::Supervisor).await?;
+    tracing::info!(
+        supervisor_pid = hello.pid,
+        "worker connected to the supervisor"
+    );
     let mut fold: Option<Fold> = None;
     let mut restoring: HashSet<u32> = HashSet::new();
     loop {
         let msg = match rx.recv().await {
             Ok(msg) => msg,
-            Err(FrameError::Closed) => return Ok(()),
+            Err(FrameError::Closed) => {
+                tracing::info!("supervisor closed the connection; worker exits");
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         };
         match msg {
