@@ -65,7 +65,7 @@ pub fn export(data: &Path) -> String {
 
 /// A run that wedges must fail the test, not hang it: past this, the run is
 /// killed and the assertion below reports it.
-pub const RUN_DEADLINE: Duration = Duration::from_secs(180);
+pub const RUN_DEADLINE: Duration = Duration::from_secs(300);
 
 pub fn wait_with_deadline(child: Child) -> Output {
     let pid = child.id() as i32;
