@@ -91,11 +91,7 @@ impl Backend {
         })
     }
 
-    pub async fn category(
-        &self,
-        name: &str,
-        now_ms: i64,
-    ) -> Result<Option<History>, BackendError> {
+    pub async fn category(&self, name: &str, now_ms: i64) -> Result<Option<History>, BackendError> {
         Ok(match self {
             Backend::Embedded { store, .. } => store.category(name, now_ms)?,
             Backend::Aws(store) => store.category(name, now_ms).await?,

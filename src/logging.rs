@@ -167,7 +167,8 @@ where
         }
         // The JSON object gets a `child` member first.
         let mut line = String::with_capacity(256);
-        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
         match line.strip_prefix('{') {
             Some(rest) => write!(
                 writer,

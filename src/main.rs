@@ -17,12 +17,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-use supervisor::kafka::KafkaSettings;
-use supervisor::restart::RestartPolicy;
-use supervisor::source::{FileSource, Input, stream_name};
 use supervisor::endpoint;
+use supervisor::kafka::KafkaSettings;
 use supervisor::notify::Notifier;
+use supervisor::restart::RestartPolicy;
 use supervisor::service::Service;
+use supervisor::source::{FileSource, Input, stream_name};
 use supervisor::telemetry::Telemetry;
 use supervisor::tree::{Source, TreeConfig, run};
 
@@ -74,7 +74,11 @@ struct AwsArgs {
     #[arg(long, env = "ANALYTICS_AWS_REGION")]
     aws_region: Option<String>,
     /// DynamoDB table of the metric items (DESIGN §6).
-    #[arg(long, env = "ANALYTICS_DYNAMODB_TABLE", default_value = "analytics-metrics")]
+    #[arg(
+        long,
+        env = "ANALYTICS_DYNAMODB_TABLE",
+        default_value = "analytics-metrics"
+    )]
     dynamodb_table: String,
     /// DynamoDB table of the service's own state (never expires).
     #[arg(long, env = "ANALYTICS_STATE_TABLE", default_value = "analytics-state")]
@@ -739,7 +743,8 @@ async fn connect_aws(cfg: AwsConfig) -> anyhow::Result<AwsStore> {
             Ok(store) => return Ok(store),
             Err(e) if !e.is_retryable() => return Err(e).context("connecting to the AWS store"),
             Err(e) => {
-                let delay = Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5));
+                let delay =
+                    Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5));
                 tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %e,
                     "cannot reach the AWS store; retrying");
                 tokio::time::sleep(delay).await;

@@ -253,10 +253,7 @@ mod tests {
         let records = store.current_records(T0).unwrap();
         assert_eq!(records.len(), 4);
         export(&records, &mut out).unwrap();
-        let expected: String = records
-            .iter()
-            .map(|r| r.to_json_line() + "\n")
-            .collect();
+        let expected: String = records.iter().map(|r| r.to_json_line() + "\n").collect();
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         assert!(expected.starts_with(r#"{"type":"category","category":"Books""#));
     }
@@ -264,7 +261,8 @@ mod tests {
     #[test]
     fn seller_table_and_json() {
         let (_dir, store) = store();
-        let (text, result) = run(|out| print_entity("seller", "s1", store.seller("s1", T0).unwrap(), false, out));
+        let (text, result) =
+            run(|out| print_entity("seller", "s1", store.seller("s1", T0).unwrap(), false, out));
         result.unwrap();
         assert!(text.starts_with("seller s1\n"), "{text}");
         assert!(text.contains("  totalValue       120.00\n"), "{text}");
@@ -277,7 +275,8 @@ mod tests {
         assert!(day_row.starts_with("  2023-10-01"), "{day_row}");
         assert!(day_row.contains(" 120.00 "), "{day_row}");
 
-        let (text, result) = run(|out| print_entity("seller", "s1", store.seller("s1", T0).unwrap(), true, out));
+        let (text, result) =
+            run(|out| print_entity("seller", "s1", store.seller("s1", T0).unwrap(), true, out));
         result.unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -314,7 +313,15 @@ mod tests {
             };
             store.write(&[changes], T0).unwrap();
         }
-        let (text, result) = run(|out| print_entity("category", "Books", store.category("Books", T0).unwrap(), true, out));
+        let (text, result) = run(|out| {
+            print_entity(
+                "category",
+                "Books",
+                store.category("Books", T0).unwrap(),
+                true,
+                out,
+            )
+        });
         result.unwrap();
         let days: Vec<String> = text
             .lines()
@@ -332,10 +339,19 @@ mod tests {
     #[test]
     fn unknown_entities_are_a_typed_not_found() {
         let (_dir, store) = store();
-        let (text, result) = run(|out| print_entity("seller", "s9", store.seller("s9", T0).unwrap(), false, out));
+        let (text, result) =
+            run(|out| print_entity("seller", "s9", store.seller("s9", T0).unwrap(), false, out));
         assert_eq!(text, "no seller named \"s9\"\n");
         assert!(result.unwrap_err().is_not_found());
-        let (text, result) = run(|out| print_entity("category", "Toys", store.category("Toys", T0).unwrap(), true, out));
+        let (text, result) = run(|out| {
+            print_entity(
+                "category",
+                "Toys",
+                store.category("Toys", T0).unwrap(),
+                true,
+                out,
+            )
+        });
         assert_eq!(text, "");
         assert!(matches!(
             result,
@@ -349,7 +365,8 @@ mod tests {
     #[test]
     fn low_stock_table() {
         let (_dir, store) = store();
-        let (text, result) = run(|out| print_low_stock(&store.low_stock(None).unwrap(), None, false, out));
+        let (text, result) =
+            run(|out| print_low_stock(&store.low_stock(None).unwrap(), None, false, out));
         result.unwrap();
         assert_eq!(
             text,
@@ -358,10 +375,19 @@ mod tests {
                 "  s1        1          name-s1-Games  Games            8  15.00\n"
             )
         );
-        let (text, result) = run(|out| print_low_stock(&store.low_stock(Some("s2")).unwrap(), Some("s2"), false, out));
+        let (text, result) = run(|out| {
+            print_low_stock(
+                &store.low_stock(Some("s2")).unwrap(),
+                Some("s2"),
+                false,
+                out,
+            )
+        });
         result.unwrap();
         assert_eq!(text, "no low-stock products for seller \"s2\"\n");
-        let (text, result) = run(|out| print_low_stock(&store.low_stock(Some("s1")).unwrap(), Some("s1"), true, out));
+        let (text, result) = run(|out| {
+            print_low_stock(&store.low_stock(Some("s1")).unwrap(), Some("s1"), true, out)
+        });
         result.unwrap();
         assert_eq!(
             text,

@@ -82,7 +82,11 @@ fn a_realistic_trace_into_dynamodb_equals_the_straight_fold_with_every_bad_event
     let expected = rejections_by_reason(&case.input);
     assert!(!expected.is_empty(), "the trace has malformed events");
     let letters = case.topics.dead_letters(expected.values().sum());
-    assert_eq!(letters_by_reason(&letters), expected, "dead letters by reason");
+    assert_eq!(
+        letters_by_reason(&letters),
+        expected,
+        "dead letters by reason"
+    );
     // A clean shutdown archives a metric snapshot to S3.
     assert!(stdout.contains("snapshot: s3://"), "run summary: {stdout}");
 }
@@ -141,7 +145,11 @@ fn sigkill_of_a_worker_storage_and_supervisor_at_random_moments_loses_and_double
     let mut distinct: Vec<&String> = letters.iter().map(|(k, _, _)| k).collect();
     distinct.sort();
     distinct.dedup();
-    assert_eq!(distinct.len(), expected, "every bad event has a dead letter");
+    assert_eq!(
+        distinct.len(),
+        expected,
+        "every bad event has a dead letter"
+    );
 }
 
 #[test]
@@ -227,7 +235,11 @@ fn a_20_second_dynamodb_outage_mid_run_is_waited_out_and_loses_nothing() {
             run.try_wait().is_none(),
             "the service exited during the outage"
         );
-        assert_eq!(topics.committed(), before, "committed offsets during the outage");
+        assert_eq!(
+            topics.committed(),
+            before,
+            "committed offsets during the outage"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     proxy.up();
@@ -239,4 +251,3 @@ fn a_20_second_dynamodb_outage_mid_run_is_waited_out_and_loses_nothing() {
     );
     case.assert_exact();
 }
-

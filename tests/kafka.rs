@@ -33,7 +33,11 @@ fn a_realistic_trace_through_kafka_equals_the_straight_fold_with_every_bad_event
     let expected = rejections_by_reason(&input);
     let letters = topics.dead_letters(expected.values().sum());
     assert!(!expected.is_empty(), "the trace has malformed events");
-    assert_eq!(letters_by_reason(&letters), expected, "dead letters by reason");
+    assert_eq!(
+        letters_by_reason(&letters),
+        expected,
+        "dead letters by reason"
+    );
     let total: usize = expected.values().sum();
     assert!(
         stdout.contains(&format!("rejected: {total} (")),

@@ -321,7 +321,11 @@ fn the_metrics_endpoint_counts_what_the_run_does() {
     }
     drop(stdin);
     finish(run);
-    assert_same_records(&export(&dir.path().join("data")), &fold(&input), "metrics run");
+    assert_same_records(
+        &export(&dir.path().join("data")),
+        &fold(&input),
+        "metrics run",
+    );
 }
 
 /// The `(role, pid)` of each child, from the supervisor's "child started"
@@ -406,8 +410,8 @@ fn journal_logs_are_json_lines_naming_their_child_and_never_carry_secrets() {
     assert_eq!(started.len(), 3, "{log}");
     let mut tagged = std::collections::BTreeSet::new();
     for line in log.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         assert!(v["message"].is_string() && v["level"].is_string(), "{line}");
         if let Some(child) = v.get("child").filter(|c| c.is_object()) {
             let who = (

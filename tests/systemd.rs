@@ -46,9 +46,12 @@ fn setting<'a>(all: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 fn tool(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {program} ({e}): install it (scripts/test does: systemd, strace)")
-    })
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} ({e}): install it (scripts/test does: systemd, strace)")
+        })
 }
 
 #[test]
@@ -104,7 +107,11 @@ fn the_unit_passes_systemd_analyze_verify_and_agrees_with_the_service() {
     // The exposure score the README reports.
     let out = tool(
         "systemd-analyze",
-        &["security", "--offline=yes", unit_path().to_str().expect("utf-8")],
+        &[
+            "security",
+            "--offline=yes",
+            unit_path().to_str().expect("utf-8"),
+        ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let score: f64 = text
@@ -112,7 +119,10 @@ fn the_unit_passes_systemd_analyze_verify_and_agrees_with_the_service() {
         .find_map(|l| l.split_once("Overall exposure level for analytics.service: "))
         .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
-    assert!(score <= 1.5, "exposure {score} (README reports 1.1)\n{text}");
+    assert!(
+        score <= 1.5,
+        "exposure {score} (README reports 1.1)\n{text}"
+    );
 }
 
 /// The system call groups systemd knows, as `@group` → members (which may
@@ -132,7 +142,10 @@ fn syscall_groups() -> BTreeMap<String, Vec<String>> {
                 && !member.is_empty()
                 && !member.starts_with('#')
             {
-                groups.entry(g.clone()).or_default().push(member.to_string());
+                groups
+                    .entry(g.clone())
+                    .or_default()
+                    .push(member.to_string());
             }
         } else if line.trim().is_empty() {
             current = None;
@@ -230,7 +243,11 @@ fn calls_and_families(log: &str) -> (BTreeSet<String>, BTreeSet<String>) {
         let Some((name, args)) = rest.split_once('(') else {
             continue;
         };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
             continue;
         }
         calls.insert(name.to_string());

@@ -621,10 +621,14 @@ async fn eof_inside_payload_is_truncated() {
 #[tokio::test]
 async fn eof_inside_second_frame_is_truncated() {
     let mut f = Vec::new();
-    frame::encode_into(&FromStorage::Written {
+    frame::encode_into(
+        &FromStorage::Written {
             id: 1,
-            report: WriteReport::default()
-        }, &mut f).unwrap();
+            report: WriteReport::default(),
+        },
+        &mut f,
+    )
+    .unwrap();
     let mut bytes = f.clone();
     bytes.extend_from_slice(&f[..f.len() - 1]);
     let (tx, rx) = UnixStream::pair().unwrap();
@@ -632,10 +636,13 @@ async fn eof_inside_second_frame_is_truncated() {
     w.write_all(&bytes).await.unwrap();
     drop(w);
     let mut rx = Receiver::<FromStorage, _>::new(rx);
-    assert_eq!(rx.recv().await.unwrap(), FromStorage::Written {
+    assert_eq!(
+        rx.recv().await.unwrap(),
+        FromStorage::Written {
             id: 1,
             report: WriteReport::default()
-        });
+        }
+    );
     let e = expect_err(rx.recv().await);
     let want = f.len() - 4;
     assert!(

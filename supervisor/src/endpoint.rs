@@ -91,7 +91,14 @@ async fn respond(mut conn: TcpStream, telemetry: &Telemetry) -> std::io::Result<
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > MAX_HEAD_BYTES {
-            return write(&mut conn, 431, "text/plain", "request head too large\n", true).await;
+            return write(
+                &mut conn,
+                431,
+                "text/plain",
+                "request head too large\n",
+                true,
+            )
+            .await;
         }
         let n = conn.read(&mut buf).await?;
         if n == 0 {
@@ -186,15 +193,39 @@ mod tests {
         let (head, body) = metrics.split_once("\r\n\r\n").expect("head and body");
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
 
-        assert!(get(addr, "GET /health HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
-        assert!(get(addr, "GET /ready HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 503"));
+        assert!(
+            get(addr, "GET /health HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        assert!(
+            get(addr, "GET /ready HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 503")
+        );
         telemetry.set_ready(true);
-        assert!(get(addr, "GET /ready HTTP/1.0\r\n\r\n").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get(addr, "GET /ready HTTP/1.0\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
         telemetry.set_stopping();
-        assert!(get(addr, "GET /ready HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 503"));
+        assert!(
+            get(addr, "GET /ready HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 503")
+        );
 
-        assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
-        assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
+        assert!(
+            get(addr, "GET /nope HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
+        assert!(
+            get(addr, "POST /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 405")
+        );
         let head_only = get(addr, "HEAD /health HTTP/1.1\r\n\r\n").await;
         assert!(head_only.ends_with("\r\n\r\n"), "{head_only}");
         // One byte over the cap and no end of head: refused once all of it

@@ -18,8 +18,8 @@
 pub mod endpoint;
 pub mod kafka;
 pub mod ledger;
-pub mod restart;
 pub mod notify;
+pub mod restart;
 pub mod route;
 pub mod service;
 pub mod shutdown;

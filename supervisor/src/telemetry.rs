@@ -283,8 +283,8 @@ impl Telemetry {
             "gauge",
         );
         let children = lock(&self.children).clone();
-        let processes = std::iter::once(("supervisor".to_string(), std::process::id() as i32))
-            .chain(children);
+        let processes =
+            std::iter::once(("supervisor".to_string(), std::process::id() as i32)).chain(children);
         for (name, pid) in processes {
             if let Some(bytes) = resident_bytes(pid) {
                 let _ = writeln!(
@@ -350,7 +350,11 @@ mod tests {
             Some("5")
         );
         assert_eq!(
-            sample(&text, "analytics_events_rejected_total{reason=\"invalid_json\"}").as_deref(),
+            sample(
+                &text,
+                "analytics_events_rejected_total{reason=\"invalid_json\"}"
+            )
+            .as_deref(),
             Some("2")
         );
         assert_eq!(
@@ -407,9 +411,9 @@ mod tests {
         lag.lock().unwrap().insert(("product.updated".into(), 0), 5);
         assert_eq!(t.total_lag(), Some(12));
         let text = t.render();
-        assert!(text.contains(
-            "analytics_consumer_lag{topic=\"product.created\",partition=\"2\"} 7"
-        ));
+        assert!(
+            text.contains("analytics_consumer_lag{topic=\"product.created\",partition=\"2\"} 7")
+        );
 
         let rss = sample(
             &text,

@@ -510,7 +510,9 @@ impl Tree {
         let late = |t: Instant| now.saturating_duration_since(t) > bound;
         for (i, w) in self.workers.iter().enumerate() {
             if w.slot.link.is_some() && w.flush_sent_at.is_some_and(late) {
-                return Some(format!("worker {i} has not answered a flush for over {bound:?}"));
+                return Some(format!(
+                    "worker {i} has not answered a flush for over {bound:?}"
+                ));
             }
         }
         if self.storage.link.is_some() {
@@ -519,10 +521,15 @@ impl Tree {
                 .values()
                 .map(|w| w.sent_at)
                 .chain(self.loads.values().map(|l| l.sent_at))
-                .chain(self.snapshot_sent_at.filter(|_| self.summary.snapshot.is_none()))
+                .chain(
+                    self.snapshot_sent_at
+                        .filter(|_| self.summary.snapshot.is_none()),
+                )
                 .min();
             if oldest.is_some_and(late) {
-                return Some(format!("storage has not answered a request for over {bound:?}"));
+                return Some(format!(
+                    "storage has not answered a request for over {bound:?}"
+                ));
             }
         }
         None

@@ -105,9 +105,7 @@ impl Sink {
                 endpoint,
                 tag,
                 data,
-            } => {
-                self.args_with_endpoint(endpoint, tag, data)
-            }
+            } => self.args_with_endpoint(endpoint, tag, data),
         }
     }
 
