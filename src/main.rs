@@ -727,29 +727,10 @@ fn storage_cmd(
                 )?,
                 archive_dir: analytics::archive::archive_dir(&data_dir),
             },
-            BackendConfig::Aws(cfg) => Backend::Aws(Box::new(connect_aws(cfg).await?)),
+            BackendConfig::Aws(cfg) => {
+                Backend::Aws(Box::new(analytics::storage::connect_aws(cfg).await?))
+            }
         };
         analytics::storage::serve(stream, backend, dlq).await
     })
-}
-
-/// Connects to DynamoDB and S3, retrying with capped backoff for as long as
-/// they are unreachable (the supervisor holds input back meanwhile); a
-/// setting that cannot work is an error at once.
-async fn connect_aws(cfg: AwsConfig) -> anyhow::Result<AwsStore> {
-    let mut attempt = 0u32;
-    loop {
-        match AwsStore::connect(cfg.clone()).await {
-            Ok(store) => return Ok(store),
-            Err(e) if !e.is_retryable() => return Err(e).context("connecting to the AWS store"),
-            Err(e) => {
-                let delay =
-                    Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5));
-                tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %e,
-                    "cannot reach the AWS store; retrying");
-                tokio::time::sleep(delay).await;
-                attempt = attempt.saturating_add(1);
-            }
-        }
-    }
 }

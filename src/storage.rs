@@ -11,7 +11,8 @@
 //! would not help. Only the embedded store's retryable errors (a busy lock)
 //! are reported back, so the supervisor can replace the process.
 
-use crate::aws_store::retry::{Backoff, random_u64};
+use crate::aws_store::retry::{Backoff, random_u64, retry};
+use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::backend::{Backend, BackendError};
 use crate::dlq::KafkaDlq;
 use anyhow::Context;
@@ -90,6 +91,20 @@ async fn refresh(store: &mut Backend, now: i64) -> i64 {
             now.saturating_sub(TTL_REFRESH_MS)
         }
     }
+}
+
+/// Connects to DynamoDB and S3, waiting with the outage backoff for as long
+/// as they are unreachable (the supervisor holds input back meanwhile); a
+/// setting that cannot work is an error at once.
+pub async fn connect_aws(cfg: AwsConfig) -> anyhow::Result<AwsStore> {
+    retry(
+        &OUTAGE_BACKOFF,
+        "connect",
+        AwsStoreError::is_retryable,
+        || AwsStore::connect(cfg.clone()),
+    )
+    .await
+    .context("connecting to the AWS store")
 }
 
 /// A store operation, boxed so one retry loop serves them all.

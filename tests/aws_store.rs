@@ -4,6 +4,8 @@
 //! The server's endpoint comes from `ANALYTICS_TEST_AWS_ENDPOINT` (default
 //! `http://127.0.0.1:5000`). These tests fail, never skip, when it is absent.
 
+mod support;
+
 use analytics::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use analytics::store::{EmbeddedStore, StoreOptions};
 use analytics_worker::records::MetricRecord;
@@ -19,22 +21,13 @@ use std::time::{Duration, Instant};
 
 const T0: i64 = 1_696_176_060_000; // 2023-10-01T16:01:00Z
 
-fn endpoint() -> String {
-    std::env::var("ANALYTICS_TEST_AWS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
-}
-
 static ENV: Once = Once::new();
 
 /// Dummy credentials and region unless the environment has them, and a
-/// check that the server answers.
+/// check that the server answers; its endpoint.
 fn setup() -> String {
     ENV.call_once(|| {
-        for (k, v) in [
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ] {
+        for (k, v) in support::kafka::AWS_TEST_ENV {
             if std::env::var_os(k).is_none() {
                 // SAFETY: every test calls `setup` before anything else and
                 // `Once` makes the others wait, so no thread reads the
@@ -43,23 +36,7 @@ fn setup() -> String {
             }
         }
     });
-    let ep = endpoint();
-    let hostport = ep
-        .trim_start_matches("http://")
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .to_string();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|addr| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
-        });
-    assert!(
-        reachable,
-        "moto not reachable at {ep}: start it with scripts/stack up"
-    );
-    ep
+    support::kafka::aws_endpoint()
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

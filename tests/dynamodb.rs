@@ -28,7 +28,7 @@ struct Case {
     sink: Sink,
     input: std::path::PathBuf,
     lines: Vec<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Case {
@@ -45,7 +45,7 @@ impl Case {
             sink,
             lines: read_lines(&input),
             input,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -159,19 +159,12 @@ fn two_instances_in_one_group_one_killed_mid_run_sum_categories_exactly() {
     let third = lines.len() / 3;
     let topics = &case.topics;
     // Two instances: one group, one set of tables, their own data dirs.
-    let other = case._dir.path().join("other");
-    let Sink::Aws { endpoint, tag, .. } = &case.sink else {
-        unreachable!("an AWS case")
-    };
-    let log_a = case._dir.path().join("a.log");
-    let log_b = case._dir.path().join("b.log");
+    let other = case.dir.path().join("other");
+    let log_a = case.dir.path().join("a.log");
+    let log_b = case.dir.path().join("b.log");
     let file = |p: &std::path::Path| std::fs::File::create(p).expect("log file").into();
     let mut a = start_with(topics, &case.sink.args(), file(&log_a));
-    let mut b = start_with(
-        topics,
-        &case.sink.args_with_endpoint(endpoint, tag, &other),
-        file(&log_b),
-    );
+    let mut b = start_with(topics, &case.sink.with_data_dir(other).args(), file(&log_b));
     topics.produce(&lines[..third]);
     topics.wait_until_committed(&mut [&mut a, &mut b]);
     // Both instances own partitions (so both write category parts).
@@ -205,20 +198,14 @@ fn a_20_second_dynamodb_outage_mid_run_is_waited_out_and_loses_nothing() {
     let lines = case.lines();
     let half = lines.len() / 2;
     let topics = &case.topics;
-    let Sink::Aws {
-        endpoint,
-        tag,
-        data,
-    } = &case.sink
-    else {
-        unreachable!("an AWS case")
-    };
-    let target: std::net::SocketAddr = endpoint
+    let target: std::net::SocketAddr = case
+        .sink
+        .endpoint()
         .trim_start_matches("http://")
         .parse()
         .expect("moto endpoint host:port");
     let proxy = Proxy::start(target);
-    let store_args = case.sink.args_with_endpoint(&proxy.endpoint(), tag, data);
+    let store_args = case.sink.with_endpoint(proxy.endpoint()).args();
 
     let mut run = start_with(topics, &store_args, service_log());
     topics.produce_batched(&lines[..half], 10_000);

@@ -1156,10 +1156,7 @@ impl AwsStore {
                     .request_items(table, ka.clone())
                     .send()
                     .await
-                    .map_err(|e| {
-                        let (detail, retryable) = describe(&e);
-                        AwsStoreError::Read { detail, retryable }
-                    })
+                    .map_err(read_error)
             },
         )
         .await?;
@@ -1445,36 +1442,21 @@ impl AwsStore {
     }
 
     async fn query_pk(&self, pk: &str) -> Result<Vec<Item>, AwsStoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = retry(
-                &self.cfg.backoff,
-                "query",
-                AwsStoreError::is_retryable,
-                || async {
-                    self.ddb
-                        .query()
-                        .table_name(&self.cfg.metrics_table)
-                        .key_condition_expression("PK = :pk")
-                        .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
-                        .consistent_read(true)
-                        .set_exclusive_start_key(start.clone())
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            let (detail, retryable) = describe(&e);
-                            AwsStoreError::Read { detail, retryable }
-                        })
-                },
-            )
-            .await?;
-            out.extend(page.items().iter().cloned());
-            match page.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => return Ok(out),
-            }
-        }
+        self.read_pages("query", |start| async move {
+            let page = self
+                .ddb
+                .query()
+                .table_name(&self.cfg.metrics_table)
+                .key_condition_expression("PK = :pk")
+                .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(read_error)?;
+            Ok((page.items().to_vec(), page.last_evaluated_key().cloned()))
+        })
+        .await
     }
 
     async fn scan_metrics(
@@ -1482,37 +1464,45 @@ impl AwsStore {
         filter: &str,
         values: &[(&str, &str)],
     ) -> Result<Vec<Item>, AwsStoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
         let values: HashMap<String, AttributeValue> = values
             .iter()
             .map(|(k, v)| (k.to_string(), AttributeValue::S(v.to_string())))
             .collect();
+        let values = &values;
+        self.read_pages("scan", |start| async move {
+            let page = self
+                .ddb
+                .scan()
+                .table_name(&self.cfg.metrics_table)
+                .filter_expression(filter)
+                .set_expression_attribute_values(Some(values.clone()))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(read_error)?;
+            Ok((page.items().to_vec(), page.last_evaluated_key().cloned()))
+        })
+        .await
+    }
+
+    /// Every item of a paged read: `page(start)` returns one page's items
+    /// and the key to go on from; each page is retried on its own.
+    async fn read_pages<F, Fut>(&self, what: &str, mut page: F) -> Result<Vec<Item>, AwsStoreError>
+    where
+        F: FnMut(Option<Item>) -> Fut,
+        Fut: std::future::Future<Output = Result<(Vec<Item>, Option<Item>), AwsStoreError>>,
+    {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
         loop {
-            let page = retry(
-                &self.cfg.backoff,
-                "scan",
-                AwsStoreError::is_retryable,
-                || async {
-                    self.ddb
-                        .scan()
-                        .table_name(&self.cfg.metrics_table)
-                        .filter_expression(filter)
-                        .set_expression_attribute_values(Some(values.clone()))
-                        .consistent_read(true)
-                        .set_exclusive_start_key(start.clone())
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            let (detail, retryable) = describe(&e);
-                            AwsStoreError::Read { detail, retryable }
-                        })
-                },
-            )
+            let (items, next) = retry(&self.cfg.backoff, what, AwsStoreError::is_retryable, || {
+                page(start.clone())
+            })
             .await?;
-            out.extend(page.items().iter().cloned());
-            match page.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
+            out.extend(items);
+            match next {
+                Some(k) if !k.is_empty() => start = Some(k),
                 _ => return Ok(out),
             }
         }
@@ -1658,6 +1648,14 @@ where
 fn parse(it: &Item, now_ms: i64) -> Result<Option<MetricRecord>, AwsStoreError> {
     let pk = item::s(it, "PK").unwrap_or_default();
     parse_item_value(pk, item::to_json(it)?, now_ms).map_err(store_err)
+}
+
+/// A failed DynamoDB read, classified.
+fn read_error<E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static>(
+    e: aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> AwsStoreError {
+    let (detail, retryable) = describe(&e);
+    AwsStoreError::Read { detail, retryable }
 }
 
 fn store_err(e: impl ToString) -> AwsStoreError {

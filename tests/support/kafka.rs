@@ -71,6 +71,7 @@ pub fn unique_tag(name: &str) -> String {
 }
 
 /// Where the service under test keeps its metrics.
+#[derive(Clone)]
 pub enum Sink {
     /// The embedded store in this data directory.
     Embedded(PathBuf),
@@ -97,6 +98,35 @@ impl Sink {
         }
     }
 
+    /// The AWS endpoint of an AWS sink.
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Sink::Aws { endpoint, .. } => endpoint,
+            Sink::Embedded(_) => panic!("an embedded sink has no AWS endpoint"),
+        }
+    }
+
+    /// The same tables and bucket through another endpoint (a proxy).
+    pub fn with_endpoint(&self, endpoint: String) -> Sink {
+        let mut s = self.clone();
+        if let Sink::Aws { endpoint: e, .. } = &mut s {
+            *e = endpoint;
+        }
+        s
+    }
+
+    /// The same store with another data directory (a second instance).
+    pub fn with_data_dir(&self, dir: PathBuf) -> Sink {
+        match self.clone() {
+            Sink::Embedded(_) => Sink::Embedded(dir),
+            Sink::Aws { endpoint, tag, .. } => Sink::Aws {
+                endpoint,
+                tag,
+                data: dir,
+            },
+        }
+    }
+
     /// The store's flags, for `run`, `export` and `query`.
     pub fn args(&self) -> Vec<String> {
         match self {
@@ -105,26 +135,21 @@ impl Sink {
                 endpoint,
                 tag,
                 data,
-            } => self.args_with_endpoint(endpoint, tag, data),
+            } => vec![
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--store".into(),
+                "aws".into(),
+                "--aws-endpoint".into(),
+                endpoint.clone(),
+                "--dynamodb-table".into(),
+                format!("{tag}-metrics"),
+                "--state-table".into(),
+                format!("{tag}-state"),
+                "--s3-bucket".into(),
+                format!("{tag}-archive"),
+            ],
         }
-    }
-
-    /// The AWS flags with another endpoint (a proxy in front of moto).
-    pub fn args_with_endpoint(&self, endpoint: &str, tag: &str, data: &Path) -> Vec<String> {
-        vec![
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--store".into(),
-            "aws".into(),
-            "--aws-endpoint".into(),
-            endpoint.into(),
-            "--dynamodb-table".into(),
-            format!("{tag}-metrics"),
-            "--state-table".into(),
-            format!("{tag}-state"),
-            "--s3-bucket".into(),
-            format!("{tag}-archive"),
-        ]
     }
 
     /// `analytics export` of this store.
@@ -136,15 +161,18 @@ impl Sink {
     }
 }
 
-/// Dummy AWS credentials and region for moto, unless the environment has
-/// real ones; no instance-metadata probing.
+/// Dummy AWS credentials and region for moto, used unless the environment
+/// has real ones; no instance-metadata probing.
+pub const AWS_TEST_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// [`AWS_TEST_ENV`] on a command, where the environment lacks them.
 pub fn aws_env(cmd: &mut Command) {
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ] {
+    for (k, v) in AWS_TEST_ENV {
         if std::env::var_os(k).is_none() {
             cmd.env(k, v);
         }
