@@ -19,6 +19,7 @@
 pub mod archive;
 pub mod aws_store;
 pub mod backend;
+pub mod config;
 pub mod dlq;
 pub mod logging;
 pub mod produce;

@@ -2,16 +2,18 @@
 //!
 //! - `analytics run`: the process tree on the embedded default (DESIGN §8).
 //! - `analytics query …` / `analytics export`: read the metrics back.
+//! - `analytics config check`: validate the configuration, print it.
 //! - `analytics storage`: the storage process, spawned by `run` (internal).
 
 use analytics::aws_store::{AwsConfig, AwsStore};
 use analytics::backend::{Backend, BackendConfig};
+use analytics::config::{self, ConfigFile};
 use analytics::logging::{LogArgs, Role};
 use analytics::query;
 use analytics::storage::now_ms;
 use analytics::store::{EmbeddedStore, StoreOptions};
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,11 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     log: LogArgs,
+    /// TOML file of settings, named like the flags (`flush_interval_ms =
+    /// 500`); flags and ANALYTICS_* variables win over it. Read from
+    /// /etc/analytics/analytics.toml when that exists.
+    #[arg(long, global = true, env = config::ENV_CONFIG, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -176,6 +183,12 @@ enum Command {
         /// JSON-lines file of event values; stdin without it.
         input: Option<PathBuf>,
     },
+    /// Check the configuration (file, environment, defaults) and print
+    /// the settings `run` would use, with secrets redacted.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// The storage process (spawned by `run`).
     #[command(hide = true)]
     Storage {
@@ -198,6 +211,13 @@ enum Command {
 /// producer (properties may hold credentials, so never on the command line).
 const ENV_DLQ_BROKERS: &str = "ANALYTICS_DLQ_BROKERS";
 const ENV_DLQ_PROPERTIES: &str = "ANALYTICS_DLQ_KAFKA_PROPERTIES";
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate, then print the effective settings of `run` as TOML, each
+    /// with where it came from (flag, env, file, default).
+    Check,
+}
 
 #[derive(Subcommand)]
 enum QueryWhat {
@@ -223,8 +243,8 @@ struct RunArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Worker processes [default: cores - 1, at least 1].
-    #[arg(long, env = "ANALYTICS_WORKERS")]
-    workers: Option<usize>,
+    #[arg(long, env = "ANALYTICS_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
     /// How often workers hand their changes to storage.
     #[arg(long, env = "ANALYTICS_FLUSH_INTERVAL_MS", default_value_t = 1000)]
     flush_interval_ms: u64,
@@ -311,7 +331,23 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let location = config::locate(&argv, std::env::var_os(config::ENV_CONFIG));
+    let file = match ConfigFile::load(&location, &Cli::command()) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("analytics: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cmd = file.apply(Cli::command());
+    let cli = match cmd
+        .try_get_matches_from(&argv)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let role = match cli.command {
         Command::Storage { .. } => Role::Child("storage"),
         _ => Role::Main,
@@ -324,7 +360,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => run_tree(args, child_env),
+        Command::Run(args) => run_tree(args, &file, child_env),
+        Command::Config {
+            action: ConfigAction::Check,
+        } => config_check(&file, &argv),
         Command::Query { store, json, what } => return query_cmd(&store, json, what),
         Command::Export { store } => export_cmd(&store),
         Command::Produce {
@@ -378,28 +417,78 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn run_tree(args: RunArgs, child_env: Vec<(OsString, OsString)>) -> anyhow::Result<()> {
-    let kafka = args
-        .kafka
-        .kafka_brokers
-        .as_ref()
-        .map(|brokers| KafkaSettings {
-            brokers: brokers.clone(),
-            group_id: args.kafka.kafka_group_id.clone(),
-            topics: args.kafka.topics.kafka_topics.clone(),
-            properties: args.kafka.kafka_properties.clone(),
-            stats_interval: Duration::from_millis(args.kafka.kafka_stats_interval_ms.max(100)),
-        });
-    if let Some(k) = &kafka {
+impl RunArgs {
+    /// The Kafka source's settings (none for a file source), after the
+    /// checks that span several settings; `config check` makes them too.
+    fn kafka_settings(&self, file: &ConfigFile) -> anyhow::Result<Option<KafkaSettings>> {
+        let properties =
+            config::merge_properties(&file.kafka_properties, &self.kafka.kafka_properties);
+        let kafka = self
+            .kafka
+            .kafka_brokers
+            .as_ref()
+            .map(|brokers| KafkaSettings {
+                brokers: brokers.clone(),
+                group_id: self.kafka.kafka_group_id.clone(),
+                topics: self.kafka.topics.kafka_topics.clone(),
+                properties: properties.into_iter().map(|(k, v, _)| (k, v)).collect(),
+                stats_interval: Duration::from_millis(self.kafka.kafka_stats_interval_ms.max(100)),
+            });
+        if let Some(k) = &kafka {
+            anyhow::ensure!(
+                !k.topics.is_empty() && k.topics.iter().all(|t| !t.trim().is_empty()),
+                "kafka_topics (--kafka-topics) must name at least one topic"
+            );
+        }
         anyhow::ensure!(
-            !k.topics.is_empty() && k.topics.iter().all(|t| !t.trim().is_empty()),
-            "--kafka-topics must name at least one topic"
+            self.store.store == StoreKind::Embedded || kafka.is_some(),
+            "store = aws (--store aws) needs kafka_brokers (--kafka-brokers): a file source keeps its dead letters in the embedded store"
         );
+        Ok(kafka)
     }
-    anyhow::ensure!(
-        args.store.store == StoreKind::Embedded || kafka.is_some(),
-        "--store aws needs --kafka-brokers: a file source keeps its dead letters in the embedded store"
+}
+
+/// `analytics config check`: the settings `run` would get from this file,
+/// the environment and the defaults (flags are per command, so none).
+fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
+    let mut cmd = file.apply(Cli::command());
+    // Builds the global options (logging) into `run` too.
+    cmd.build();
+    let mut run_argv: Vec<OsString> = vec![argv[0].clone(), "run".into()];
+    if let Some(path) = &file.path {
+        run_argv.extend(["--config".into(), path.into()]);
+    }
+    let matches = cmd.clone().try_get_matches_from(run_argv)?;
+    let run_matches = matches
+        .subcommand_matches("run")
+        .context("no run subcommand")?;
+    let args = RunArgs::from_arg_matches(run_matches)?;
+    args.kafka_settings(file)?;
+    // The options in their declared order (a file's settings moved theirs).
+    let mut pristine = Cli::command();
+    pristine.build();
+    let run_cmd = pristine
+        .find_subcommand("run")
+        .context("no run subcommand")?;
+    let source = match &file.path {
+        Some(path) => format!("file {}", path.display()),
+        None => format!("no file ({} does not exist)", config::DEFAULT_PATH),
+    };
+    println!("# The effective configuration of `analytics run`: {source},");
+    println!("# the ANALYTICS_* environment, built-in defaults. Valid.");
+    print!(
+        "{}",
+        config::render_effective(run_cmd, run_matches, file, &args.kafka.kafka_properties)
     );
+    Ok(())
+}
+
+fn run_tree(
+    args: RunArgs,
+    file: &ConfigFile,
+    child_env: Vec<(OsString, OsString)>,
+) -> anyhow::Result<()> {
+    let kafka = args.kafka_settings(file)?;
     std::fs::create_dir_all(&args.store.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -441,12 +530,11 @@ fn run_tree(args: RunArgs, child_env: Vec<(OsString, OsString)>) -> anyhow::Resu
         "the worker program {} is missing: build it with `cargo build --release --bins` (or set ANALYTICS_WORKER_BIN)",
         worker_program.display()
     );
-    let workers = args.workers.unwrap_or_else(|| {
+    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get().saturating_sub(1))
             .max(1)
     });
-    anyhow::ensure!(workers >= 1, "--workers must be at least 1");
     let mut storage_args = vec![OsString::from("storage")];
     storage_args.extend(args.store.to_args(&data_dir));
     storage_args.extend(["--ttl-days".into(), args.ttl_days.to_string().into()]);
