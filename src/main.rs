@@ -36,7 +36,18 @@ const FILE_SHARDS: u32 = 16;
 #[command(
     name = "analytics",
     version,
-    about = "Exact seller and category metrics from catalogue product events"
+    about = "Exact seller and category metrics from catalogue product events",
+    after_long_help = "\
+Settings come from flags, then ANALYTICS_* environment variables, then the TOML
+file (/etc/analytics/analytics.toml, or --config FILE), then built-in defaults.
+File settings are named like the flags of `analytics run` (flush_interval_ms);
+librdkafka properties go in its [kafka_properties] table. `analytics config
+check` prints the effective settings. AWS credentials come from the standard
+provider chain (AWS_* variables, profile, instance role).
+
+Under systemd (analytics.service) the data directory is
+/var/lib/analytics/analytics-data, and
+/etc/analytics/analytics.env may set ANALYTICS_* variables."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -189,6 +200,10 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Write man pages (analytics.1, analytics-run.1, …) from the same
+    /// definitions as --help into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// The storage process (spawned by `run`).
     #[command(hide = true)]
     Storage {
@@ -366,6 +381,7 @@ fn main() -> ExitCode {
         } => config_check(&file, &argv),
         Command::Query { store, json, what } => return query_cmd(&store, json, what),
         Command::Export { store } => export_cmd(&store),
+        Command::Man { dir } => write_man_pages(&dir),
         Command::Produce {
             kafka_brokers,
             topics,
@@ -668,6 +684,27 @@ fn run_tree(
         }
     }
     Ok(())
+}
+
+/// One page for `analytics` and one per visible subcommand (nested ones
+/// included, e.g. analytics-query-seller.1).
+fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
+    fn write(cmd: &clap::Command, name: &str, dir: &Path) -> anyhow::Result<()> {
+        let cmd = cmd.clone().name(name.to_string());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        let documented = |s: &&clap::Command| !s.is_hide_set() && s.get_name() != "help";
+        for sub in cmd.get_subcommands().filter(documented) {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(&cmd, "analytics", dir)
 }
 
 /// Opens the configured store for reading.
