@@ -291,6 +291,11 @@ struct RunArgs {
     /// pipeline is wedged: the systemd watchdog pings stop.
     #[arg(long, env = "ANALYTICS_STALL_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_secs: u64,
+    /// Archive a snapshot of every metric record this often while running
+    /// (gzip JSON lines under metrics/dt=…/ in the archive); 0: only when
+    /// the run stops cleanly, which always takes one.
+    #[arg(long, env = "ANALYTICS_ARCHIVE_INTERVAL_SECS", default_value_t = 3600)]
+    archive_interval_secs: u64,
     /// Serve /metrics, /health and /ready over HTTP on this address
     /// (e.g. 127.0.0.1:9464); off when unset.
     #[arg(long, env = "ANALYTICS_METRICS_ADDR")]
@@ -589,6 +594,8 @@ fn run_tree(
         handshake_timeout: Duration::from_secs(10),
         stall_timeout: Duration::from_secs(args.stall_timeout_secs),
         child_env,
+        snapshot_interval: (args.archive_interval_secs > 0)
+            .then(|| Duration::from_secs(args.archive_interval_secs)),
     };
     let source = match kafka {
         Some(settings) => Source::Kafka(settings),

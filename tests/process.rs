@@ -476,3 +476,89 @@ fn worker_fold_summarises_rejections_on_stderr() {
         .expect("run fold");
     assert!(!missing.status.success(), "an unreadable input is an error");
 }
+
+/// The metric snapshots in the archive, by file name, each as its sorted
+/// lines.
+fn snapshots(data: &Path) -> Vec<(String, Vec<String>)> {
+    use std::io::Read;
+    let mut found = Vec::new();
+    let Ok(days) = std::fs::read_dir(data.join("archive/metrics")) else {
+        return found;
+    };
+    for day in days.flatten() {
+        for file in std::fs::read_dir(day.path())
+            .expect("a day directory")
+            .flatten()
+        {
+            let name = file.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("snapshot-") {
+                continue; // a snapshot being written
+            }
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(std::fs::File::open(file.path()).expect("open"))
+                .read_to_string(&mut text)
+                .expect("a gzip snapshot");
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            found.push((name, lines));
+        }
+    }
+    found.sort();
+    found
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn metric_snapshots_are_archived_every_interval_while_running_and_at_the_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 20_000, 500);
+    let text = std::fs::read_to_string(&input).expect("read input");
+    let half: Vec<&str> = text.lines().take(10_000).collect();
+    let first_half = dir.path().join("first-half.jsonl");
+    std::fs::write(&first_half, half.join("\n") + "\n").expect("write");
+    let want_midway = sorted_lines(&fold(&first_half));
+    let data = dir.path().join("data");
+    let mut run = run_cmd(&data)
+        .args(["--archive-interval-secs", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    feed_in_two_parts(&mut run, &input, 10_000, || {
+        // The input is held open: only a periodic snapshot can show the
+        // first half's metrics.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !snapshots(&data).iter().any(|(_, s)| *s == want_midway) {
+            assert!(
+                Instant::now() < deadline,
+                "no snapshot of the first half within 60 s: {:?}",
+                snapshots(&data)
+                    .iter()
+                    .map(|(n, s)| (n, s.len()))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let out = finish(run);
+    let want = fold(&input);
+    assert_eq!(export(&data), want);
+    let last = summary_line(&out, "snapshot:");
+    let name = last
+        .rsplit('/')
+        .next()
+        .expect("a snapshot path")
+        .to_string();
+    let all = snapshots(&data);
+    let (_, final_snapshot) = all
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("the final snapshot {name} is not in the archive"));
+    assert_eq!(*final_snapshot, sorted_lines(&want));
+    assert!(all.len() >= 2, "{} snapshots", all.len());
+}

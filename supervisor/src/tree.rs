@@ -52,6 +52,9 @@ pub struct TreeConfig {
     pub stall_timeout: Duration,
     /// Environment of every child (log settings).
     pub child_env: Vec<(OsString, OsString)>,
+    /// Archive a metric snapshot this often while running (DESIGN §6
+    /// `archive_interval`); `None`: only at the end of a clean stop.
+    pub snapshot_interval: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +265,9 @@ struct Tree {
     events_since_flush: u64,
     summary: RunSummary,
     snapshot_requested: Option<RequestId>,
-    /// When the snapshot request went to the current storage process.
+    /// The periodic snapshot storage is taking, if any.
+    periodic_snapshot: Option<RequestId>,
+    /// When the final snapshot request went to the current storage process.
     snapshot_sent_at: Option<Instant>,
     events_of_last_batch: u64,
     /// The input ended or shutdown began: flush until everything is durable.
@@ -307,6 +312,7 @@ impl Tree {
             events_since_flush: 0,
             summary: RunSummary::default(),
             snapshot_requested: None,
+            periodic_snapshot: None,
             snapshot_sent_at: None,
             events_of_last_batch: 0,
             draining: false,
@@ -361,6 +367,7 @@ impl Tree {
         let mut source_stop_deadline: Option<Instant> = None;
         let mut flush_tick = tokio::time::interval(self.cfg.flush_interval);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_snapshot = self.cfg.snapshot_interval.map(|every| now + every);
         let mut service_tick = tokio::time::interval(self.service.tick_interval());
         service_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -468,6 +475,10 @@ impl Tree {
                     self.flush()
                 }
                 _ = sleep_until(next_restart), if next_restart.is_some() => self.restart_due().await?,
+                _ = sleep_until(next_snapshot), if next_snapshot.is_some() && !finishing => {
+                    next_snapshot = self.cfg.snapshot_interval.map(|every| Instant::now() + every);
+                    self.periodic_snapshot();
+                }
                 _ = service_tick.tick() => {
                     self.service.telemetry().set_buffered_bytes(self.ledger.buffered_bytes());
                     let health = Health {
@@ -481,6 +492,22 @@ impl Tree {
                 }
             }
         }
+    }
+
+    /// Asks storage for a metric snapshot, unless one is still being taken
+    /// (a slow store must not pile them up) or storage is down (the next
+    /// interval tries again).
+    fn periodic_snapshot(&mut self) {
+        if self.periodic_snapshot.is_some() || self.storage.link.is_none() {
+            tracing::info!("skipping a periodic metric snapshot: storage is busy with one or down");
+            return;
+        }
+        let id = self.id();
+        let frame = self.encode(&ToStorage::Snapshot { id });
+        if let Some(l) = &self.storage.link {
+            l.send(frame);
+        }
+        self.periodic_snapshot = Some(id);
     }
 
     /// Some worker has more unreported events than two flushes' worth: stop
@@ -840,6 +867,10 @@ impl Tree {
                     }
                 }
             }
+            FromStorage::Snapshotted { id, key } if self.periodic_snapshot == Some(id) => {
+                tracing::info!(key = %key, "periodic metric snapshot archived");
+                self.periodic_snapshot = None;
+            }
             FromStorage::Snapshotted { key, .. } => {
                 tracing::info!(key = %key, "metric snapshot archived");
                 self.summary.snapshot = Some(key);
@@ -921,6 +952,9 @@ impl Tree {
         for (_, frame) in resend {
             link.send(frame);
         }
+        // A periodic snapshot died with the old process; the next interval
+        // takes one.
+        self.periodic_snapshot = None;
         // The new process has had no time to answer them yet.
         let now = Instant::now();
         self.writes.values_mut().for_each(|w| w.sent_at = now);
