@@ -679,6 +679,12 @@ fn run_tree(
         println!("rejected: 0");
     }
     println!("worker/storage restarts: {}", summary.restarts);
+    let requests = telemetry.storage_requests_by_operation();
+    if !requests.is_empty() {
+        let by_operation: Vec<String> =
+            requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        println!("storage requests: {}", by_operation.join(", "));
+    }
     if let Some(key) = summary.snapshot {
         match args.store.store {
             StoreKind::Embedded => println!(

@@ -211,6 +211,10 @@ async fn write(
                 dead_letters: published + stats.dead_letters,
                 retries,
                 throttles,
+                requests: crate::aws_store::requests::take()
+                    .into_iter()
+                    .map(|(op, n)| (op.into(), n))
+                    .collect(),
             };
             vec![FromStorage::Written { id, report }]
         }

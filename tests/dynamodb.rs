@@ -238,3 +238,124 @@ fn a_20_second_dynamodb_outage_mid_run_is_waited_out_and_loses_nothing() {
     );
     case.assert_exact();
 }
+
+/// `products` products of 20 sellers in 5 categories, each created with
+/// its final price and quantity (`updates` = 0), or created with others and
+/// then updated `updates` times, the last update setting the final ones.
+fn catalogue(products: u64, updates: u64) -> Vec<String> {
+    let mut lines = Vec::new();
+    let t0: u64 = 1_700_000_000_000;
+    for p in 0..products {
+        let seller = format!("seller-{}", p % 20);
+        let category = format!("Category {}", p % 5);
+        let (price, quantity) = (10 + p % 90, 50 + p % 50);
+        let first = if updates == 0 {
+            (price, quantity)
+        } else {
+            (1, 11)
+        };
+        lines.push(format!(
+            r#"{{"eventId":"c-{p}","eventType":"ProductCreated","timestamp":{t},"data":{{"productId":"{p}","sellerId":"{seller}","name":"Product {p}","category":"{category}","price":{}.00,"quantity":{}}}}}"#,
+            first.0,
+            first.1,
+            t = t0 + p,
+        ));
+        for u in 1..=updates {
+            let (new_price, new_quantity) = if u == updates {
+                (price, quantity)
+            } else {
+                (1 + u, 11 + u)
+            };
+            let (old_price, old_quantity) = if u == 1 { first } else { (u, 10 + u) };
+            lines.push(format!(
+                r#"{{"eventId":"u-{p}-{u}","eventType":"ProductUpdated","timestamp":{t},"data":{{"productId":"{p}","sellerId":"{seller}","changes":{{"price":{{"old":{old_price}.00,"new":{new_price}.00}},"quantity":{{"old":{old_quantity},"new":{new_quantity}}}}}}}}}"#,
+                t = t0 + p + u * 1_000_000,
+            ));
+        }
+    }
+    lines
+}
+
+/// Runs `lines` through the service in one flush (the flush interval is
+/// longer than the test; the flush comes with the stop); the storage
+/// requests by operation from `run`'s summary.
+fn requests_of_one_flush(name: &str, lines: &[String]) -> std::collections::BTreeMap<String, u64> {
+    let case = Case::new(name, 1, 0);
+    let input = case.dir.path().join("catalogue.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write the input");
+    let port = support::ops::free_port();
+    let mut args = case.sink.args();
+    args.extend(
+        [
+            "--flush-interval-ms",
+            "3600000",
+            "--flush-max-events",
+            "200000",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ]
+        .map(String::from),
+    );
+    let run = start_with_args(&case.topics, &args, service_log());
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    case.topics.produce(&refs);
+    let deadline = Instant::now() + RUN_DEADLINE;
+    loop {
+        let (_, body) = support::ops::http_get(port, "/metrics");
+        let consumed =
+            support::ops::sample(&body, "analytics_events_consumed_total").unwrap_or(0.0);
+        if consumed >= lines.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consumed {consumed} of {}",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = stop(run);
+    assert_same_records(&case.sink.export(), &fold(&input), "DynamoDB vs fold");
+    let summary = out
+        .lines()
+        .find_map(|l| l.strip_prefix("storage requests: "))
+        .unwrap_or_else(|| panic!("no storage requests in the summary:\n{out}"));
+    summary
+        .split(", ")
+        .map(|op| {
+            let (name, n) = op.rsplit_once(' ').expect("`operation count`");
+            (name.to_string(), n.parse().expect("a count"))
+        })
+        .collect()
+}
+
+/// Requests that write (what grows with the data; reads and the start-up
+/// checks are the same for both runs).
+fn writes(requests: &std::collections::BTreeMap<String, u64>) -> u64 {
+    const WRITES: [&str; 6] = [
+        "DynamoDB.BatchWriteItem",
+        "DynamoDB.TransactWriteItems",
+        "DynamoDB.PutItem",
+        "DynamoDB.UpdateItem",
+        "DynamoDB.DeleteItem",
+        "S3.PutObject",
+    ];
+    WRITES.iter().filter_map(|op| requests.get(*op)).sum()
+}
+
+#[test]
+fn storage_writes_grow_with_changed_entities_not_with_repeated_updates() {
+    // 500 products, then the same 500 reaching the same state through ten
+    // times the events.
+    let once = requests_of_one_flush("ddb-writes-once", &catalogue(500, 0));
+    let repeated = requests_of_one_flush("ddb-writes-repeated", &catalogue(500, 9));
+    eprintln!("500 events: {once:?}\n5,000 events: {repeated:?}");
+    assert!(writes(&once) > 0, "{once:?}");
+    assert_eq!(
+        writes(&repeated),
+        writes(&once),
+        "ten times the events for the same entities changed the writes:\n{once:?}\n{repeated:?}"
+    );
+    // 25 sellers/categories and their daily items fit a few batches.
+    assert!(writes(&once) < 100, "{once:?}");
+}

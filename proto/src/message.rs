@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -185,7 +185,7 @@ pub enum ToStorage {
 /// What a storage process did besides the write itself, for telemetry:
 /// counts since its previous `Written` (so a restarted process loses at most
 /// one reply's worth).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteReport {
     /// Dead letters this write stored or published (a replayed write that
     /// storage already holds writes none).
@@ -194,6 +194,9 @@ pub struct WriteReport {
     pub retries: u64,
     /// Of those, the ones the service throttled.
     pub throttles: u64,
+    /// Requests sent to the backing services, by operation
+    /// (`DynamoDB.BatchWriteItem`); empty for the embedded store.
+    pub requests: Vec<(Box<str>, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

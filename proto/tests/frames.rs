@@ -422,6 +422,7 @@ async fn from_storage_round_trip() {
                 dead_letters: 3,
                 retries: 2,
                 throttles: 1,
+                requests: vec![("DynamoDB.BatchWriteItem".into(), 4)],
             },
         },
         FromStorage::Snapshotted {

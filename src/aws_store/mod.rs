@@ -83,6 +83,7 @@
 
 pub mod error;
 pub mod item;
+pub mod requests;
 pub mod retry;
 pub mod state;
 
@@ -211,10 +212,15 @@ impl AwsStore {
                 "no AWS region: set AWS_REGION or the region option".into(),
             ));
         }
-        let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+        let ddb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&sdk)
+                .interceptor(requests::RequestCounter)
+                .build(),
+        );
         let s3 = aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::config::Builder::from(&sdk)
                 .force_path_style(cfg.endpoint.is_some())
+                .interceptor(requests::RequestCounter)
                 .build(),
         );
         let store = AwsStore {

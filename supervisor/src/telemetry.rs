@@ -28,6 +28,7 @@ pub struct Telemetry {
     dead_letters_written: AtomicU64,
     storage_retries: AtomicU64,
     storage_throttles: AtomicU64,
+    storage_requests: Mutex<BTreeMap<String, u64>>,
     worker_restarts: AtomicU64,
     storage_restarts: AtomicU64,
     buffered_bytes: AtomicU64,
@@ -95,6 +96,22 @@ impl Telemetry {
 
     pub fn storage_throttles(&self, n: u64) {
         self.storage_throttles.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Requests storage sent to its backing services so far, by operation.
+    pub fn storage_requests_by_operation(&self) -> Vec<(String, u64)> {
+        lock(&self.storage_requests)
+            .iter()
+            .map(|(op, n)| (op.clone(), *n))
+            .collect()
+    }
+
+    /// Requests storage sent to its backing services, by operation.
+    pub fn storage_requests(&self, counts: &[(Box<str>, u64)]) {
+        let mut all = lock(&self.storage_requests);
+        for (operation, n) in counts {
+            *all.entry(operation.to_string()).or_default() += n;
+        }
     }
 
     pub fn worker_restarted(&self) {
@@ -201,6 +218,19 @@ impl Telemetry {
             "Storage calls the backing service throttled (DynamoDB, S3).",
             &self.storage_throttles,
         );
+        header(
+            &mut out,
+            "analytics_storage_requests_total",
+            "Requests storage sent to DynamoDB and S3, by operation, retries included (what AWS bills).",
+            "counter",
+        );
+        for (operation, n) in lock(&self.storage_requests).iter() {
+            let _ = writeln!(
+                out,
+                "analytics_storage_requests_total{{operation=\"{}\"}} {n}",
+                escape(operation)
+            );
+        }
         counter(
             &mut out,
             "analytics_worker_restarts_total",
@@ -344,7 +374,28 @@ mod tests {
         t.flush_completed(Duration::from_millis(3));
         t.flush_completed(Duration::from_millis(40));
         t.flush_completed(Duration::from_secs(100));
+        t.storage_requests(&[
+            ("DynamoDB.BatchWriteItem".into(), 2),
+            ("S3.PutObject".into(), 1),
+        ]);
+        t.storage_requests(&[("DynamoDB.BatchWriteItem".into(), 3)]);
         let text = t.render();
+        assert_eq!(
+            sample(
+                &text,
+                "analytics_storage_requests_total{operation=\"DynamoDB.BatchWriteItem\"}"
+            )
+            .as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "analytics_storage_requests_total{operation=\"S3.PutObject\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
         assert_eq!(
             sample(&text, "analytics_events_consumed_total").as_deref(),
             Some("5")

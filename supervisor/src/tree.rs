@@ -824,6 +824,7 @@ impl Tree {
                 telemetry.dead_letters_written(report.dead_letters);
                 telemetry.storage_retries(report.retries);
                 telemetry.storage_throttles(report.throttles);
+                telemetry.storage_requests(&report.requests);
                 self.storage.failures = 0;
                 if self.draining && self.writes.is_empty() && !self.ledger.is_drained() {
                     self.flush();

@@ -415,10 +415,17 @@ impl Drop for Service {
 /// flushes and short session and rebalance timeouts (a killed instance's
 /// partitions move on within seconds, not minutes).
 pub fn start_with(topics: &Topics, store_args: &[String], stderr: Stdio) -> Service {
+    let mut args = store_args.to_vec();
+    args.extend(["--flush-interval-ms".into(), "100".into()]);
+    start_with_args(topics, &args, stderr)
+}
+
+/// `start_with`, but the caller chooses the flush settings too.
+pub fn start_with_args(topics: &Topics, args: &[String], stderr: Stdio) -> Service {
     let mut cmd = Command::new(ANALYTICS);
     cmd.arg("run")
-        .args(store_args)
-        .args(["--workers", "2", "--flush-interval-ms", "100"])
+        .args(args)
+        .args(["--workers", "2"])
         .args(["--kafka-brokers", &topics.brokers])
         .args(["--kafka-group-id", &topics.group])
         .args(["--kafka-topics", &topics.topics_arg()])
