@@ -353,7 +353,15 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let location = config::locate(&argv, std::env::var_os(config::ENV_CONFIG));
-    let file = match ConfigFile::load(&location, &Cli::command()) {
+    // The storage process gets every setting from `run` on its command
+    // line; reading the file again would let an edit made while the service
+    // runs (even a broken one) reach a restarted child.
+    let is_storage = argv.get(1).is_some_and(|a| a == "storage");
+    let file = match is_storage {
+        true => Ok(ConfigFile::default()),
+        false => ConfigFile::load(&location, &Cli::command()),
+    };
+    let file = match file {
         Ok(file) => file,
         Err(e) => {
             eprintln!("analytics: {e}");

@@ -293,3 +293,50 @@ fn secret_kafka_properties_are_never_printed() {
     };
     assert_eq!(values(&stdout(&check(&printed))), values(&out));
 }
+
+#[test]
+fn a_file_broken_while_the_service_runs_does_not_reach_a_restarted_child() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = support::generate(dir.path(), 6_000, 0);
+    let data = dir.path().join("data");
+    let file = dir.path().join("analytics.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = {:?}\nworkers = 1\nflush_interval_ms = 20\n",
+            data.to_str().expect("utf-8")
+        ),
+    )
+    .expect("write");
+    let mut run = analytics(&["run"])
+        .env("ANALYTICS_CONFIG", &file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn run");
+    let text = std::fs::read_to_string(&input).expect("read input");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut stdin = run.stdin.take().expect("piped stdin");
+    for l in &lines[..3_000] {
+        writeln!(stdin, "{l}").expect("write to run");
+    }
+    stdin.flush().expect("flush");
+    let storage = support::wait_for_children(run.id(), " storage ", 1);
+    std::fs::write(&file, "workers = \"broken\"\n").expect("break the file");
+    support::signal(storage[0], nix::sys::signal::Signal::SIGKILL);
+    for l in &lines[3_000..] {
+        writeln!(stdin, "{l}").expect("write to run");
+    }
+    drop(stdin);
+    let out = support::finish(run);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("worker/storage restarts: 1"), "{summary}");
+    support::assert_same_records(
+        &support::export(&data),
+        &support::fold(&input),
+        "after the restart",
+    );
+}
