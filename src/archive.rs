@@ -1,10 +1,31 @@
-//! The archive directory: the S3 key layout of DESIGN §6 on a local disk
-//! (`<data_dir>/archive`), gzip JSON lines under Hive-style date partitions.
+//! The archive (DESIGN §6): gzip JSON lines under Hive-style date
+//! partitions, with the same keys in S3 and in the archive directory of a
+//! data directory (`<data_dir>/archive`).
+//!
+//! - `metrics/dt=YYYY-MM-DD/snapshot-<epochMillis>.jsonl.gz`: every metric
+//!   record;
+//! - `events/dt=YYYY-MM-DD/hour=HH/<topic>-<partition>-<firstOffset>-<lastOffset>.jsonl.gz`:
+//!   the consumed events of one topic-partition that one write covered, one
+//!   line each: `{"topic","partition","offset","timestamp","value"}` with
+//!   the event as it was received (`value` when it is one line of valid
+//!   JSON, else `raw`, a string, or `rawHex` when it is not UTF-8). The
+//!   date is the first event's broker timestamp, so a retried upload of the
+//!   same range lands on the same key.
+//!
+//! An event range is uploaded before the write that covers it commits. A
+//! crash in between can leave an object whose range never committed; the
+//! range retried after it starts at the same first offset (the first event
+//! after the durable position) and may end elsewhere. So the first upload
+//! of a topic-partition after a (re)start removes any other object with the
+//! same first offset: [`event_range_prefix`].
 
 use crate::store::utc_day;
 use analytics_worker::records::MetricRecord;
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use proto::{EventBatch, NO_TIMESTAMP};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +40,29 @@ pub fn metric_snapshot_key(now_ms: i64) -> String {
     format!("metrics/dt={}/snapshot-{now_ms}.jsonl.gz", utc_day(now_ms))
 }
 
+/// Gzip of JSON lines, at the fast level: at the default level the metric
+/// snapshot at the end of a run took a quarter of the storage process's
+/// instructions, and JSON lines still shrink several times at level 1.
+pub fn gzip_lines<W: Write>(
+    out: W,
+    lines: impl Iterator<Item = io::Result<Vec<u8>>>,
+) -> io::Result<W> {
+    let mut gz = GzEncoder::new(out, Compression::fast());
+    for line in lines {
+        gz.write_all(&line?)?;
+        gz.write_all(b"\n")?;
+    }
+    gz.finish()
+}
+
+/// The metric records as gzip JSON lines.
+pub fn encode_metric_snapshot(records: &[MetricRecord]) -> io::Result<Vec<u8>> {
+    gzip_lines(
+        Vec::new(),
+        records.iter().map(|r| Ok(r.to_json_line().into_bytes())),
+    )
+}
+
 /// Writes every record as one JSON line, gzipped, under
 /// `metrics/dt=YYYY-MM-DD/snapshot-<epochMillis>.jsonl.gz`, and returns the
 /// key. The file is written beside its final name and renamed into place, so
@@ -29,23 +73,36 @@ pub fn write_metric_snapshot(
     now_ms: i64,
 ) -> io::Result<String> {
     let key = metric_snapshot_key(now_ms);
-    let path = archive_dir.join(&key);
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("snapshot key has no directory"))?;
+    write_file(archive_dir, &key, |file| {
+        gzip_lines(
+            file,
+            records.iter().map(|r| Ok(r.to_json_line().into_bytes())),
+        )
+    })?;
+    Ok(key)
+}
+
+/// Writes `key` under the archive directory through `fill`, beside its final
+/// name first and renamed into place, so readers never see a partial object
+/// and a retry overwrites itself.
+fn write_file(
+    archive_dir: &Path,
+    key: &str,
+    fill: impl FnOnce(BufWriter<File>) -> io::Result<BufWriter<File>>,
+) -> io::Result<()> {
+    let path = archive_dir.join(key);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::other(format!(
+            "archive key {key} has no directory"
+        )));
+    };
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".snapshot-{now_ms}.jsonl.gz.tmp"));
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
     let result = (|| {
-        // Fast compression: at the default level the snapshot at the end of
-        // a run took a quarter of the storage process's instructions (JSON
-        // lines still shrink several times at level 1).
-        let mut gz = GzEncoder::new(BufWriter::new(File::create(&tmp)?), Compression::fast());
-        for record in records {
-            gz.write_all(record.to_json_line().as_bytes())?;
-            gz.write_all(b"\n")?;
-        }
-        let file = gz
-            .finish()?
+        let file = fill(BufWriter::new(File::create(&tmp)?))?
             .into_inner()
             .map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
@@ -55,7 +112,120 @@ pub fn write_metric_snapshot(
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map(|()| key)
+    result
+}
+
+/// The first event's timestamp, the date of a range's key (the epoch when
+/// the broker gave none).
+fn range_time(events: &EventBatch) -> i64 {
+    events.timestamp(0).max(0)
+}
+
+/// The prefix shared by every object of ranges that start where `events`
+/// starts: `events/dt=…/hour=…/<topic>-<partition>-<firstOffset>-`. `None`
+/// for an empty batch.
+pub fn event_range_prefix(events: &EventBatch) -> Option<String> {
+    let first = *events.offsets.first()?;
+    let ms = range_time(events);
+    let hour = ms.div_euclid(3_600_000).rem_euclid(24);
+    Some(format!(
+        "events/dt={}/hour={hour:02}/{}-{}-{first}-",
+        utc_day(ms),
+        events.stream,
+        events.shard
+    ))
+}
+
+/// The key of the object holding one topic-partition's range of events.
+pub fn event_range_key(events: &EventBatch) -> Option<String> {
+    let last = events.offsets.last()?;
+    Some(format!("{}{last}.jsonl.gz", event_range_prefix(events)?))
+}
+
+/// One archived event (see the module doc).
+#[derive(Serialize)]
+struct ArchivedEvent<'a> {
+    topic: &'a str,
+    partition: proto::Shard,
+    offset: i64,
+    timestamp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<&'a str>,
+    #[serde(rename = "rawHex", skip_serializing_if = "Option::is_none")]
+    raw_hex: Option<String>,
+}
+
+fn archived_line(events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let timestamp = Some(events.timestamp(i)).filter(|&t| t != NO_TIMESTAMP);
+    let mut event = ArchivedEvent {
+        topic: &events.stream,
+        partition: events.shard,
+        offset,
+        timestamp,
+        value: None,
+        raw: None,
+        raw_hex: None,
+    };
+    // Embedded as JSON only when that keeps the line one line.
+    let one_line = !bytes.iter().any(|&b| b == b'\n' || b == b'\r');
+    match std::str::from_utf8(bytes) {
+        Ok(text) => match serde_json::from_str::<&RawValue>(text) {
+            Ok(value) if one_line => event.value = Some(value),
+            _ => event.raw = Some(text),
+        },
+        Err(_) => event.raw_hex = Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+    }
+    serde_json::to_vec(&event).map_err(io::Error::other)
+}
+
+fn event_lines(events: &EventBatch) -> impl Iterator<Item = io::Result<Vec<u8>>> + '_ {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, (offset, bytes))| archived_line(events, i, offset, bytes))
+}
+
+/// A range of events as gzip JSON lines, one line per event.
+pub fn encode_event_range(events: &EventBatch) -> io::Result<Vec<u8>> {
+    gzip_lines(Vec::new(), event_lines(events))
+}
+
+/// Writes one range of events to the archive directory and returns its
+/// key. With `clean`, other objects of ranges with the same first offset
+/// (left by a write that never committed) are removed first.
+pub fn write_event_range(
+    archive_dir: &Path,
+    events: &EventBatch,
+    clean: bool,
+) -> io::Result<String> {
+    let (Some(key), Some(prefix)) = (event_range_key(events), event_range_prefix(events)) else {
+        return Err(io::Error::other("an empty event range has no key"));
+    };
+    if clean {
+        let (dir, name_prefix) = prefix.rsplit_once('/').unwrap_or(("", &prefix));
+        let own = key.rsplit_once('/').map_or(key.as_str(), |(_, n)| n);
+        match fs::read_dir(archive_dir.join(dir)) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with(name_prefix) && name.ends_with(".jsonl.gz") && name != own {
+                        tracing::info!(stale = %name, key, "removing an archived event range that never committed");
+                        fs::remove_file(entry.path())?;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    write_file(archive_dir, &key, |file| {
+        gzip_lines(file, event_lines(events))
+    })?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -114,5 +284,130 @@ mod tests {
             .read_to_string(&mut text)
             .unwrap();
         assert_eq!(text.lines().count(), 1);
+    }
+
+    fn range(topic: &str, partition: u32, offsets: std::ops::RangeInclusive<i64>) -> EventBatch {
+        let mut b = EventBatch::new(partition, topic.into());
+        for o in offsets {
+            // 2023-10-01T16:01:00Z plus a minute per offset.
+            b.push_at(
+                o,
+                1_696_176_060_000 + o * 60_000,
+                format!("{{\"n\":{o}}}").as_bytes(),
+            );
+        }
+        b
+    }
+
+    fn lines_of(path: &Path) -> Vec<serde_json::Value> {
+        let mut text = String::new();
+        GzDecoder::new(File::open(path).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_event_range_is_keyed_by_topic_partition_offsets_and_first_time() {
+        let r = range("product.created", 3, 7..=9);
+        assert_eq!(
+            event_range_key(&r).unwrap(),
+            "events/dt=2023-10-01/hour=16/product.created-3-7-9.jsonl.gz"
+        );
+        assert_eq!(
+            event_range_prefix(&r).unwrap(),
+            "events/dt=2023-10-01/hour=16/product.created-3-7-"
+        );
+        assert_eq!(event_range_key(&EventBatch::new(0, "t".into())), None);
+        // No broker timestamp: dated at the epoch, still deterministic.
+        let mut untimed = EventBatch::new(0, "t".into());
+        untimed.push_at(5, NO_TIMESTAMP, b"{}");
+        assert_eq!(
+            event_range_key(&untimed).unwrap(),
+            "events/dt=1970-01-01/hour=00/t-0-5-5.jsonl.gz"
+        );
+    }
+
+    #[test]
+    fn every_event_is_archived_as_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = EventBatch::new(1, "product.updated".into());
+        let events: [&[u8]; 5] = [
+            br#"{"eventType":"ProductUpdated","data":{"price":29.990}}"#,
+            b"{not json",
+            b"\xff\x00binary",
+            b"{\n  \"pretty\": true\n}",
+            b"",
+        ];
+        for (i, e) in events.iter().enumerate() {
+            r.push_at(
+                10 + i as i64,
+                if i == 2 {
+                    NO_TIMESTAMP
+                } else {
+                    1_696_176_060_000
+                },
+                e,
+            );
+        }
+        let key = write_event_range(dir.path(), &r, false).unwrap();
+        let lines = lines_of(&dir.path().join(&key));
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[0]["topic"], "product.updated");
+        assert_eq!(lines[0]["partition"], 1);
+        assert_eq!(lines[0]["offset"], 10);
+        assert_eq!(lines[0]["timestamp"], 1_696_176_060_000i64);
+        assert_eq!(lines[0]["value"]["data"]["price"].to_string(), "29.99");
+        // The embedded value keeps the original text (29.990), byte for byte.
+        let mut text = String::new();
+        GzDecoder::new(File::open(dir.path().join(&key)).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .ends_with(r#""value":{"eventType":"ProductUpdated","data":{"price":29.990}}}"#)
+        );
+        assert_eq!(lines[1]["raw"], "{not json");
+        assert_eq!(lines[2]["rawHex"], "ff0062696e617279");
+        assert!(lines[2]["timestamp"].is_null());
+        assert_eq!(lines[3]["raw"], "{\n  \"pretty\": true\n}");
+        assert_eq!(lines[4]["raw"], "");
+        // The same range in memory, as S3 gets it.
+        let mut from_memory = String::new();
+        GzDecoder::new(&encode_event_range(&r).unwrap()[..])
+            .read_to_string(&mut from_memory)
+            .unwrap();
+        assert_eq!(from_memory, text);
+    }
+
+    #[test]
+    fn clean_removes_only_ranges_with_the_same_first_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        // A write that never committed archived 7..=12; another partition and
+        // the range after it are legitimate.
+        let stale = write_event_range(dir.path(), &range("t", 0, 7..=12), false).unwrap();
+        let other_partition = write_event_range(dir.path(), &range("t", 1, 7..=9), false).unwrap();
+        let next = write_event_range(dir.path(), &range("t", 0, 70..=71), false).unwrap();
+        // Not cleaning leaves it; cleaning on the retried range removes it.
+        let retried = write_event_range(dir.path(), &range("t", 0, 7..=9), true).unwrap();
+        assert!(!dir.path().join(&stale).exists(), "{stale}");
+        for key in [&other_partition, &next, &retried] {
+            assert!(dir.path().join(key).is_file(), "{key}");
+        }
+        assert_eq!(lines_of(&dir.path().join(&retried)).len(), 3);
+        // A retry of the same range overwrites itself, also when cleaning.
+        assert_eq!(
+            write_event_range(dir.path(), &range("t", 0, 7..=9), true).unwrap(),
+            retried
+        );
+        let names: Vec<_> = fs::read_dir(dir.path().join("events/dt=2023-10-01/hour=16"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -3,11 +3,11 @@
 //! item model; this enum lets the storage process, `query` and `export` use
 //! whichever is configured without knowing which.
 
-use crate::archive::write_metric_snapshot;
+use crate::archive::{write_event_range, write_metric_snapshot};
 use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::store::{EmbeddedStore, History, StoreError, WriteStats};
 use analytics_worker::records::MetricRecord;
-use proto::{ShardChanges, ShardState};
+use proto::{EventBatch, ShardChanges, ShardState};
 use std::path::PathBuf;
 
 pub enum Backend {
@@ -33,6 +33,8 @@ pub enum BackendError {
     Aws(#[from] AwsStoreError),
     #[error("writing the metric snapshot: {0}")]
     Snapshot(std::io::Error),
+    #[error("archiving events: {0}")]
+    ArchiveEvents(std::io::Error),
 }
 
 impl BackendError {
@@ -41,7 +43,7 @@ impl BackendError {
         match self {
             BackendError::Embedded(e) => e.is_retryable(),
             BackendError::Aws(e) => e.is_retryable(),
-            BackendError::Snapshot(_) => true,
+            BackendError::Snapshot(_) | BackendError::ArchiveEvents(_) => true,
         }
     }
 }
@@ -114,6 +116,21 @@ impl Backend {
                     .map_err(BackendError::Snapshot)?
             }
             Backend::Aws(store) => store.write_metric_snapshot(&records, now_ms).await?,
+        })
+    }
+
+    /// Archives one topic-partition's range of consumed events; returns its
+    /// key. `clean`: first remove objects of ranges with the same first
+    /// offset (see `crate::archive`).
+    pub async fn archive_events(
+        &self,
+        events: &EventBatch,
+        clean: bool,
+    ) -> Result<String, BackendError> {
+        Ok(match self {
+            Backend::Embedded { archive_dir, .. } => write_event_range(archive_dir, events, clean)
+                .map_err(BackendError::ArchiveEvents)?,
+            Backend::Aws(store) => store.put_event_range(events, clean).await?,
         })
     }
 

@@ -6,8 +6,9 @@
 //! - [`backend`]: the configured store, embedded or AWS, behind one API.
 //! - [`storage`]: the storage process, serving the supervisor's load, write
 //!   and snapshot requests over the proto channel.
-//! - [`archive`]: the archive directory with the S3 key layout (metric
-//!   snapshots as gzip JSON lines).
+//! - [`archive`]: the archive's keys and format (metric snapshots, raw
+//!   event ranges; gzip JSON lines), and the archive directory that holds
+//!   them in embedded mode.
 //! - [`dlq`]: the dead-letter topic of the Kafka mode.
 //! - [`produce`]: `analytics produce`, publishing a file as the catalogue does.
 //! - [`query`]: `analytics query` and `analytics export` output.

@@ -155,7 +155,7 @@ impl StoreArgs {
 enum Command {
     /// Fold events into the store with worker processes, until the input ends
     /// or SIGTERM/SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print stored metrics as a table (or JSON lines).
     Query {
         #[command(flatten)]
@@ -388,7 +388,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => run_tree(args, &file, child_env),
+        Command::Run(args) => run_tree(*args, &file, child_env),
         Command::Config {
             action: ConfigAction::Check,
         } => config_check(&file, &argv),
@@ -535,17 +535,19 @@ fn run_tree(
     // with its supervisor, a moment later): wait for its lock a little.
     // (The AWS store is keyed by Kafka partitions only.)
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while args.store.store == StoreKind::Embedded {
-        match EmbeddedStore::open(&data_dir, StoreOptions::default())
-            .and_then(|store| store.claim_shard_scheme(&scheme))
-        {
-            Ok(()) => break,
-            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
-                tracing::info!(error = %e, "the store is busy; retrying");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("the store in {}", data_dir.display()));
+    if args.store.store == StoreKind::Embedded {
+        loop {
+            match EmbeddedStore::open(&data_dir, StoreOptions::default())
+                .and_then(|store| store.claim_shard_scheme(&scheme))
+            {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                    tracing::info!(error = %e, "the store is busy; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("the store in {}", data_dir.display()));
+                }
             }
         }
     }

@@ -4,6 +4,10 @@
 //! The process does one thing at a time, in request order: the supervisor
 //! relies on writes being answered in order.
 //!
+//! In Kafka mode a write is preceded by `Archive` messages holding the raw
+//! events it covers; they are archived (`crate::archive`) before the write
+//! commits, so every event the store has applied is in the archive.
+//!
 //! While the store is unreachable (the AWS store's own retries ran out on
 //! an outage) a request is retried here, with capped exponential backoff
 //! and full jitter, until it passes: the supervisor meanwhile holds back
@@ -16,7 +20,11 @@ use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::backend::{Backend, BackendError};
 use crate::dlq::KafkaDlq;
 use anyhow::Context;
-use proto::{FrameError, FromStorage, Role, ShardChanges, ToStorage, WriteReport};
+use proto::{
+    EventBatch, FrameError, FromStorage, RequestId, Role, Shard, ShardChanges, ToStorage,
+    WriteReport,
+};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,6 +65,7 @@ pub async fn serve(
         "storage connected to the supervisor"
     );
     let mut last_refresh = refresh(&mut store, now_ms()).await;
+    let mut archive = ArchiveQueue::default();
     loop {
         let request = match rx.recv().await {
             Ok(request) => request,
@@ -70,7 +79,7 @@ pub async fn serve(
         if now.saturating_sub(last_refresh) >= TTL_REFRESH_MS {
             last_refresh = refresh(&mut store, now).await;
         }
-        for reply in handle(&mut store, dlq.as_ref(), request, now).await {
+        for reply in handle(&mut store, dlq.as_ref(), &mut archive, request, now).await {
             tx.send(&reply)
                 .await
                 .context("sending a reply to the supervisor")?;
@@ -136,14 +145,72 @@ async fn until_done<I: ?Sized + Sync, T>(
     }
 }
 
+/// Raw events waiting for the write that covers them.
+#[derive(Default)]
+struct ArchiveQueue {
+    waiting: Vec<(RequestId, EventBatch)>,
+    /// Topic-partitions archived since this process started, or since their
+    /// shard was last loaded: their next range needs no clean-up.
+    continued: HashSet<(Box<str>, Shard)>,
+}
+
+impl ArchiveQueue {
+    /// The ranges of write `id`, one per topic-partition (the chunks of a
+    /// large range joined again); anything older is dropped.
+    fn take(&mut self, id: RequestId) -> Vec<EventBatch> {
+        let mut ranges: Vec<EventBatch> = Vec::new();
+        for (write, chunk) in std::mem::take(&mut self.waiting) {
+            if write != id {
+                tracing::warn!(write, id, "archive events of another write; dropped");
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(range) if range.shard == chunk.shard && range.stream == chunk.stream => {
+                    for (i, (offset, bytes)) in chunk.iter().enumerate() {
+                        range.push_at(offset, chunk.timestamp(i), bytes);
+                    }
+                }
+                _ => ranges.push(chunk),
+            }
+        }
+        ranges
+    }
+}
+
+/// Archives the ranges of one write, waiting out outages like a write.
+async fn archive_ranges(
+    store: &mut Backend,
+    queue: &mut ArchiveQueue,
+    ranges: &[EventBatch],
+) -> Result<(), BackendError> {
+    for range in ranges {
+        let partition = (range.stream.clone(), range.shard);
+        let clean = !queue.continued.contains(&partition);
+        let key = until_done(store, "archive events", range, |s, r| {
+            Box::pin(s.archive_events(r, clean))
+        })
+        .await?;
+        tracing::debug!(key, events = range.len(), "events archived");
+        queue.continued.insert(partition);
+    }
+    Ok(())
+}
+
 async fn handle(
     store: &mut Backend,
     dlq: Option<&KafkaDlq>,
+    archive: &mut ArchiveQueue,
     request: ToStorage,
     now: i64,
 ) -> Vec<FromStorage> {
     match request {
+        ToStorage::Archive { write, events } => {
+            archive.waiting.push((write, events));
+            Vec::new()
+        }
         ToStorage::Load { id, shard } => {
+            // Whoever owned the shard before may have left an uncommitted range.
+            archive.continued.retain(|(_, s)| *s != shard);
             let loaded = until_done(store, "load", &(), |s, _| {
                 Box::pin(s.load_shard(shard, LOAD_CHUNK_PRODUCTS))
             })
@@ -157,6 +224,11 @@ async fn handle(
             }
         }
         ToStorage::Write { id, mut changes } => {
+            let ranges = archive.take(id);
+            if let Err(e) = archive_ranges(store, archive, &ranges).await {
+                let retryable = e.is_retryable();
+                return vec![failed(id, "write", "event archive".into(), &e, retryable)];
+            }
             // With a dead-letter topic, rejected events are published (and
             // acknowledged by the broker) before the write commits; the
             // store then only records the rest.

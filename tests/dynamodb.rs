@@ -53,8 +53,11 @@ impl Case {
         self.lines.iter().map(String::as_str).collect()
     }
 
+    /// Metrics equal the fold, and S3 archived every event exactly once.
     fn assert_exact(&self) {
         assert_same_records(&self.sink.export(), &fold(&self.input), "DynamoDB vs fold");
+        self.sink
+            .assert_event_archive_exactly_once(&self.topics, self.topics.produced());
     }
 }
 
@@ -172,8 +175,7 @@ fn two_instances_in_one_group_one_killed_mid_run_sum_categories_exactly() {
         let text = std::fs::read_to_string(log).expect("read a log");
         let owned = text
             .lines()
-            .filter(|l| l.contains("partitions assigned"))
-            .next_back()
+            .rfind(|l| l.contains("partitions assigned"))
             .unwrap_or_default();
         assert!(
             owned.contains("shards={") && !owned.contains("shards={}"),
@@ -278,8 +280,12 @@ fn catalogue(products: u64, updates: u64) -> Vec<String> {
 
 /// Runs `lines` through the service in one flush (the flush interval is
 /// longer than the test; the flush comes with the stop); the storage
-/// requests by operation from `run`'s summary.
-fn requests_of_one_flush(name: &str, lines: &[String]) -> std::collections::BTreeMap<String, u64> {
+/// requests by operation from `run`'s summary, and the objects of the raw
+/// event archive (one per topic-partition the flush covered).
+fn requests_of_one_flush(
+    name: &str,
+    lines: &[String],
+) -> (std::collections::BTreeMap<String, u64>, u64) {
     let case = Case::new(name, 1, 0);
     let input = case.dir.path().join("catalogue.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").expect("write the input");
@@ -315,23 +321,29 @@ fn requests_of_one_flush(name: &str, lines: &[String]) -> std::collections::BTre
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = stop(run);
+    case.sink
+        .assert_event_archive_exactly_once(&case.topics, lines.len());
+    let archived = case.sink.event_archive().len() as u64;
     assert_same_records(&case.sink.export(), &fold(&input), "DynamoDB vs fold");
     let summary = out
         .lines()
         .find_map(|l| l.strip_prefix("storage requests: "))
         .unwrap_or_else(|| panic!("no storage requests in the summary:\n{out}"));
-    summary
+    let requests = summary
         .split(", ")
         .map(|op| {
             let (name, n) = op.rsplit_once(' ').expect("`operation count`");
             (name.to_string(), n.parse().expect("a count"))
         })
-        .collect()
+        .collect();
+    (requests, archived)
 }
 
-/// Requests that write (what grows with the data; reads and the start-up
-/// checks are the same for both runs).
-fn writes(requests: &std::collections::BTreeMap<String, u64>) -> u64 {
+/// Requests that write metrics and state (what grows with the data; reads
+/// and the start-up checks are the same for both runs), without the event
+/// archive's `archived` puts, which follow the topic-partitions a flush
+/// covers.
+fn writes((requests, archived): &(std::collections::BTreeMap<String, u64>, u64)) -> u64 {
     const WRITES: [&str; 6] = [
         "DynamoDB.BatchWriteItem",
         "DynamoDB.TransactWriteItems",
@@ -340,7 +352,11 @@ fn writes(requests: &std::collections::BTreeMap<String, u64>) -> u64 {
         "DynamoDB.DeleteItem",
         "S3.PutObject",
     ];
-    WRITES.iter().filter_map(|op| requests.get(*op)).sum()
+    WRITES
+        .iter()
+        .filter_map(|op| requests.get(*op))
+        .sum::<u64>()
+        - archived
 }
 
 #[test]
@@ -358,4 +374,12 @@ fn storage_writes_grow_with_changed_entities_not_with_repeated_updates() {
     );
     // 25 sellers/categories and their daily items fit a few batches.
     assert!(writes(&once) < 100, "{once:?}");
+    // One archive object per topic-partition: created only, then all but
+    // deletes (4 partitions each).
+    assert!(
+        once.1 <= 4 && repeated.1 <= 8,
+        "archived objects: {} and {}",
+        once.1,
+        repeated.1
+    );
 }

@@ -6,7 +6,8 @@
 //! (tests/dynamodb.rs runs the same service into DynamoDB and S3.)
 //!
 //! Each test gets its own topics, consumer group and data directory, so the
-//! tests can share one broker.
+//! tests can share one broker. Each also checks the raw event archive (the
+//! data directory's `archive/events/`): every consumed event exactly once.
 
 mod support;
 
@@ -29,6 +30,7 @@ fn a_realistic_trace_through_kafka_equals_the_straight_fold_with_every_bad_event
     let stdout = stop(run);
 
     assert_same_records(&sink.export(), &fold(&input), "export vs fold");
+    sink.assert_event_archive_exactly_once(&topics, lines.len());
 
     let expected = rejections_by_reason(&input);
     let letters = topics.dead_letters(expected.values().sum());
@@ -75,6 +77,8 @@ fn sigkill_of_a_worker_storage_and_the_whole_service_mid_stream_loses_and_double
     stop(run);
 
     assert_same_records(&sink.export(), &fold(&input), "export vs fold");
+    // The raw event archive too: what a crash left uncommitted was replaced.
+    sink.assert_event_archive_exactly_once(&topics, lines.len());
     let expected: usize = rejections_by_reason(&input).values().sum();
     let letters = topics.dead_letters(expected);
     let mut distinct: Vec<&String> = letters.iter().map(|(k, _, _)| k).collect();

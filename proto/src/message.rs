@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -46,7 +46,9 @@ pub struct WorkerConfig {
 }
 
 /// Raw event values of one shard and stream, packed into one buffer:
-/// event `i` is `payload[ends[i-1]..ends[i]]` at `offsets[i]`.
+/// event `i` is `payload[ends[i-1]..ends[i]]` at `offsets[i]`, with the
+/// source's timestamp `timestamps[i]` when it has them (Kafka; a file source
+/// has none and leaves `timestamps` empty).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventBatch {
     pub shard: Shard,
@@ -57,10 +59,16 @@ pub struct EventBatch {
     /// content of a batch).
     pub upto: Offset,
     pub offsets: Vec<Offset>,
+    /// Epoch milliseconds per event, or empty; [`NO_TIMESTAMP`] when the
+    /// source has none for one event.
+    pub timestamps: Vec<i64>,
     pub ends: Vec<u32>,
     #[serde(with = "crate::model::bytes")]
     pub payload: Vec<u8>,
 }
+
+/// An event without a source timestamp, in [`EventBatch::timestamps`].
+pub const NO_TIMESTAMP: i64 = -1;
 
 impl EventBatch {
     pub fn new(shard: Shard, stream: Box<str>) -> EventBatch {
@@ -69,6 +77,7 @@ impl EventBatch {
             stream,
             upto: Offset::MIN,
             offsets: Vec::new(),
+            timestamps: Vec::new(),
             ends: Vec::new(),
             payload: Vec::new(),
         }
@@ -79,6 +88,18 @@ impl EventBatch {
         self.offsets.push(offset);
         self.ends.push(self.payload.len() as u32);
         self.upto = self.upto.max(offset);
+    }
+
+    /// Adds an event with its source timestamp. A batch takes either only
+    /// `push` or only `push_at`.
+    pub fn push_at(&mut self, offset: Offset, timestamp: i64, value: &[u8]) {
+        self.push(offset, value);
+        self.timestamps.push(timestamp);
+    }
+
+    /// The source timestamp of event `i`, if the batch has them.
+    pub fn timestamp(&self, i: usize) -> i64 {
+        self.timestamps.get(i).copied().unwrap_or(NO_TIMESTAMP)
     }
 
     pub fn len(&self) -> usize {
@@ -180,6 +201,14 @@ pub enum ToStorage {
     },
     /// Write a snapshot of every metric record to the archive.
     Snapshot { id: RequestId },
+    /// Raw events for the event archive (DESIGN §6), one topic-partition's
+    /// events of one range per message (a large range comes in several, in
+    /// offset order). Not answered: storage archives them before it commits
+    /// the `Write` with id `write`, which follows.
+    Archive {
+        write: RequestId,
+        events: EventBatch,
+    },
 }
 
 /// What a storage process did besides the write itself, for telemetry:

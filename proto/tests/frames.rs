@@ -288,6 +288,16 @@ fn shard_changes(shard: Shard) -> ShardChanges {
     }
 }
 
+/// An event batch as the Kafka source builds it, with timestamps.
+fn timed_event_batch(events: usize) -> EventBatch {
+    let plain = event_batch(events);
+    let mut b = EventBatch::new(plain.shard, plain.stream.clone());
+    for (i, (offset, bytes)) in plain.iter().enumerate() {
+        b.push_at(offset, 1_696_176_060_000 + i as i64, bytes);
+    }
+    b
+}
+
 fn event_batch(events: usize) -> EventBatch {
     let mut b = EventBatch::new(2, "product.updated/2".into());
     for i in 0..events {
@@ -394,6 +404,10 @@ async fn to_storage_round_trip() {
             changes: vec![],
         },
         ToStorage::Snapshot { id: 4 },
+        ToStorage::Archive {
+            write: 5,
+            events: timed_event_batch(3),
+        },
     ];
     round_trip(tx, rx, msgs).await;
 }

@@ -89,7 +89,10 @@ pub mod state;
 
 pub use error::AwsStoreError;
 
-use crate::archive::metric_snapshot_key;
+use crate::archive::{
+    encode_event_range, encode_metric_snapshot, event_range_key, event_range_prefix,
+    metric_snapshot_key,
+};
 use crate::store::{
     CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
     parse_item_value, seller_of, utc_day,
@@ -104,7 +107,7 @@ use aws_sdk_dynamodb::types::{
 };
 use error::describe;
 use item::Item;
-use proto::{EntityKey, EntityTotals, ProductId, Shard, ShardChanges, ShardState};
+use proto::{EntityKey, EntityTotals, EventBatch, ProductId, Shard, ShardChanges, ShardState};
 use retry::{Backoff, retry};
 use state::{Checkpoint, Delta, Image, Parts};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -1525,47 +1528,121 @@ impl AwsStore {
         records: &[MetricRecord],
         now_ms: i64,
     ) -> Result<String, AwsStoreError> {
-        use flate2::{Compression, write::GzEncoder};
-        use std::io::Write;
         let key = metric_snapshot_key(now_ms);
-        let encode_err = |e: std::io::Error| AwsStoreError::Encode {
+        let bytes = encode_metric_snapshot(records).map_err(|e| AwsStoreError::Encode {
             what: "metric snapshot",
             detail: e.to_string(),
+        })?;
+        self.put_archive_object(&key, bytes).await?;
+        Ok(key)
+    }
+
+    /// Archives one topic-partition's range of events (`crate::archive`) and
+    /// returns its key. With `clean`, other objects of ranges with the same
+    /// first offset (left by a write that never committed) are deleted
+    /// first: one `ListObjectsV2`, on the first range of a partition after
+    /// a (re)start only.
+    pub async fn put_event_range(
+        &self,
+        events: &EventBatch,
+        clean: bool,
+    ) -> Result<String, AwsStoreError> {
+        let (Some(key), Some(prefix)) = (event_range_key(events), event_range_prefix(events))
+        else {
+            return Err(AwsStoreError::Encode {
+                what: "event range",
+                detail: "an empty range has no key".into(),
+            });
         };
-        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-        for r in records {
-            gz.write_all(r.to_json_line().as_bytes())
-                .map_err(encode_err)?;
-            gz.write_all(b"\n").map_err(encode_err)?;
+        let bytes = encode_event_range(events).map_err(|e| AwsStoreError::Encode {
+            what: "event range",
+            detail: e.to_string(),
+        })?;
+        if clean {
+            for stale in self.list_keys(&prefix).await? {
+                if stale != key && stale.ends_with(".jsonl.gz") {
+                    tracing::info!(stale = %stale, key = %key, "deleting an archived event range that never committed");
+                    self.delete_archive_object(&stale).await?;
+                }
+            }
         }
-        let bytes = gz.finish().map_err(encode_err)?;
+        self.put_archive_object(&key, bytes).await?;
+        Ok(key)
+    }
+
+    /// Every key under `prefix` in the bucket.
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, AwsStoreError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = retry(
+                &self.cfg.backoff,
+                "list_archive",
+                AwsStoreError::is_retryable,
+                || async {
+                    self.s3
+                        .list_objects_v2()
+                        .bucket(&self.cfg.bucket)
+                        .prefix(prefix)
+                        .set_continuation_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| archive_error(prefix, &e))
+                },
+            )
+            .await?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
+    async fn delete_archive_object(&self, key: &str) -> Result<(), AwsStoreError> {
         retry(
             &self.cfg.backoff,
-            "put_snapshot",
+            "delete_archive",
+            AwsStoreError::is_retryable,
+            || async {
+                self.s3
+                    .delete_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| archive_error(key, &e))
+            },
+        )
+        .await
+    }
+
+    /// One `PutObject` of a gzip JSON-lines archive object.
+    async fn put_archive_object(&self, key: &str, bytes: Vec<u8>) -> Result<(), AwsStoreError> {
+        retry(
+            &self.cfg.backoff,
+            "put_archive",
             AwsStoreError::is_retryable,
             || async {
                 self.s3
                     .put_object()
                     .bucket(&self.cfg.bucket)
-                    .key(&key)
+                    .key(key)
                     .content_type("application/x-ndjson")
                     .content_encoding("gzip")
                     .body(bytes.clone().into())
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| {
-                        let (detail, retryable) = describe(&e);
-                        AwsStoreError::Archive {
-                            key: key.clone(),
-                            detail,
-                            retryable,
-                        }
-                    })
+                    .map_err(|e| archive_error(key, &e))
             },
         )
-        .await?;
-        Ok(key)
+        .await
     }
 
     /// Sets `TTL` = now + ttl on every current item, so live entities never
@@ -1675,6 +1752,22 @@ fn build_err(e: aws_sdk_dynamodb::error::BuildError) -> AwsStoreError {
     AwsStoreError::Encode {
         what: "request",
         detail: e.to_string(),
+    }
+}
+
+/// An archive call's failure, retryable as the SDK error says.
+fn archive_error<E>(
+    key: &str,
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> AwsStoreError
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let (detail, retryable) = describe(e);
+    AwsStoreError::Archive {
+        key: key.to_owned(),
+        detail,
+        retryable,
     }
 }
 

@@ -22,7 +22,7 @@
 //!   for what storage holds.
 
 use crate::source::SourceMsg;
-use proto::{EventBatch, Offset, Position, Shard};
+use proto::{EventBatch, NO_TIMESTAMP, Offset, Position, Shard};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -38,6 +38,9 @@ use tokio::sync::mpsc;
 
 /// Events per batch handed to the tree.
 const BATCH_EVENTS: usize = 1024;
+/// A batch is handed over once its payload reaches this many bytes, so its
+/// frame stays far below the frame limit even with large messages.
+const BATCH_BYTES: usize = 8 << 20;
 /// A partly filled batch is handed over after this long.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
 /// How long a revoke waits for the tree to make the revoked shards durable.
@@ -378,8 +381,10 @@ fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
                         .entry((shard, topic.clone()))
                         .or_insert_with(|| EventBatch::new(shard, Box::from(&*topic)));
                     // A tombstone (no value) is an empty event: dead-lettered.
-                    batch.push(msg.offset(), msg.payload().unwrap_or_default());
-                    if batch.len() >= BATCH_EVENTS {
+                    // The broker's timestamp dates the event archive's objects.
+                    let timestamp = msg.timestamp().to_millis().unwrap_or(NO_TIMESTAMP);
+                    batch.push_at(msg.offset(), timestamp, msg.payload().unwrap_or_default());
+                    if batch.len() >= BATCH_EVENTS || batch.payload.len() >= BATCH_BYTES {
                         held.batches.remove(&(shard, topic))
                     } else {
                         None

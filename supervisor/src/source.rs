@@ -39,6 +39,9 @@ pub enum SourceMsg {
 
 /// Events per batch sent to a worker.
 const BATCH_EVENTS: usize = 1024;
+/// A batch is sent once its payload reaches this many bytes (lines may be
+/// up to `--max-event-bytes` each): its frame stays far below the limit.
+const BATCH_BYTES: usize = 8 << 20;
 /// Every this many lines, every shard is handed its batch and told how far
 /// the stream was read: bounds what the source holds, and keeps the shards'
 /// durable positions (the resume point) close together.
@@ -148,7 +151,8 @@ impl FileSource {
                 let shard = seller_key(&line).map_or(0, |k| shard_for_key(&k, self.shards));
                 let batch = &mut batches[shard as usize];
                 batch.push(offset, &line);
-                if batch.len() >= BATCH_EVENTS && !send(batch, tx) {
+                let full = batch.len() >= BATCH_EVENTS || batch.payload.len() >= BATCH_BYTES;
+                if full && !send(batch, tx) {
                     return Ok(None);
                 }
             }

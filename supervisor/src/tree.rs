@@ -9,6 +9,7 @@
 //! - writes are answered in order; one not yet answered is sent again to a
 //!   replacement storage process, and loads queue behind earlier writes.
 
+use crate::archive::EventArchive;
 use crate::kafka::{KafkaHandle, KafkaSettings, RevokeDone, SourceCmd};
 use crate::ledger::Ledger;
 use crate::restart::{Intensity, RestartPolicy, TooManyRestarts};
@@ -182,6 +183,8 @@ struct WorkerState {
 }
 
 struct PendingWrite {
+    /// The raw events it archives (Kafka mode), sent before `frame`.
+    archive: Vec<Arc<Vec<u8>>>,
     frame: Arc<Vec<u8>>,
     positions: Vec<(Shard, Vec<Position>)>,
     reasons: Vec<Box<str>>,
@@ -259,6 +262,8 @@ struct Tree {
     /// Revokes waiting until their shards are durable.
     revoking: Vec<(BTreeSet<Shard>, RevokeDone)>,
     kafka: Option<KafkaHandle>,
+    /// Kafka mode: which consumed events each write archives.
+    archive: Option<EventArchive>,
     /// Stream names as shared strings, for the ledger.
     streams: std::collections::HashMap<Box<str>, Arc<str>>,
     initial_loads_left: usize,
@@ -297,6 +302,7 @@ impl Tree {
             owned,
             revoking: Vec::new(),
             kafka: None,
+            archive: None,
             streams: std::collections::HashMap::new(),
             cfg,
             stream: stream.into(),
@@ -357,6 +363,7 @@ impl Tree {
                 let handle = crate::kafka::start(&settings, source_tx, source_stop.clone())?;
                 self.service.telemetry().set_lag_table(handle.lag.clone());
                 self.kafka = Some(handle);
+                self.archive = Some(EventArchive::default());
                 None
             }
         };
@@ -694,6 +701,9 @@ impl Tree {
             for shard in shards {
                 self.owned.remove(&shard);
                 self.ledger.forget(shard);
+                if let Some(archive) = &mut self.archive {
+                    archive.forget(shard);
+                }
                 let frame = self.encode(&ToWorker::Release { shard });
                 if let Some(l) = &self.workers[worker_for_shard(shard, self.cfg.workers)]
                     .slot
@@ -786,13 +796,23 @@ impl Tree {
             .iter()
             .flat_map(|c| c.dead_letters.iter().map(|d| d.reason.clone()))
             .collect();
+        let archived = match &mut self.archive {
+            Some(archive) => archive.take(&self.ledger, &changes),
+            None => Vec::new(),
+        };
+        let archive: Vec<_> = archived
+            .into_iter()
+            .map(|events| self.encode(&ToStorage::Archive { write: id, events }))
+            .collect();
         let frame = self.encode(&ToStorage::Write { id, changes });
         if let Some(l) = &self.storage.link {
+            archive.iter().for_each(|f| l.send(f.clone()));
             l.send(frame.clone());
         }
         self.writes.insert(
             id,
             PendingWrite {
+                archive,
                 frame,
                 positions,
                 reasons,
@@ -841,6 +861,9 @@ impl Tree {
                     self.loads.remove(&id);
                 }
                 self.ledger.ack(shard, &state.positions);
+                if let Some(archive) = &mut self.archive {
+                    archive.restored(shard, &state.positions);
+                }
                 if let Some(p) = state.positions.iter().find(|p| *p.stream == *self.stream) {
                     self.resume.insert(shard, p.offset);
                 }
@@ -942,13 +965,20 @@ impl Tree {
                 Role::Storage,
             )
             .await?;
-        // Unanswered requests, in their original order.
+        // Unanswered requests, in their original order (a write after the
+        // events it archives: the same frames, so the same object names).
         let mut resend: Vec<(RequestId, Arc<Vec<u8>>)> = self
             .writes
             .iter()
-            .map(|(&id, w)| (id, w.frame.clone()))
+            .flat_map(|(&id, w)| {
+                w.archive
+                    .iter()
+                    .chain([&w.frame])
+                    .map(move |f| (id, f.clone()))
+            })
             .collect();
         resend.extend(self.loads.iter().map(|(&id, l)| (id, l.frame.clone())));
+        // Stable: a write's archive frames stay before the write.
         resend.sort_by_key(|(id, _)| *id);
         for (_, frame) in resend {
             link.send(frame);

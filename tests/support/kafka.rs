@@ -9,6 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 
 /// Partitions per topic, as the catalogue's topics have.
@@ -152,6 +153,166 @@ impl Sink {
         }
     }
 
+    /// Every object under `events/` in the archive (the archive directory,
+    /// or the S3 bucket), as (key, gunzipped contents).
+    pub fn event_archive(&self) -> Vec<(String, String)> {
+        let gunzip = |bytes: &[u8]| {
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(bytes)
+                .read_to_string(&mut text)
+                .expect("an archived event range is gzip text");
+            text
+        };
+        match self {
+            Sink::Embedded(data) => {
+                let root = data.join("archive");
+                let mut out = Vec::new();
+                let mut dirs = vec![root.join("events")];
+                while let Some(dir) = dirs.pop() {
+                    let Ok(entries) = std::fs::read_dir(&dir) else {
+                        continue;
+                    };
+                    for entry in entries {
+                        let path = entry.expect("archive entry").path();
+                        if path.is_dir() {
+                            dirs.push(path);
+                        } else {
+                            let key = path.strip_prefix(&root).expect("under the archive");
+                            let bytes = std::fs::read(&path).expect("read an archived range");
+                            out.push((key.display().to_string(), gunzip(&bytes)));
+                        }
+                    }
+                }
+                out
+            }
+            Sink::Aws { endpoint, tag, .. } => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                runtime.block_on(async {
+                    // In-process, the SDK reads credentials from the
+                    // environment (setting it here would race other threads).
+                    assert!(
+                        std::env::var_os("AWS_ACCESS_KEY_ID").is_some(),
+                        "reading S3 here needs the stack's AWS_* variables in the \
+                         environment: run scripts/test, or eval \"$(scripts/stack env | sed 's/^/export /')\""
+                    );
+                    let cfg = analytics::aws_store::AwsConfig {
+                        endpoint: Some(endpoint.clone()),
+                        region: Some("us-east-1".into()),
+                        metrics_table: format!("{tag}-metrics"),
+                        state_table: format!("{tag}-state"),
+                        bucket: format!("{tag}-archive"),
+                        ..Default::default()
+                    };
+                    let bucket = cfg.bucket.clone();
+                    let store = analytics::aws_store::AwsStore::connect(cfg)
+                        .await
+                        .expect("connect to moto");
+                    let (_, s3) = store.clients();
+                    let mut out = Vec::new();
+                    let mut token = None;
+                    loop {
+                        let page = s3
+                            .list_objects_v2()
+                            .bucket(&bucket)
+                            .prefix("events/")
+                            .set_continuation_token(token)
+                            .send()
+                            .await
+                            .expect("list the event archive");
+                        for object in page.contents() {
+                            let key = object.key().expect("object key").to_string();
+                            let body = s3
+                                .get_object()
+                                .bucket(&bucket)
+                                .key(&key)
+                                .send()
+                                .await
+                                .expect("get an archived range")
+                                .body
+                                .collect()
+                                .await
+                                .expect("read an archived range")
+                                .into_bytes();
+                            out.push((key, gunzip(&body)));
+                        }
+                        token = page.next_continuation_token().map(str::to_owned);
+                        if token.is_none() {
+                            return out;
+                        }
+                    }
+                })
+            }
+        }
+    }
+
+    /// Checks that the event archive holds every one of the `produced`
+    /// events of `topics` exactly once: per topic-partition, offsets 0..n
+    /// without a gap or a repeat, each object named after what it holds.
+    pub fn assert_event_archive_exactly_once(&self, topics: &Topics, produced: usize) {
+        let mut offsets: BTreeMap<(String, u64), Vec<i64>> = BTreeMap::new();
+        let objects = self.event_archive();
+        for (key, text) in &objects {
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{key}: {e}: {l}")))
+                .collect();
+            let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+                panic!("{key} is empty");
+            };
+            let topic = first["topic"].as_str().expect("topic").to_string();
+            let partition = first["partition"].as_u64().expect("partition");
+            let name = format!(
+                "/{topic}-{partition}-{}-{}.jsonl.gz",
+                first["offset"], last["offset"]
+            );
+            assert!(
+                key.starts_with("events/dt=") && key.ends_with(&name),
+                "{key} holds {name}"
+            );
+            assert!(
+                topics.all().contains(&topic.as_str()),
+                "{key}: topic {topic}"
+            );
+            for l in &lines {
+                assert!(
+                    l["timestamp"].as_i64().is_some(),
+                    "{key}: no timestamp in {l}"
+                );
+                assert!(
+                    l.get("value").is_some() || l.get("raw").is_some() || l.get("rawHex").is_some(),
+                    "{key}: no event in {l}"
+                );
+                assert_eq!(l["topic"], first["topic"], "{key}");
+                assert_eq!(l["partition"], first["partition"], "{key}");
+                offsets
+                    .entry((topic.clone(), partition))
+                    .or_default()
+                    .push(l["offset"].as_i64().expect("offset"));
+            }
+        }
+        let mut total = 0;
+        for ((topic, partition), mut got) in offsets {
+            got.sort_unstable();
+            let want: Vec<i64> = (0..got.len() as i64).collect();
+            assert!(
+                got == want,
+                "{topic}-{partition}: archived offsets are not 0..{} exactly once: {:?}",
+                got.len(),
+                first_difference(&got, &want)
+            );
+            total += got.len();
+        }
+        assert_eq!(
+            total,
+            produced,
+            "archived events in {} objects",
+            objects.len()
+        );
+    }
+
     /// `analytics export` of this store.
     pub fn export(&self) -> String {
         let mut cmd = Command::new(ANALYTICS);
@@ -215,6 +376,11 @@ impl Topics {
             String::from_utf8_lossy(&out.stderr)
         );
         t
+    }
+
+    /// Events published to the three topics so far.
+    pub fn produced(&self) -> usize {
+        self.produced.get()
     }
 
     pub fn topics_arg(&self) -> String {
@@ -498,4 +664,10 @@ pub fn letters_by_reason(letters: &[(String, String, String)]) -> BTreeMap<Strin
         );
     }
     got
+}
+
+/// Where two sorted offset lists first differ: (index, got, want).
+fn first_difference(got: &[i64], want: &[i64]) -> (usize, Option<i64>, Option<i64>) {
+    let i = got.iter().zip(want).take_while(|(g, w)| g == w).count();
+    (i, got.get(i).copied(), want.get(i).copied())
 }
