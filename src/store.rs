@@ -7,7 +7,9 @@
 //! Tables:
 //! - `items`: `(PK, SK)` → the item's attributes as a JSON object. An item
 //!   whose `TTL` is in the past is absent for every read, as in DynamoDB.
-//! - `products`: `(shard, product key)` → the product's last-writer-wins state.
+//! - `product_log`: `(shard, seq)` → the product states one write changed
+//!   (bincode); replayed in order, the last state of a product wins. A
+//!   shard's log is merged into snapshot entries after 16 entries.
 //! - `contributions`: `(entity PK, shard)` → what the shard adds to the entity.
 //! - `positions`: `(stream, shard)` → the last applied offset.
 //! - `meta`: small named values (the dead-letter file's committed length).
@@ -15,6 +17,12 @@
 //! A [`EmbeddedStore::write`] is one transaction: a replayed batch (every
 //! position already stored) is skipped, so values never move backwards and
 //! nothing is added twice.
+//!
+//! Which seller a listed product's low-stock item is filed under is a
+//! function of the product states, kept in memory per shard ([`Listed`])
+//! and rebuilt from the log the first time a process writes to the shard.
+//! (A table for it cost a third of the storage process: a B-tree lookup per
+//! changed product, and an insert or delete per listing change.)
 
 use analytics_worker::records::{
     CategoryRecord, LowStockRecord, MetricRecord, Money, SellerRecord, low_stock_key, sort_records,
@@ -25,7 +33,7 @@ use proto::{
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -39,7 +47,8 @@ const ITEMS: TableDefinition<(&str, &str), &str> = TableDefinition::new("items")
 const PRODUCT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("product_log");
 /// Products on the low-stock list: `(shard, product key)` → the seller their
 /// item is filed under, so an item can be removed without the old state.
-const LOW_STOCK_INDEX: TableDefinition<(u32, &[u8]), &str> =
+/// Held the low-stock index in earlier versions; dropped when found.
+const OLD_LOW_STOCK_INDEX: TableDefinition<(u32, &[u8]), &str> =
     TableDefinition::new("low_stock_index");
 /// Log entries per shard before they are merged into one snapshot.
 const LOG_COMPACT_AFTER: usize = 16;
@@ -158,7 +167,13 @@ pub struct EmbeddedStore {
     db: Database,
     dead_letter_path: PathBuf,
     ttl_secs: i64,
+    /// Per shard written by this process: listed product → the seller its
+    /// low-stock item is filed under, as committed.
+    listed: HashMap<Shard, Listed>,
 }
+
+/// A shard's listed products and the seller each item is filed under.
+type Listed = HashMap<ProductId, Box<str>>;
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `data_dir`, and drops any dead-letter
@@ -177,12 +192,14 @@ impl EmbeddedStore {
             db,
             dead_letter_path: data_dir.join(DEAD_LETTER_FILE),
             ttl_secs: i64::try_from(opts.ttl.as_secs()).unwrap_or(i64::MAX),
+            listed: HashMap::new(),
         };
         let txn = store.db.begin_write()?;
         {
             txn.open_table(ITEMS)?;
             txn.open_table(PRODUCT_LOG)?;
-            txn.open_table(LOW_STOCK_INDEX)?;
+            // Not an error if absent (`Ok(false)`).
+            txn.delete_table(OLD_LOW_STOCK_INDEX)?;
             txn.open_table(CONTRIBUTIONS)?;
             txn.open_table(POSITIONS)?;
             let mut meta = txn.open_table(META)?;
@@ -243,6 +260,19 @@ impl EmbeddedStore {
         changes: &[ShardChanges],
         now_ms: i64,
     ) -> Result<WriteStats, StoreError> {
+        let result = self.write_txn(changes, now_ms);
+        if result.is_err() {
+            // The in-memory listings may hold what did not commit: rebuild.
+            self.listed.clear();
+        }
+        result
+    }
+
+    fn write_txn(
+        &mut self,
+        changes: &[ShardChanges],
+        now_ms: i64,
+    ) -> Result<WriteStats, StoreError> {
         let mut stats = WriteStats::default();
         let ttl = self.ttl_at(now_ms);
         let mut dead_lines: Vec<u8> = Vec::new();
@@ -250,7 +280,6 @@ impl EmbeddedStore {
         {
             let mut items = txn.open_table(ITEMS)?;
             let mut log = txn.open_table(PRODUCT_LOG)?;
-            let mut low_index = txn.open_table(LOW_STOCK_INDEX)?;
             let mut contributions = txn.open_table(CONTRIBUTIONS)?;
             let mut positions = txn.open_table(POSITIONS)?;
             let mut changed: BTreeMap<String, EntityKey> = BTreeMap::new();
@@ -275,6 +304,13 @@ impl EmbeddedStore {
                     }
                 }
 
+                let listed = match self.listed.entry(sc.shard) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        // Read before this write's log entry: what is committed.
+                        e.insert(listed_in(&log, sc.shard)?)
+                    }
+                };
                 if !sc.products.is_empty() {
                     let seq = next_log_seq(&log, sc.shard)?;
                     log.insert(
@@ -284,32 +320,31 @@ impl EmbeddedStore {
                     stats.products += sc.products.len() as u64;
                 }
                 for (id, state) in &sc.products {
-                    let key = encode("product id", id)?;
-                    let filed_under = low_index
-                        .get((sc.shard, key.as_slice()))?
-                        .map(|g| g.value().to_string());
-                    let new_key = state
-                        .low_stock_since
-                        .map(|_| low_stock_key(seller_of(state), id));
-                    if let Some((pk, sk)) = &new_key {
-                        items.insert(
-                            (pk.as_str(), sk.as_str()),
-                            low_stock_item(id, state)?.as_str(),
-                        )?;
-                        stats.low_stock_puts += 1;
-                        if filed_under.as_deref() != Some(seller_of(state)) {
-                            low_index.insert((sc.shard, key.as_slice()), seller_of(state))?;
+                    let listed_now = state.low_stock_since.map(|_| seller_of(state));
+                    let filed_under = match listed_now {
+                        Some(seller) => {
+                            let (pk, sk) = low_stock_key(seller, id);
+                            items.insert(
+                                (pk.as_str(), sk.as_str()),
+                                low_stock_item(id, state)?.as_str(),
+                            )?;
+                            stats.low_stock_puts += 1;
+                            match listed.get_mut(id) {
+                                Some(old) if **old == *seller => None,
+                                Some(old) => Some(std::mem::replace(old, seller.into())),
+                                None => {
+                                    listed.insert(id.clone(), seller.into());
+                                    None
+                                }
+                            }
                         }
-                    }
+                        None => listed.remove(id),
+                    };
+                    // Filed under another seller, or no longer listed.
                     if let Some(old_seller) = filed_under {
                         let (pk, sk) = low_stock_key(&old_seller, id);
-                        if new_key.as_ref() != Some(&(pk.clone(), sk.clone())) {
-                            if items.remove((pk.as_str(), sk.as_str()))?.is_some() {
-                                stats.low_stock_deletes += 1;
-                            }
-                            if new_key.is_none() {
-                                low_index.remove((sc.shard, key.as_slice()))?;
-                            }
+                        if items.remove((pk.as_str(), sk.as_str()))?.is_some() {
+                            stats.low_stock_deletes += 1;
                         }
                     }
                 }
@@ -669,6 +704,21 @@ fn read_log(
         live.extend(states);
     }
     Ok(live)
+}
+
+/// A shard's committed listings: its listed products and their sellers.
+fn listed_in(
+    log: &impl ReadableTable<(u32, u64), &'static [u8]>,
+    shard: Shard,
+) -> Result<Listed, StoreError> {
+    Ok(read_log(log, shard)?
+        .into_iter()
+        .filter(|(_, state)| state.low_stock_since.is_some())
+        .map(|(id, state)| {
+            let seller: Box<str> = seller_of(&state).into();
+            (id, seller)
+        })
+        .collect())
 }
 
 /// Merges a shard's log into snapshot entries once it is long enough, so a
