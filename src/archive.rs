@@ -157,7 +157,8 @@ struct ArchivedEvent<'a> {
     raw_hex: Option<String>,
 }
 
-fn archived_line(events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> io::Result<Vec<u8>> {
+/// Appends event `i` of `events` as one JSON line to `line`.
+fn archived_line(line: &mut Vec<u8>, events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> io::Result<()> {
     let timestamp = Some(events.timestamp(i)).filter(|&t| t != NO_TIMESTAMP);
     let mut event = ArchivedEvent {
         topic: &events.stream,
@@ -177,19 +178,30 @@ fn archived_line(events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> io
         },
         Err(_) => event.raw_hex = Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
     }
-    serde_json::to_vec(&event).map_err(io::Error::other)
+    serde_json::to_writer(&mut *line, &event).map_err(io::Error::other)?;
+    line.push(b'\n');
+    Ok(())
 }
 
-fn event_lines(events: &EventBatch) -> impl Iterator<Item = io::Result<Vec<u8>>> + '_ {
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, (offset, bytes))| archived_line(events, i, offset, bytes))
+/// Every event of a range as gzip JSON lines, into `out`. Lines are built
+/// in one reused buffer and handed to the compressor in blocks.
+fn gzip_events<W: Write>(out: W, events: &EventBatch) -> io::Result<W> {
+    let mut gz = GzEncoder::new(out, Compression::fast());
+    let mut block = Vec::with_capacity(1 << 16);
+    for (i, (offset, bytes)) in events.iter().enumerate() {
+        archived_line(&mut block, events, i, offset, bytes)?;
+        if block.len() >= 1 << 16 {
+            gz.write_all(&block)?;
+            block.clear();
+        }
+    }
+    gz.write_all(&block)?;
+    gz.finish()
 }
 
 /// A range of events as gzip JSON lines, one line per event.
 pub fn encode_event_range(events: &EventBatch) -> io::Result<Vec<u8>> {
-    gzip_lines(Vec::new(), event_lines(events))
+    gzip_events(Vec::new(), events)
 }
 
 /// Writes one range of events to the archive directory and returns its
@@ -223,7 +235,7 @@ pub fn write_event_range(
         }
     }
     write_file(archive_dir, &key, |file| {
-        gzip_lines(file, event_lines(events))
+        gzip_events(file, events)
     })?;
     Ok(key)
 }
