@@ -158,7 +158,13 @@ struct ArchivedEvent<'a> {
 }
 
 /// Appends event `i` of `events` as one JSON line to `line`.
-fn archived_line(line: &mut Vec<u8>, events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> io::Result<()> {
+fn archived_line(
+    line: &mut Vec<u8>,
+    events: &EventBatch,
+    i: usize,
+    offset: i64,
+    bytes: &[u8],
+) -> io::Result<()> {
     let timestamp = Some(events.timestamp(i)).filter(|&t| t != NO_TIMESTAMP);
     let mut event = ArchivedEvent {
         topic: &events.stream,
@@ -234,9 +240,7 @@ pub fn write_event_range(
             Err(e) => return Err(e),
         }
     }
-    write_file(archive_dir, &key, |file| {
-        gzip_events(file, events)
-    })?;
+    write_file(archive_dir, &key, |file| gzip_events(file, events))?;
     Ok(key)
 }
 

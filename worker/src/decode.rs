@@ -6,6 +6,12 @@
 //! runs (full rows, `data.previousData` in snake_case, prices as strings).
 //! Numbers are read from their JSON text, never through f64, so prices are
 //! exact cents.
+//!
+//! Decoding reads the fields it needs into [`Fields`] first: through the
+//! fast scanner of [`crate::scan`] for a well-formed event, or through
+//! serde_json for anything the scanner leaves alone (escapes, odd types,
+//! bad JSON). Both give the same `Fields` for every input the scanner takes
+//! (a property test holds this); everything after that is shared.
 
 use proto::ProductId;
 use serde::Deserialize;
@@ -135,6 +141,96 @@ struct RawPrevious<'a> {
     category: Option<Cow<'a, str>>,
 }
 
+/// The values of an event that decoding looks at, as found in the JSON:
+/// strings as their content, other values as their JSON text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fields<'a> {
+    pub event_type: Option<Cow<'a, str>>,
+    pub timestamp: Option<&'a str>,
+    /// `None` when `data` is absent or null.
+    pub data: Option<DataFields<'a>>,
+}
+
+/// `data`'s values; `changes.x.new` and the like are flattened (absent
+/// when any level is absent or null).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataFields<'a> {
+    pub product_id: Option<&'a str>,
+    pub seller_id: Option<Cow<'a, str>>,
+    pub name: Option<Cow<'a, str>>,
+    pub category: Option<Cow<'a, str>>,
+    pub price: Option<&'a str>,
+    pub quantity: Option<&'a str>,
+    pub new_price: Option<&'a str>,
+    pub new_quantity: Option<&'a str>,
+    pub old_category: Option<Cow<'a, str>>,
+    pub new_category: Option<Cow<'a, str>>,
+    pub new_name: Option<Cow<'a, str>>,
+    pub old_seller_id: Option<Cow<'a, str>>,
+    pub new_seller_id: Option<Cow<'a, str>>,
+    pub previous_seller_id: Option<Cow<'a, str>>,
+    pub previous_category: Option<Cow<'a, str>>,
+}
+
+impl<'a> From<RawEvent<'a>> for Fields<'a> {
+    fn from(raw: RawEvent<'a>) -> Fields<'a> {
+        Fields {
+            event_type: raw.event_type,
+            timestamp: raw.timestamp.map(RawValue::get),
+            data: raw.data.map(|d| {
+                let ch = d.changes;
+                let ch = ch.as_ref();
+                let prev = d.previous;
+                let str_change = |c: Option<&RawStrChange<'a>>| {
+                    c.map_or((None, None), |c| (c.old.clone(), c.new.clone()))
+                };
+                let (old_category, new_category) = str_change(ch.and_then(|c| c.category.as_ref()));
+                let (_, new_name) = str_change(ch.and_then(|c| c.name.as_ref()));
+                let (old_seller_id, new_seller_id) =
+                    str_change(ch.and_then(|c| c.seller_id.as_ref()));
+                let (previous_seller_id, previous_category) =
+                    prev.map_or((None, None), |p| (p.seller_id, p.category));
+                DataFields {
+                    product_id: d.product_id.map(RawValue::get),
+                    seller_id: d.seller_id,
+                    name: d.name,
+                    category: d.category,
+                    price: d.price.map(RawValue::get),
+                    quantity: d.quantity.map(RawValue::get),
+                    new_price: ch
+                        .and_then(|c| c.price.as_ref())
+                        .and_then(|c| c.new)
+                        .map(RawValue::get),
+                    new_quantity: ch
+                        .and_then(|c| c.quantity.as_ref())
+                        .and_then(|c| c.new)
+                        .map(RawValue::get),
+                    old_category,
+                    new_category,
+                    new_name,
+                    old_seller_id,
+                    new_seller_id,
+                    previous_seller_id,
+                    previous_category,
+                }
+            }),
+        }
+    }
+}
+
+/// The fields of an event through serde_json: any valid JSON, and the
+/// errors for anything else.
+pub fn fields_by_serde(text: &str) -> Result<Fields<'_>, Rejection> {
+    let raw: RawEvent<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Rejection::InvalidField {
+            field: "event",
+            why: e.to_string(),
+        },
+        _ => Rejection::InvalidJson(e.to_string()),
+    })?;
+    Ok(raw.into())
+}
+
 /// An optional string that borrows from the input when it has no escapes.
 /// (serde's own `Option<Cow<str>>` always allocates: its `borrow` applies
 /// only to a bare `Cow`.)
@@ -179,13 +275,10 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
     // every borrowed string of a byte slice.
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Rejection::InvalidJson(format!("not UTF-8: {e}")))?;
-    let raw: RawEvent<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Rejection::InvalidField {
-            field: "event",
-            why: e.to_string(),
-        },
-        _ => Rejection::InvalidJson(e.to_string()),
-    })?;
+    let raw = match crate::scan::fields(text) {
+        Some(fields) => fields,
+        None => fields_by_serde(text)?,
+    };
     let kind = match raw.event_type.as_deref() {
         None => return Err(Rejection::MissingField("eventType")),
         Some("ProductCreated") => EventKind::Created,
@@ -233,49 +326,32 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
             .quantity
             .map(|q| integer(q, "data.quantity"))
             .transpose()?,
-        old_seller: None,
-        old_category: None,
+        old_seller: data.previous_seller_id,
+        old_category: data.previous_category,
     };
-    if let Some(prev) = data.previous {
-        event.old_seller = prev.seller_id;
-        event.old_category = prev.category;
-    }
     // `changes` is the contract's explicit statement of new values: it wins
     // over the top-level fields.
-    if let Some(ch) = data.changes {
-        if let Some(c) = ch.price
-            && let Some(new) = c.new
-        {
-            event.price_cents = Some(price_cents(new, "data.changes.price.new")?);
-        }
-        if let Some(c) = ch.quantity
-            && let Some(new) = c.new
-        {
-            event.quantity = Some(integer(new, "data.changes.quantity.new")?);
-        }
-        if let Some(c) = ch.category {
-            event.old_category = c.old.or(event.old_category);
-            event.category = c.new.or(event.category);
-        }
-        if let Some(c) = ch.name {
-            event.name = c.new.or(event.name);
-        }
-        if let Some(c) = ch.seller_id {
-            event.old_seller = c.old.or(event.old_seller);
-            if let Some(new) = c.new.filter(|s| !s.is_empty()) {
-                event.seller = new;
-            }
-        }
+    if let Some(new) = data.new_price {
+        event.price_cents = Some(price_cents(new, "data.changes.price.new")?);
+    }
+    if let Some(new) = data.new_quantity {
+        event.quantity = Some(integer(new, "data.changes.quantity.new")?);
+    }
+    event.old_category = data.old_category.or(event.old_category);
+    event.category = data.new_category.or(event.category);
+    event.name = data.new_name.or(event.name);
+    event.old_seller = data.old_seller_id.or(event.old_seller);
+    if let Some(new) = data.new_seller_id.filter(|s| !s.is_empty()) {
+        event.seller = new;
     }
     Ok(event)
 }
 
 /// The text of a JSON number, or of a string holding one.
-fn numeric_text<'a>(raw: &'a RawValue, field: &'static str) -> Result<&'a str, Rejection> {
-    let text = raw.get();
-    let text = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+fn numeric_text<'a>(raw: &'a str, field: &'static str) -> Result<&'a str, Rejection> {
+    let text = match raw.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
         Some(inner) => inner.trim(),
-        None => text,
+        None => raw,
     };
     if text.is_empty()
         || !text
@@ -284,7 +360,7 @@ fn numeric_text<'a>(raw: &'a RawValue, field: &'static str) -> Result<&'a str, R
     {
         return Err(Rejection::InvalidField {
             field,
-            why: format!("not a number: {}", raw.get()),
+            why: format!("not a number: {raw}"),
         });
     }
     Ok(text)
@@ -380,19 +456,19 @@ fn plain_decimal(b: &[u8], scale: u32) -> Option<i64> {
     Some(v * 10i64.pow(scale - frac.len() as u32))
 }
 
-fn integer(raw: &RawValue, field: &'static str) -> Result<i64, Rejection> {
+fn integer(raw: &str, field: &'static str) -> Result<i64, Rejection> {
     scaled_decimal(numeric_text(raw, field)?, 0, field)
 }
 
-fn price_cents(raw: &RawValue, field: &'static str) -> Result<i64, Rejection> {
+fn price_cents(raw: &str, field: &'static str) -> Result<i64, Rejection> {
     scaled_decimal(numeric_text(raw, field)?, 2, field)
 }
 
 /// A non-negative integer (number or canonical digit string) is numeric;
 /// any other non-empty string is a text id.
-fn product_id(raw: &RawValue) -> Result<ProductId, Rejection> {
+fn product_id(raw: &str) -> Result<ProductId, Rejection> {
     const FIELD: &str = "data.productId";
-    let text = raw.get();
+    let text = raw;
     if text.starts_with('"') {
         let s: Cow<'_, str> = serde_json::from_str(text).map_err(|e| Rejection::InvalidField {
             field: FIELD,

@@ -3,6 +3,8 @@
 //! Layout:
 //! - [`decode`]: one raw event value → a typed [`decode::Event`] or a
 //!   [`decode::Rejection`] with a reason code.
+//! - [`scan`]: the fast path of decoding, a one-pass scanner for well-formed
+//!   events (serde_json takes the rest).
 //! - [`fold`]: product state as last-writer-wins registers and exact
 //!   per-shard seller/category totals; changes out, restores in.
 //! - [`intern`]: 4-byte symbols for repeated strings.
@@ -15,4 +17,5 @@ pub mod fold;
 pub mod generate;
 pub mod intern;
 pub mod records;
+pub mod scan;
 pub mod serve;
