@@ -468,12 +468,16 @@ fn price_cents(raw: &str, field: &'static str) -> Result<i64, Rejection> {
 /// any other non-empty string is a text id.
 fn product_id(raw: &str) -> Result<ProductId, Rejection> {
     const FIELD: &str = "data.productId";
-    let text = raw;
-    if text.starts_with('"') {
-        let s: Cow<'_, str> = serde_json::from_str(text).map_err(|e| Rejection::InvalidField {
-            field: FIELD,
-            why: e.to_string(),
-        })?;
+    if raw.starts_with('"') {
+        // The raw text of a valid JSON string: without a backslash, its
+        // content is what is between the quotes.
+        let s: Cow<'_, str> = match raw.get(1..raw.len() - 1) {
+            Some(inner) if raw.len() >= 2 && !inner.contains('\\') => Cow::Borrowed(inner),
+            _ => Cow::Owned(serde_json::from_str(raw).map_err(|e| Rejection::InvalidField {
+                field: FIELD,
+                why: e.to_string(),
+            })?),
+        };
         if s.is_empty() {
             return Err(Rejection::InvalidField {
                 field: FIELD,
