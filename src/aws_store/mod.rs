@@ -664,6 +664,17 @@ impl AwsStore {
             // Positions only: nothing to apply.
             cp.applied = cp.seq;
         }
+        // The previous write's delta, when a compaction had already folded
+        // it into the base, is referenced by nothing once this commits (its
+        // metrics were applied before this write began).
+        if let Some(p) = &prev
+            && let Some(last) = &p.last_delta
+            && !p.deltas.contains(last)
+            && !superseded.contains(last)
+            && cp.last_delta.as_ref() != Some(last)
+        {
+            superseded.push(last.clone());
+        }
         self.put_checkpoint(shard, prev.as_ref().map(|p| p.seq), &cp, now_ms)
             .await?;
         for (id, st) in &sc.products {

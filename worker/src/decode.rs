@@ -473,10 +473,12 @@ fn product_id(raw: &str) -> Result<ProductId, Rejection> {
         // content is what is between the quotes.
         let s: Cow<'_, str> = match raw.get(1..raw.len() - 1) {
             Some(inner) if raw.len() >= 2 && !inner.contains('\\') => Cow::Borrowed(inner),
-            _ => Cow::Owned(serde_json::from_str(raw).map_err(|e| Rejection::InvalidField {
-                field: FIELD,
-                why: e.to_string(),
-            })?),
+            _ => Cow::Owned(
+                serde_json::from_str(raw).map_err(|e| Rejection::InvalidField {
+                    field: FIELD,
+                    why: e.to_string(),
+                })?,
+            ),
         };
         if s.is_empty() {
             return Err(Rejection::InvalidField {
