@@ -362,7 +362,7 @@ mod tests {
         assert_eq!(hello.role, Role::Storage);
 
         let changes = crate::store::tests::worked_check_changes();
-        let mut products = changes[1].products.clone();
+        let mut products = changes[1].products.decode().unwrap();
         tx.send(&ToStorage::Write {
             id: 1,
             changes: changes.clone(),

@@ -18,22 +18,21 @@
 //! position already stored) is skipped, so values never move backwards and
 //! nothing is added twice.
 //!
-//! Which seller a listed product's low-stock item is filed under is a
-//! function of the product states, kept in memory per shard ([`Listed`])
-//! and rebuilt from the log the first time a process writes to the shard.
-//! (A table for it cost a third of the storage process: a B-tree lookup per
-//! changed product, and an insert or delete per listing change.)
+//! Low-stock items are put and deleted as the worker says
+//! ([`proto::LowStockChange`]): it knows under which seller each listed
+//! product's item was filed. (A table of that here cost a third of the
+//! storage process: a B-tree lookup per changed product.)
 
 use analytics_worker::records::{
     CategoryRecord, LowStockRecord, MetricRecord, Money, SellerRecord, low_stock_key, sort_records,
 };
 use proto::{
-    DeadLetter, EntityKey, EntityTotals, FrameError, Offset, Position, ProductId, ProductState,
-    Shard, ShardChanges, ShardState,
+    DeadLetter, EntityKey, EntityTotals, FrameError, LowStockChange, LowStockItem, Offset,
+    Position, ProductId, ProductState, Shard, ShardChanges, ShardState,
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -47,7 +46,7 @@ const ITEMS: TableDefinition<(&str, &str), &str> = TableDefinition::new("items")
 const PRODUCT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("product_log");
 /// Products on the low-stock list: `(shard, product key)` → the seller their
 /// item is filed under, so an item can be removed without the old state.
-/// Held the low-stock index in earlier versions; dropped when found.
+/// Held a low-stock index in earlier versions; dropped when found.
 const OLD_LOW_STOCK_INDEX: TableDefinition<(u32, &[u8]), &str> =
     TableDefinition::new("low_stock_index");
 /// Log entries per shard before they are merged into one snapshot.
@@ -167,13 +166,7 @@ pub struct EmbeddedStore {
     db: Database,
     dead_letter_path: PathBuf,
     ttl_secs: i64,
-    /// Per shard written by this process: listed product → the seller its
-    /// low-stock item is filed under, as committed.
-    listed: HashMap<Shard, Listed>,
 }
-
-/// A shard's listed products and the seller each item is filed under.
-type Listed = HashMap<ProductId, Box<str>>;
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `data_dir`, and drops any dead-letter
@@ -192,7 +185,6 @@ impl EmbeddedStore {
             db,
             dead_letter_path: data_dir.join(DEAD_LETTER_FILE),
             ttl_secs: i64::try_from(opts.ttl.as_secs()).unwrap_or(i64::MAX),
-            listed: HashMap::new(),
         };
         let txn = store.db.begin_write()?;
         {
@@ -260,19 +252,6 @@ impl EmbeddedStore {
         changes: &[ShardChanges],
         now_ms: i64,
     ) -> Result<WriteStats, StoreError> {
-        let result = self.write_txn(changes, now_ms);
-        if result.is_err() {
-            // The in-memory listings may hold what did not commit: rebuild.
-            self.listed.clear();
-        }
-        result
-    }
-
-    fn write_txn(
-        &mut self,
-        changes: &[ShardChanges],
-        now_ms: i64,
-    ) -> Result<WriteStats, StoreError> {
         let mut stats = WriteStats::default();
         let ttl = self.ttl_at(now_ms);
         let mut dead_lines: Vec<u8> = Vec::new();
@@ -304,47 +283,30 @@ impl EmbeddedStore {
                     }
                 }
 
-                let listed = match self.listed.entry(sc.shard) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        // Read before this write's log entry: what is committed.
-                        e.insert(listed_in(&log, sc.shard)?)
-                    }
-                };
                 if !sc.products.is_empty() {
+                    // The worker's encoding is the log's: stored as it came.
                     let seq = next_log_seq(&log, sc.shard)?;
-                    log.insert(
-                        (sc.shard, seq),
-                        encode("product states", &sc.products)?.as_slice(),
-                    )?;
-                    stats.products += sc.products.len() as u64;
+                    log.insert((sc.shard, seq), sc.products.bytes.as_slice())?;
+                    stats.products += u64::from(sc.products.count);
                 }
-                for (id, state) in &sc.products {
-                    let listed_now = state.low_stock_since.map(|_| seller_of(state));
-                    let filed_under = match listed_now {
-                        Some(seller) => {
-                            let (pk, sk) = low_stock_key(seller, id);
+                for change in &sc.low_stock {
+                    match change {
+                        LowStockChange::Put(item) => {
+                            let (pk, sk) = low_stock_key(&item.seller_id, &item.product_id);
                             items.insert(
                                 (pk.as_str(), sk.as_str()),
-                                low_stock_item(id, state)?.as_str(),
+                                low_stock_item(item)?.as_str(),
                             )?;
                             stats.low_stock_puts += 1;
-                            match listed.get_mut(id) {
-                                Some(old) if **old == *seller => None,
-                                Some(old) => Some(std::mem::replace(old, seller.into())),
-                                None => {
-                                    listed.insert(id.clone(), seller.into());
-                                    None
-                                }
-                            }
                         }
-                        None => listed.remove(id),
-                    };
-                    // Filed under another seller, or no longer listed.
-                    if let Some(old_seller) = filed_under {
-                        let (pk, sk) = low_stock_key(&old_seller, id);
-                        if items.remove((pk.as_str(), sk.as_str()))?.is_some() {
-                            stats.low_stock_deletes += 1;
+                        LowStockChange::Delete {
+                            seller_id,
+                            product_id,
+                        } => {
+                            let (pk, sk) = low_stock_key(seller_id, product_id);
+                            if items.remove((pk.as_str(), sk.as_str()))?.is_some() {
+                                stats.low_stock_deletes += 1;
+                            }
                         }
                     }
                 }
@@ -706,21 +668,6 @@ fn read_log(
     Ok(live)
 }
 
-/// A shard's committed listings: its listed products and their sellers.
-fn listed_in(
-    log: &impl ReadableTable<(u32, u64), &'static [u8]>,
-    shard: Shard,
-) -> Result<Listed, StoreError> {
-    Ok(read_log(log, shard)?
-        .into_iter()
-        .filter(|(_, state)| state.low_stock_since.is_some())
-        .map(|(id, state)| {
-            let seller: Box<str> = seller_of(&state).into();
-            (id, seller)
-        })
-        .collect())
-}
-
 /// Merges a shard's log into snapshot entries once it is long enough, so a
 /// restore reads each product about once and the log does not grow with
 /// the number of flushes. Amortised, each flush pays 1/16 of the shard.
@@ -835,7 +782,7 @@ pub(crate) fn entity_object(
 /// state: building a JSON map first cost ~10% of the storage process.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-struct LowStockItem<'a> {
+struct LowStockAttrs<'a> {
     #[serde(with = "analytics_worker::records::product_id_json")]
     product_id: ProductId,
     seller_id: &'a str,
@@ -846,8 +793,8 @@ struct LowStockItem<'a> {
     since: Option<i64>,
 }
 
-fn low_stock_item(id: &ProductId, state: &ProductState) -> Result<String, StoreError> {
-    serde_json::to_string(&LowStockItem::new(id, state)).map_err(|e| StoreError::Encode {
+fn low_stock_item(item: &LowStockItem) -> Result<String, StoreError> {
+    serde_json::to_string(&LowStockAttrs::from_item(item)).map_err(|e| StoreError::Encode {
         what: "item",
         detail: e.to_string(),
     })
@@ -859,15 +806,27 @@ pub(crate) fn low_stock_value(
     id: &ProductId,
     state: &ProductState,
 ) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(LowStockItem::new(id, state)).map_err(|e| StoreError::Encode {
+    serde_json::to_value(LowStockAttrs::new(id, state)).map_err(|e| StoreError::Encode {
         what: "item",
         detail: e.to_string(),
     })
 }
 
-impl<'a> LowStockItem<'a> {
+impl<'a> LowStockAttrs<'a> {
+    fn from_item(item: &'a LowStockItem) -> Self {
+        LowStockAttrs {
+            product_id: item.product_id.clone(),
+            seller_id: &item.seller_id,
+            name: &item.name,
+            category: &item.category,
+            quantity: item.quantity,
+            price: Money(i128::from(item.price_cents)),
+            since: Some(item.since),
+        }
+    }
+
     fn new(id: &ProductId, state: &'a ProductState) -> Self {
-        LowStockItem {
+        LowStockAttrs {
             product_id: id.clone(),
             seller_id: seller_of(state),
             name: state.name.value.as_deref().unwrap_or(""),
@@ -1064,6 +1023,44 @@ pub(crate) mod tests {
         }
     }
 
+    /// Stands in for a worker: encodes product states and works out the
+    /// low-stock puts and deletes from what it listed at its previous flush.
+    #[derive(Default)]
+    pub(crate) struct Worker {
+        listed: std::collections::HashMap<(Shard, ProductId), Box<str>>,
+    }
+
+    impl Worker {
+        /// `base` with `products` added the way a worker adds them.
+        pub(crate) fn changes(
+            &mut self,
+            base: ShardChanges,
+            products: Vec<(ProductId, ProductState)>,
+        ) -> ShardChanges {
+            let mut sc = base;
+            for (id, state) in &products {
+                let item = LowStockItem::of(id, state);
+                let key = (sc.shard, id.clone());
+                let now = item.as_ref().map(|i| i.seller_id.clone());
+                if let Some(old) = self.listed.get(&key)
+                    && Some(old) != now.as_ref()
+                {
+                    sc.low_stock.push(LowStockChange::Delete {
+                        seller_id: old.clone(),
+                        product_id: id.clone(),
+                    });
+                }
+                match now {
+                    Some(seller) => self.listed.insert(key, seller),
+                    None => self.listed.remove(&key),
+                };
+                sc.low_stock.extend(item.map(LowStockChange::Put));
+            }
+            sc.products = proto::EncodedProducts::encode(&products).unwrap();
+            sc
+        }
+    }
+
     fn record(store: &EmbeddedStore, key: &str) -> Option<MetricRecord> {
         store
             .current_records(T0)
@@ -1075,36 +1072,41 @@ pub(crate) mod tests {
     /// DESIGN §3's worked check, flushed in two batches.
     pub(crate) fn worked_check_changes() -> Vec<ShardChanges> {
         let (a, b) = (ProductId::Num(1), ProductId::Text("B".into()));
-        let first = ShardChanges {
-            shard: 0,
-            positions: vec![pos("events", 1)],
-            products: vec![
+        let mut worker = Worker::default();
+        let first = worker.changes(
+            ShardChanges {
+                shard: 0,
+                positions: vec![pos("events", 1)],
+                entities: vec![
+                    (seller("s1"), totals(2, 2, 0, 11000, 4000, 2, T0 + 1000)),
+                    (cat("Books"), totals(2, 2, 0, 11000, 4000, 2, T0 + 1000)),
+                ],
+                ..ShardChanges::default()
+            },
+            vec![
                 (a.clone(), product("s1", "Books", 3000, 2, false, Some(T0))),
                 (
                     b.clone(),
                     product("s1", "Books", 1000, 5, false, Some(T0 + 1000)),
                 ),
             ],
-            entities: vec![
-                (seller("s1"), totals(2, 2, 0, 11000, 4000, 2, T0 + 1000)),
-                (cat("Books"), totals(2, 2, 0, 11000, 4000, 2, T0 + 1000)),
-            ],
-            dead_letters: vec![],
-        };
-        let second = ShardChanges {
-            shard: 0,
-            positions: vec![pos("events", 3)],
-            products: vec![
+        );
+        let second = worker.changes(
+            ShardChanges {
+                shard: 0,
+                positions: vec![pos("events", 3)],
+                entities: vec![
+                    (seller("s1"), totals(2, 1, 1, 12000, 1500, 1, T0 + 3000)),
+                    (cat("Books"), totals(1, 0, 1, 0, 0, 0, T0 + 3000)),
+                    (cat("Games"), totals(1, 1, 0, 12000, 1500, 1, T0 + 2000)),
+                ],
+                ..ShardChanges::default()
+            },
+            vec![
                 (a, product("s1", "Games", 1500, 8, false, Some(T0 + 2000))),
                 (b, product("s1", "Books", 1000, 5, true, None)),
             ],
-            entities: vec![
-                (seller("s1"), totals(2, 1, 1, 12000, 1500, 1, T0 + 3000)),
-                (cat("Books"), totals(1, 0, 1, 0, 0, 0, T0 + 3000)),
-                (cat("Games"), totals(1, 1, 0, 12000, 1500, 1, T0 + 2000)),
-            ],
-            dead_letters: vec![],
-        };
+        );
         vec![first, second]
     }
 
@@ -1233,16 +1235,19 @@ pub(crate) mod tests {
     fn replays_are_skipped_and_never_move_values_backwards() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
-        let newer = ShardChanges {
-            shard: 2,
-            positions: vec![pos("a", 10), pos("b", 5)],
-            products: vec![(
+        let mut worker = Worker::default();
+        let newer = worker.changes(
+            ShardChanges {
+                shard: 2,
+                positions: vec![pos("a", 10), pos("b", 5)],
+                entities: vec![(seller("s1"), totals(1, 1, 0, 300, 100, 1, T0))],
+                ..ShardChanges::default()
+            },
+            vec![(
                 ProductId::Num(9),
                 product("s1", "Books", 100, 3, false, Some(T0)),
             )],
-            entities: vec![(seller("s1"), totals(1, 1, 0, 300, 100, 1, T0))],
-            dead_letters: vec![],
-        };
+        );
         let first = store.write(std::slice::from_ref(&newer), T0).unwrap();
         assert_eq!((first.shards_applied, first.shards_skipped), (1, 0));
         let before = store.dump_items();
@@ -1261,16 +1266,18 @@ pub(crate) mod tests {
         assert_eq!(store.dump_items(), before);
 
         // An older batch after the newer one: skipped.
-        let older = ShardChanges {
-            shard: 2,
-            positions: vec![pos("a", 7), pos("b", 5)],
-            products: vec![(
+        let older = worker.changes(
+            ShardChanges {
+                shard: 2,
+                positions: vec![pos("a", 7), pos("b", 5)],
+                entities: vec![(seller("s1"), totals(1, 1, 0, 5000, 100, 0, T0 - 5))],
+                ..ShardChanges::default()
+            },
+            vec![(
                 ProductId::Num(9),
                 product("s1", "Books", 100, 50, false, None),
             )],
-            entities: vec![(seller("s1"), totals(1, 1, 0, 5000, 100, 0, T0 - 5))],
-            dead_letters: vec![],
-        };
+        );
         assert_eq!(store.write(&[older], T0 + 2000).unwrap().shards_skipped, 1);
         assert_eq!(store.dump_items(), before);
 
@@ -1299,11 +1306,14 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
         let id = ProductId::Num(42);
-        let at = |shard_offset: i64, state: ProductState| ShardChanges {
-            shard: 0,
-            positions: vec![pos("events", shard_offset)],
-            products: vec![(id.clone(), state)],
-            ..ShardChanges::default()
+        let mut worker = Worker::default();
+        let mut at = |shard_offset: i64, state: ProductState| {
+            let base = ShardChanges {
+                shard: 0,
+                positions: vec![pos("events", shard_offset)],
+                ..ShardChanges::default()
+            };
+            worker.changes(base, vec![(id.clone(), state)])
         };
         let keys = |store: &EmbeddedStore| -> Vec<(String, String)> {
             store
@@ -1483,29 +1493,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_listed_product_leaves_the_list_after_a_reopen() {
+    fn low_stock_changes_are_applied_as_the_worker_says_also_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let write = |store: &mut EmbeddedStore, offset: i64, low: Option<i64>| {
+        let mut worker = Worker::default();
+        let mut write = |store: &mut EmbeddedStore, offset: i64, low: Option<i64>| {
+            let base = ShardChanges {
+                shard: 2,
+                positions: vec![pos("events", offset)],
+                ..ShardChanges::default()
+            };
             let products = vec![(
                 ProductId::Num(9),
                 product("s1", "Books", 100, 3, false, low),
             )];
-            let sc = ShardChanges {
-                shard: 2,
-                positions: vec![pos("events", offset)],
-                products,
-                ..ShardChanges::default()
-            };
-            store.write(&[sc], 0).unwrap();
+            store.write(&[worker.changes(base, products)], 0).unwrap()
         };
         {
             let mut store = open(dir.path());
             write(&mut store, 1, Some(5));
             assert_eq!(store.low_stock(Some("s1")).unwrap().len(), 1);
         }
-        // A restarted storage process knows the product is listed.
+        // A restarted storage process needs no memory of the listing.
         let mut store = open(dir.path());
-        write(&mut store, 2, None);
+        let stats = write(&mut store, 2, None);
+        assert_eq!((stats.low_stock_puts, stats.low_stock_deletes), (0, 1));
         assert!(store.low_stock(Some("s1")).unwrap().is_empty());
     }
 
@@ -1513,6 +1524,7 @@ pub(crate) mod tests {
     fn the_product_log_is_compacted_and_keeps_the_last_state() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
+        let mut worker = Worker::default();
         // 40 flushes, each rewriting products 0..10 with a new price and
         // adding one new product: two compactions happen on the way.
         for flush in 0..40i64 {
@@ -1528,13 +1540,12 @@ pub(crate) mod tests {
                 ProductId::Num(1000 + flush as u64),
                 product("s1", "Books", 1, 1, false, Some(flush)),
             ));
-            let sc = ShardChanges {
+            let base = ShardChanges {
                 shard: 3,
                 positions: vec![pos("events", flush)],
-                products,
                 ..ShardChanges::default()
             };
-            store.write(&[sc], 0).unwrap();
+            store.write(&[worker.changes(base, products)], 0).unwrap();
         }
         let txn = store.db.begin_read().unwrap();
         let log = txn.open_table(PRODUCT_LOG).unwrap();
@@ -1564,6 +1575,7 @@ pub(crate) mod tests {
     fn load_shard_returns_what_was_written_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
+        let mut worker = Worker::default();
         let mut written: Vec<(ProductId, ProductState)> = (0..5)
             .map(|i| {
                 (
@@ -1579,26 +1591,30 @@ pub(crate) mod tests {
         store
             .write(
                 &[
-                    ShardChanges {
-                        shard: 3,
-                        positions: vec![pos("events", 77)],
-                        products: written.clone(),
-                        entities: vec![
-                            (seller("s1"), totals(6, 6, 0, 0, 0, 1, T0 + 1)),
-                            (cat("Books"), totals(5, 5, 0, 0, 0, 0, T0)),
-                        ],
-                        dead_letters: vec![],
-                    },
-                    ShardChanges {
-                        shard: 4,
-                        positions: vec![pos("events", 5)],
-                        products: vec![(
+                    worker.changes(
+                        ShardChanges {
+                            shard: 3,
+                            positions: vec![pos("events", 77)],
+                            entities: vec![
+                                (seller("s1"), totals(6, 6, 0, 0, 0, 1, T0 + 1)),
+                                (cat("Books"), totals(5, 5, 0, 0, 0, 0, T0)),
+                            ],
+                            ..ShardChanges::default()
+                        },
+                        written.clone(),
+                    ),
+                    worker.changes(
+                        ShardChanges {
+                            shard: 4,
+                            positions: vec![pos("events", 5)],
+                            entities: vec![(seller("s9"), totals(1, 1, 0, 1, 1, 0, T0 + 2))],
+                            ..ShardChanges::default()
+                        },
+                        vec![(
                             ProductId::Num(100),
                             product("s9", "Books", 1, 1, false, None),
                         )],
-                        entities: vec![(seller("s9"), totals(1, 1, 0, 1, 1, 0, T0 + 2))],
-                        dead_letters: vec![],
-                    },
+                    ),
                 ],
                 T0,
             )

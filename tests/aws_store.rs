@@ -11,8 +11,8 @@ use analytics::store::{EmbeddedStore, StoreOptions};
 use analytics_worker::records::MetricRecord;
 use aws_sdk_dynamodb::types::AttributeValue;
 use proto::{
-    EntityKey, EntityTotals, Field, Position, ProductId, ProductState, Shard, ShardChanges,
-    ShardState, Version,
+    EncodedProducts, EntityKey, EntityTotals, Field, LowStockChange, LowStockItem, Position,
+    ProductId, ProductState, Shard, ShardChanges, ShardState, Version,
 };
 use std::io::Read;
 use std::sync::Once;
@@ -135,16 +135,48 @@ fn cat(c: &str) -> EntityKey {
     EntityKey::Category(c.into())
 }
 
+thread_local! {
+    /// What this test's worker listed at its previous flush, per shard and
+    /// product (each test runs on its own thread).
+    static LISTED: std::cell::RefCell<std::collections::HashMap<(Shard, ProductId), Box<str>>> =
+        Default::default();
+}
+
+/// The changes a worker sends after everything this test sent before: the
+/// states encoded, a low-stock put for each listed product, and a delete
+/// for an item filed under another seller at the previous flush.
 fn changes(
     shard: Shard,
     offset: i64,
     products: Vec<(ProductId, ProductState)>,
     entities: Vec<(EntityKey, EntityTotals)>,
 ) -> ShardChanges {
+    let mut low_stock = Vec::new();
+    LISTED.with_borrow_mut(|listed| {
+        for (id, state) in &products {
+            let item = LowStockItem::of(id, state);
+            let now = item.as_ref().map(|i| i.seller_id.clone());
+            let key = (shard, id.clone());
+            if let Some(old) = listed.get(&key)
+                && Some(old) != now.as_ref()
+            {
+                low_stock.push(LowStockChange::Delete {
+                    seller_id: old.clone(),
+                    product_id: id.clone(),
+                });
+            }
+            match now {
+                Some(seller) => listed.insert(key, seller),
+                None => listed.remove(&key),
+            };
+            low_stock.extend(item.map(LowStockChange::Put));
+        }
+    });
     ShardChanges {
         shard,
         positions: pos(offset),
-        products,
+        products: EncodedProducts::encode(&products).expect("states encode"),
+        low_stock,
         entities,
         dead_letters: vec![],
     }

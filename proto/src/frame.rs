@@ -70,6 +70,20 @@ pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
     Ok(())
 }
 
+/// Encodes a value as a frame's payload would hold it (no length prefix):
+/// for values kept as bytes inside messages and stores.
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    bincode::serde::encode_into_writer(value, VecWriter(&mut out), config())?;
+    if out.len() > MAX_FRAME_BYTES as usize {
+        return Err(FrameError::TooLarge {
+            len: u32::try_from(out.len()).unwrap_or(u32::MAX),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    Ok(out)
+}
+
 /// bincode's own writer interface on a `Vec`: its `std::io::Write` adapter
 /// costs a call per field (measured: a quarter of the storage process).
 struct VecWriter<'a>(&'a mut Vec<u8>);

@@ -150,7 +150,9 @@ pub struct ShardChanges {
     pub shard: Shard,
     /// Last applied offset per stream, after these changes.
     pub positions: Vec<Position>,
-    pub products: Vec<(ProductId, ProductState)>,
+    pub products: EncodedProducts,
+    /// What these product changes do to the low-stock list.
+    pub low_stock: Vec<LowStockChange>,
     pub entities: Vec<(EntityKey, EntityTotals)>,
     pub dead_letters: Vec<DeadLetter>,
 }
@@ -159,8 +161,88 @@ impl ShardChanges {
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
             && self.products.is_empty()
+            && self.low_stock.is_empty()
             && self.entities.is_empty()
             && self.dead_letters.is_empty()
+    }
+}
+
+/// Product states, encoded once by the worker: the bytes of a
+/// `Vec<(ProductId, ProductState)>` in the wire's encoding, which is also
+/// how the embedded store's product log keeps them. The supervisor passes
+/// them on untouched and the embedded store stores them as they are; only
+/// a reader that needs the states decodes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedProducts {
+    pub count: u32,
+    #[serde(with = "crate::model::bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl EncodedProducts {
+    pub fn encode<S: Serialize>(
+        products: &[(ProductId, ProductStateOf<S>)],
+    ) -> Result<EncodedProducts, crate::FrameError> {
+        Ok(EncodedProducts {
+            count: u32::try_from(products.len()).unwrap_or(u32::MAX),
+            bytes: crate::frame::encode_payload(&products)?,
+        })
+    }
+
+    pub fn decode(&self) -> Result<Vec<(ProductId, ProductState)>, crate::FrameError> {
+        if self.bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        crate::frame::decode(&self.bytes)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// A change to the low-stock list (DESIGN §6's `LOWSTOCK#` items), worked
+/// out by the worker, which knows under which seller each listed product's
+/// item was filed at the previous flush.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LowStockChange {
+    /// The product is listed: its item, under its seller (written whenever
+    /// the product changed).
+    Put(LowStockItem),
+    /// The product's item under `seller_id` goes: it left the list, or it
+    /// moved to another seller.
+    Delete {
+        seller_id: Box<str>,
+        product_id: ProductId,
+    },
+}
+
+/// A listed product's item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LowStockItem {
+    pub product_id: ProductId,
+    pub seller_id: Box<str>,
+    pub name: Box<str>,
+    pub category: Box<str>,
+    pub quantity: i64,
+    pub price_cents: i64,
+    /// When it went on the list (event time).
+    pub since: i64,
+}
+
+impl LowStockItem {
+    /// The item of a product in this state, if it is listed.
+    pub fn of(product_id: &ProductId, state: &ProductState) -> Option<LowStockItem> {
+        let text = |f: &Field<Box<str>>| f.value.clone().unwrap_or_default();
+        Some(LowStockItem {
+            product_id: product_id.clone(),
+            seller_id: text(&state.seller),
+            name: text(&state.name),
+            category: text(&state.category),
+            quantity: state.quantity.value.unwrap_or(0),
+            price_cents: state.price_cents.value.unwrap_or(0),
+            since: state.low_stock_since?,
+        })
     }
 }
 

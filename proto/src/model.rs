@@ -39,11 +39,16 @@ impl Version {
 
 /// The last-writer-wins state of one product, field by field, as it travels
 /// between processes (the worker keeps a compact interned form).
+pub type ProductState = ProductStateOf<Box<str>>;
+
+/// [`ProductState`] over any string type: the worker encodes its states as
+/// `ProductStateOf<&str>`, borrowing its interned strings, and the bytes
+/// are those of a `ProductState` (serde writes every string type alike).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProductState {
-    pub seller: Field<Box<str>>,
-    pub category: Field<Box<str>>,
-    pub name: Field<Box<str>>,
+pub struct ProductStateOf<S> {
+    pub seller: Field<S>,
+    pub category: Field<S>,
+    pub name: Field<S>,
     /// Exact price in cents.
     pub price_cents: Field<i64>,
     pub quantity: Field<i64>,

@@ -242,19 +242,31 @@ fn product(seller: &str, category: &str, price_cents: i64, quantity: i64) -> Pro
     }
 }
 
+fn products() -> Vec<(ProductId, ProductState)> {
+    vec![
+        (ProductId::Num(12345), product("seller-1", "Books", 2999, 3)),
+        (
+            ProductId::Text("sku-ab12cd".into()),
+            product("seller-2", "Games", 100, 150),
+        ),
+    ]
+}
+
 fn shard_changes(shard: Shard) -> ShardChanges {
+    let products = products();
     ShardChanges {
         shard,
         positions: vec![Position {
             stream: "product.updated/3".into(),
             offset: 41,
         }],
-        products: vec![
-            (ProductId::Num(12345), product("seller-1", "Books", 2999, 3)),
-            (
-                ProductId::Text("sku-ab12cd".into()),
-                product("seller-2", "Games", 100, 150),
-            ),
+        products: EncodedProducts::encode(&products).unwrap(),
+        low_stock: vec![
+            LowStockChange::Put(LowStockItem::of(&products[0].0, &products[0].1).unwrap()),
+            LowStockChange::Delete {
+                seller_id: "seller-9".into(),
+                product_id: products[1].0.clone(),
+            },
         ],
         entities: vec![
             (
@@ -337,7 +349,7 @@ async fn to_worker_round_trip() {
                 stream: "events.jsonl".into(),
                 offset: -1,
             }],
-            products: shard_changes(2).products,
+            products: products(),
             entity_times: vec![(EntityKey::Category("Books".into()), 5)],
             last: false,
         }),
@@ -425,7 +437,7 @@ async fn from_storage_round_trip() {
                     stream: "product.created/3".into(),
                     offset: 99,
                 }],
-                products: shard_changes(3).products,
+                products: products(),
                 entity_times: vec![(EntityKey::Seller("seller-1".into()), 1_696_176_060_000)],
                 last: true,
             },
@@ -1074,4 +1086,44 @@ async fn recv_cancelled_inside_large_payload_resumes() {
         b.push(i, &big);
     }
     recv_across_cancellation(ToWorker::Events(b), |_| 30_000).await;
+}
+
+#[test]
+fn encoded_products_are_a_vec_of_states_and_borrowed_strings_encode_alike() {
+    let owned = products();
+    let encoded = EncodedProducts::encode(&owned).unwrap();
+    assert_eq!(encoded.count, 2);
+    assert_eq!(encoded.decode().unwrap(), owned);
+    // The worker encodes borrowed strings: the same bytes.
+    let borrowed: Vec<(ProductId, ProductStateOf<&str>)> = owned
+        .iter()
+        .map(|(id, s)| {
+            fn f(f: &Field<Box<str>>) -> Field<&str> {
+                Field {
+                    value: f.value.as_deref(),
+                    version: f.version,
+                }
+            }
+            (
+                id.clone(),
+                ProductStateOf {
+                    seller: f(&s.seller),
+                    category: f(&s.category),
+                    name: f(&s.name),
+                    price_cents: s.price_cents.clone(),
+                    quantity: s.quantity.clone(),
+                    deleted: s.deleted.clone(),
+                    low_stock_since: s.low_stock_since,
+                },
+            )
+        })
+        .collect();
+    assert_eq!(EncodedProducts::encode(&borrowed).unwrap(), encoded);
+    assert!(EncodedProducts::default().decode().unwrap().is_empty());
+    // Garbage is a typed error.
+    let bad = EncodedProducts {
+        count: 1,
+        bytes: vec![0xff; 3],
+    };
+    assert!(bad.decode().is_err());
 }

@@ -68,9 +68,9 @@
 //!   the fence per request; 2 WCU per item) instead of unconditioned
 //!   `BatchWriteItem`, which cannot carry a condition.
 //!   (`BatchGetItem`'s `UnprocessedKeys` are resubmitted; see [`resubmit`].)
-//! - The low-stock index (product → seller its item is filed under) is not
-//!   stored: it is a function of the product states, rebuilt when a shard
-//!   is first touched.
+//! - Which low-stock item to delete (the product left the list, or moved
+//!   to another seller) comes from the worker with each write
+//!   ([`proto::LowStockChange`]); nothing here keeps a low-stock index.
 //!
 //! # Known limits
 //!
@@ -107,7 +107,9 @@ use aws_sdk_dynamodb::types::{
 };
 use error::describe;
 use item::Item;
-use proto::{EntityKey, EntityTotals, EventBatch, ProductId, Shard, ShardChanges, ShardState};
+use proto::{
+    EntityKey, EntityTotals, EventBatch, LowStockChange, ProductId, Shard, ShardChanges, ShardState,
+};
 use retry::{Backoff, retry};
 use state::{Checkpoint, Delta, Image, Parts};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -161,8 +163,6 @@ impl Default for AwsConfig {
 struct ShardCache {
     /// `None`: the shard has never been committed.
     cp: Option<Checkpoint>,
-    /// Listed products → the seller their low-stock item is filed under.
-    listed: HashMap<ProductId, Box<str>>,
 }
 
 pub struct AwsStore {
@@ -503,7 +503,7 @@ impl AwsStore {
             let delta = self.commit(sc, &mut cache, now_ms).await?;
             self.put_back(sc.shard, cache);
             stats.shards_applied += 1;
-            stats.products += sc.products.len() as u64;
+            stats.products += u64::from(sc.products.count);
             if let Some(d) = delta {
                 committed.push(d);
             }
@@ -538,25 +538,9 @@ impl AwsStore {
         let cached = self.cache().remove(&shard);
         let mut cache = match cached {
             Some(c) => c,
-            None => {
-                let cp = self.read_checkpoint(shard).await?;
-                let listed = match &cp {
-                    Some(c) => match self.read_image(shard, c, false).await {
-                        Ok(image) => image.listed,
-                        Err(e) if self.read_checkpoint(shard).await? != cp => {
-                            // Another instance is compacting the shard: not ours yet.
-                            return Err(AwsStoreError::StateObject {
-                                key: format!("state/shard={shard}/"),
-                                detail: format!("the checkpoint moved while reading it ({e})"),
-                                retryable: true,
-                            });
-                        }
-                        Err(e) => return Err(e),
-                    },
-                    None => HashMap::new(),
-                };
-                ShardCache { cp, listed }
-            }
+            None => ShardCache {
+                cp: self.read_checkpoint(shard).await?,
+            },
         };
         if let Some(cp) = &mut cache.cp {
             self.repair(shard, cp, now_ms).await?;
@@ -612,22 +596,30 @@ impl AwsStore {
         cp.commit_id = format!("{}-{}", self.writer, retry::random_u64());
         cp.last_delta = None;
 
-        // Low-stock items whose product left the list or moved to another seller.
-        let mut low_stock_deletes = Vec::new();
-        for (id, st) in &sc.products {
-            let new_seller = st.low_stock_since.map(|_| seller_of(st));
-            if let Some(old) = cache.listed.get(id)
-                && Some(&**old) != new_seller
-            {
-                low_stock_deletes.push((old.clone(), id.clone()));
-            }
-        }
-        let has_metrics = !sc.products.is_empty() || !sc.entities.is_empty();
+        // Low-stock items whose product left the list or moved to another
+        // seller, as the worker says; the puts follow the product states.
+        let low_stock_deletes: Vec<(Box<str>, ProductId)> = sc
+            .low_stock
+            .iter()
+            .filter_map(|c| match c {
+                LowStockChange::Delete {
+                    seller_id,
+                    product_id,
+                } => Some((seller_id.clone(), product_id.clone())),
+                LowStockChange::Put(_) => None,
+            })
+            .collect();
+        let products = sc.products.decode().map_err(|e| AwsStoreError::Decode {
+            what: "product states of a write",
+            detail: e.to_string(),
+        })?;
+        let has_metrics =
+            !products.is_empty() || !sc.entities.is_empty() || !low_stock_deletes.is_empty();
         let delta = Delta {
             shard,
             seq: cp.seq,
             positions: cp.position_list(),
-            products: sc.products.clone(),
+            products,
             entities: sc.entities.clone(),
             low_stock_deletes,
         };
@@ -640,7 +632,7 @@ impl AwsStore {
             cp.deltas.push(key.clone());
             cp.last_delta = Some(key.clone());
             if cp.should_compact(self.cfg.compact_after) {
-                let image = match self.read_image(shard, &cp, true).await {
+                let image = match self.read_image(shard, &cp).await {
                     Ok(image) => image,
                     // A new owner's compaction may have removed our base.
                     Err(e) => return Err(self.ownership_or(shard, prev.as_ref(), e).await),
@@ -677,13 +669,6 @@ impl AwsStore {
         }
         self.put_checkpoint(shard, prev.as_ref().map(|p| p.seq), &cp, now_ms)
             .await?;
-        for (id, st) in &sc.products {
-            if st.low_stock_since.is_some() {
-                cache.listed.insert(id.clone(), seller_of(st).into());
-            } else {
-                cache.listed.remove(id);
-            }
-        }
         cache.cp = Some(cp);
         for key in superseded {
             if let Err(error) = self
@@ -1226,12 +1211,7 @@ impl AwsStore {
     }
 
     /// The shard as of `cp`: its base, then its deltas in order.
-    async fn read_image(
-        &self,
-        shard: Shard,
-        cp: &Checkpoint,
-        keep_products: bool,
-    ) -> Result<Image, AwsStoreError> {
+    async fn read_image(&self, shard: Shard, cp: &Checkpoint) -> Result<Image, AwsStoreError> {
         let mut image = Image::default();
         let keys = cp.base_key.iter().chain(cp.deltas.iter());
         for key in keys {
@@ -1239,7 +1219,9 @@ impl AwsStore {
             let mut contributions = Vec::new();
             let (s, _, _) = state::decode_object(
                 &bytes,
-                |id, st| image.apply_product(id, st, keep_products),
+                |id, st| {
+                    image.products.insert(id, st);
+                },
                 |k, t| contributions.push((k, t)),
                 |_, _| {},
             )?;
@@ -1335,7 +1317,7 @@ impl AwsStore {
                 self.repair(shard, cp, crate::storage::now_ms()).await?;
             }
             let image = match &cp {
-                Some(c) => self.read_image(shard, c, true).await,
+                Some(c) => self.read_image(shard, c).await,
                 None => Ok(Image::default()),
             };
             match image {
@@ -1378,13 +1360,7 @@ impl AwsStore {
                 },
             ));
         }
-        self.put_back(
-            shard,
-            ShardCache {
-                cp,
-                listed: image.listed,
-            },
-        );
+        self.put_back(shard, ShardCache { cp });
         Ok(chunks)
     }
 

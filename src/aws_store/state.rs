@@ -10,7 +10,7 @@ use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use proto::{EntityKey, EntityTotals, Position, ProductId, ProductState, Shard};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 pub const CHECKPOINT_SK: &str = "CHECKPOINT";
@@ -89,24 +89,6 @@ pub struct Delta {
 pub struct Image {
     pub products: BTreeMap<ProductId, ProductState>,
     pub contributions: BTreeMap<EntityKey, EntityTotals>,
-    /// Listed products → the seller their low-stock item is filed under.
-    pub listed: HashMap<ProductId, Box<str>>,
-}
-
-impl Image {
-    /// Applies one product state (later states win). The listed index is a
-    /// function of the state, so it is rebuilt without being stored.
-    pub fn apply_product(&mut self, id: ProductId, state: ProductState, keep_products: bool) {
-        if state.low_stock_since.is_some() {
-            self.listed
-                .insert(id.clone(), crate::store::seller_of(&state).into());
-        } else {
-            self.listed.remove(&id);
-        }
-        if keep_products {
-            self.products.insert(id, state);
-        }
-    }
 }
 
 struct Encoder {
@@ -571,24 +553,23 @@ mod tests {
     }
 
     #[test]
-    fn a_base_holds_the_image_and_the_listed_index_follows_the_states() {
+    fn a_base_holds_the_image() {
         let mut image = Image::default();
-        image.apply_product(ProductId::Num(1), state("s1", Some(5)), true);
-        image.apply_product(ProductId::Num(2), state("s1", Some(5)), true);
-        image.apply_product(ProductId::Num(2), state("s2", None), true);
+        image
+            .products
+            .insert(ProductId::Num(1), state("s1", Some(5)));
+        image.products.insert(ProductId::Num(2), state("s2", None));
         image
             .contributions
             .insert(EntityKey::Seller("s1".into()), totals(2, 1, 1));
-        assert_eq!(
-            image.listed,
-            HashMap::from([(ProductId::Num(1), "s1".into())])
-        );
         let bytes = encode_base(4, 12, &[], &image).unwrap();
         let mut back = Image::default();
         let mut contributions = BTreeMap::new();
         let (shard, seq, _) = decode_object(
             &bytes,
-            |id, s| back.apply_product(id, s, true),
+            |id, s| {
+                back.products.insert(id, s);
+            },
             |k, t| {
                 contributions.insert(k, t);
             },
@@ -597,7 +578,6 @@ mod tests {
         .unwrap();
         assert_eq!((shard, seq), (4, 12));
         assert_eq!(back.products, image.products);
-        assert_eq!(back.listed, image.listed);
         assert_eq!(contributions, image.contributions);
     }
 

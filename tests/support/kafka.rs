@@ -579,10 +579,18 @@ impl Drop for Service {
 
 /// `analytics run` on the test's topics into `store_args`, with quick
 /// flushes and short session and rebalance timeouts (a killed instance's
-/// partitions move on within seconds, not minutes).
+/// partitions move on within seconds, not minutes). Flushes into DynamoDB
+/// and S3 come every 500 ms rather than 100: moto serves one request at a
+/// time, and each flush costs it a few requests per partition (state
+/// delta, checkpoint, archived events); at 100 ms two instances kept it
+/// busy enough that a run beside a build missed its deadline.
 pub fn start_with(topics: &Topics, store_args: &[String], stderr: Stdio) -> Service {
     let mut args = store_args.to_vec();
-    args.extend(["--flush-interval-ms".into(), "100".into()]);
+    let aws = store_args
+        .windows(2)
+        .any(|w| w[0] == "--store" && w[1] == "aws");
+    let interval = if aws { "500" } else { "100" };
+    args.extend(["--flush-interval-ms".into(), interval.into()]);
     start_with_args(topics, &args, stderr)
 }
 

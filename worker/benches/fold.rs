@@ -67,7 +67,7 @@ fn fold_throughput(c: &mut Criterion) {
                 for batch in &batches {
                     black_box(fold.apply_batch(batch));
                 }
-                black_box(fold.take_changes().len());
+                black_box(fold.take_changes().expect("changes encode").len());
                 fold
             },
             BatchSize::PerIteration,

@@ -17,8 +17,9 @@ use crate::intern::{Interner, Sym};
 use crate::records::{LowStockRecord, MetricRecord, Money};
 use foldhash::HashMap;
 use proto::{
-    DeadLetter, EntityKey, EntityTotals, EventBatch, Field, Offset, Position, ProductId,
-    ProductState, Shard, ShardChanges, ShardState, Version,
+    DeadLetter, EncodedProducts, EntityKey, EntityTotals, EventBatch, Field, FrameError,
+    LowStockChange, LowStockItem, Offset, Position, ProductId, ProductState, ProductStateOf, Shard,
+    ShardChanges, ShardState, Version,
 };
 use std::collections::BTreeMap;
 
@@ -39,6 +40,9 @@ struct Product {
     name: Option<Box<str>>,
     seller: Sym,
     category: Sym,
+    /// The seller whose low-stock list holds the product's item as of the
+    /// last flush (or restore); `NO_SYM` when it is not listed.
+    listed: Sym,
     deleted: bool,
     dirty: bool,
 }
@@ -144,7 +148,10 @@ impl Fold {
     }
 
     /// Everything changed since the previous call, as absolute values.
-    pub fn take_changes(&mut self) -> Vec<ShardChanges> {
+    /// Fails only when a shard's changed states do not fit a frame; the
+    /// marks are then gone, so the caller must give up this fold (a worker
+    /// exits, and its replacement restores and replays).
+    pub fn take_changes(&mut self) -> Result<Vec<ShardChanges>, FrameError> {
         let strings = &self.strings;
         let mut out = Vec::new();
         for (&shard, s) in &mut self.shards {
@@ -160,13 +167,40 @@ impl Fold {
                     });
                 }
             }
-            for i in s.dirty_products.drain(..) {
+            // First the marks and the low-stock list, then the states,
+            // encoded straight from the interned strings.
+            let dirty = std::mem::take(&mut s.dirty_products);
+            for &i in &dirty {
                 let (key, p) = &mut s.products[i as usize];
                 p.dirty = false;
-                changes
-                    .products
-                    .push((product_id(strings, *key), wire_state(strings, p)));
+                let listed = if p.low_since != UNKNOWN {
+                    p.seller
+                } else {
+                    NO_SYM
+                };
+                if p.listed != NO_SYM && p.listed != listed {
+                    changes.low_stock.push(LowStockChange::Delete {
+                        seller_id: strings.name(p.listed).into(),
+                        product_id: product_id(strings, *key),
+                    });
+                }
+                if listed != NO_SYM {
+                    changes
+                        .low_stock
+                        .push(LowStockChange::Put(low_stock_item(strings, *key, p)));
+                }
+                p.listed = listed;
             }
+            let states: Vec<_> = dirty
+                .iter()
+                .map(|&i| {
+                    let (key, p) = &s.products[i as usize];
+                    (product_id(strings, *key), wire_state(strings, p))
+                })
+                .collect();
+            changes.products = EncodedProducts::encode(&states)?;
+            s.dirty_products = dirty;
+            s.dirty_products.clear();
             for (e, totals) in s.entities.take_dirty() {
                 changes.entities.push((entity_key(strings, e), totals));
             }
@@ -175,7 +209,7 @@ impl Fold {
                 out.push(changes);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Rejected events not yet handed out (for callers that never flush).
@@ -535,6 +569,7 @@ impl Product {
             name: None,
             seller: NO_SYM,
             category: NO_SYM,
+            listed: NO_SYM,
             deleted: false,
             dirty: false,
         }
@@ -595,12 +630,12 @@ fn known(v: i64) -> Option<i64> {
     (v != UNKNOWN).then_some(v)
 }
 
-fn wire_state(strings: &Interner, p: &Product) -> ProductState {
-    let sym = |s: Sym| (s != NO_SYM).then(|| Box::<str>::from(strings.name(s)));
-    ProductState {
+fn wire_state<'a>(strings: &'a Interner, p: &'a Product) -> ProductStateOf<&'a str> {
+    let sym = |s: Sym| (s != NO_SYM).then(|| strings.name(s));
+    ProductStateOf {
         seller: field(sym(p.seller), p.seller_v),
         category: field(sym(p.category), p.category_v),
-        name: field(p.name.clone(), p.name_v),
+        name: field(p.name.as_deref(), p.name_v),
         price_cents: field(known(p.price), p.price_v),
         quantity: field(known(p.quantity), p.quantity_v),
         deleted: field(Some(p.deleted), p.deleted_v),
@@ -608,10 +643,29 @@ fn wire_state(strings: &Interner, p: &Product) -> ProductState {
     }
 }
 
+/// A listed product's low-stock item.
+fn low_stock_item(strings: &Interner, key: ProductKey, p: &Product) -> LowStockItem {
+    LowStockItem {
+        product_id: product_id(strings, key),
+        seller_id: sym_name(strings, p.seller).into(),
+        name: p.name.as_deref().unwrap_or_default().into(),
+        category: sym_name(strings, p.category).into(),
+        quantity: known_or_zero(p.quantity),
+        price_cents: known_or_zero(p.price),
+        since: p.low_since,
+    }
+}
+
 fn compact_state(strings: &mut Interner, s: &ProductState) -> Product {
     let mut sym = |v: &Option<Box<str>>| v.as_deref().map_or(NO_SYM, |n| strings.intern(n));
+    let seller = sym(&s.seller.value);
     Product {
-        seller: sym(&s.seller.value),
+        seller,
+        listed: if s.low_stock_since.is_some() {
+            seller
+        } else {
+            NO_SYM
+        },
         category: sym(&s.category.value),
         price: s.price_cents.value.unwrap_or(UNKNOWN),
         quantity: s.quantity.value.unwrap_or(UNKNOWN),
@@ -701,11 +755,11 @@ mod tests {
 
         let mut before_crash = Fold::new(10, 1 << 20);
         before_crash.apply_batch(&batch(&[&first]));
-        before_crash.take_changes();
+        before_crash.take_changes().unwrap();
         before_crash.apply_batch(&batch(&[&first, &second]));
-        let flushed = before_crash.take_changes();
+        let flushed = before_crash.take_changes().unwrap();
         assert_eq!(flushed.len(), 1);
-        assert_eq!(flushed[0].products.len(), 1, "the version bump is flushed");
+        assert_eq!(flushed[0].products.count, 1, "the version bump is flushed");
 
         // Restore what the two flushes hold, then the delete arrives.
         let mut restored = Fold::new(10, 1 << 20);
@@ -713,7 +767,7 @@ mod tests {
             ShardState {
                 shard: 0,
                 positions: flushed[0].positions.clone(),
-                products: flushed[0].products.clone(),
+                products: flushed[0].products.decode().unwrap(),
                 entity_times: Vec::new(),
                 last: true,
             },
@@ -774,7 +828,7 @@ mod tests {
                 skipped: 0
             }
         );
-        let changes = fold.take_changes();
+        let changes = fold.take_changes().unwrap();
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].dead_letters.len(), 1);
         assert_eq!(&*changes[0].dead_letters[0].reason, "invalid_json");
@@ -787,7 +841,7 @@ mod tests {
             }]
         );
         assert!(
-            fold.take_changes().is_empty(),
+            fold.take_changes().unwrap().is_empty(),
             "changes are handed out once"
         );
     }
@@ -803,7 +857,7 @@ mod tests {
         let mut empty = EventBatch::new(0, "test".into());
         empty.upto = 20;
         fold.apply_batch(&empty);
-        let changes = fold.take_changes();
+        let changes = fold.take_changes().unwrap();
         assert_eq!(
             changes[0].positions,
             vec![Position {
@@ -827,8 +881,69 @@ mod tests {
         let e = r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}"#;
         let mut fold = Fold::new(10, 1 << 20);
         fold.apply_event(0, &crate::decode::decode(e.as_bytes(), 1 << 20).unwrap());
-        fold.take_changes();
+        fold.take_changes().unwrap();
         fold.apply_event(0, &crate::decode::decode(e.as_bytes(), 1 << 20).unwrap());
-        assert!(fold.take_changes().is_empty());
+        assert!(fold.take_changes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn low_stock_puts_and_deletes_follow_what_was_listed_at_the_last_flush() {
+        let ev = |ts: i64, seller: &str, qty: i64| {
+            format!(
+                r#"{{"eventType":"ProductUpdated","timestamp":{ts},"data":{{"productId":7,"sellerId":"{seller}","name":"Lamp","category":"Home","price":"2.50","quantity":{qty}}}}}"#
+            )
+        };
+        let low = |changes: &[ShardChanges]| changes[0].low_stock.clone();
+        let put = |seller: &str, qty: i64, since: i64| {
+            LowStockChange::Put(LowStockItem {
+                product_id: ProductId::Num(7),
+                seller_id: seller.into(),
+                name: "Lamp".into(),
+                category: "Home".into(),
+                quantity: qty,
+                price_cents: 250,
+                since,
+            })
+        };
+        let delete = |seller: &str| LowStockChange::Delete {
+            seller_id: seller.into(),
+            product_id: ProductId::Num(7),
+        };
+        let mut fold = Fold::new(10, 1 << 20);
+        let mut offset = 0;
+        let mut apply = |fold: &mut Fold, e: String| {
+            let mut b = EventBatch::new(0, "test".into());
+            b.push(offset, e.as_bytes());
+            offset += 1;
+            fold.apply_batch(&b);
+        };
+
+        apply(&mut fold, ev(1, "s1", 3));
+        assert_eq!(low(&fold.take_changes().unwrap()), [put("s1", 3, 1)]);
+        // Still listed: the item is written again with the new quantity.
+        apply(&mut fold, ev(2, "s1", 4));
+        assert_eq!(low(&fold.take_changes().unwrap()), [put("s1", 4, 1)]);
+        // Moved to another seller: the old item goes, the new one comes.
+        apply(&mut fold, ev(3, "s2", 4));
+        let changes = fold.take_changes().unwrap();
+        assert_eq!(low(&changes), [delete("s1"), put("s2", 4, 1)]);
+
+        // A restored worker knows the product is listed under s2.
+        let mut restored = Fold::new(10, 1 << 20);
+        restored.restore(
+            ShardState {
+                shard: 0,
+                positions: changes[0].positions.clone(),
+                products: changes[0].products.decode().unwrap(),
+                entity_times: vec![],
+                last: true,
+            },
+            true,
+        );
+        apply(&mut restored, ev(4, "s2", 40));
+        assert_eq!(low(&restored.take_changes().unwrap()), [delete("s2")]);
+        // Not listed, and not on the list: nothing to say.
+        apply(&mut restored, ev(5, "s2", 41));
+        assert!(low(&restored.take_changes().unwrap()).is_empty());
     }
 }

@@ -13,6 +13,8 @@ pub enum ServeError {
     Channel(#[from] FrameError),
     #[error("supervisor sent {0} before Configure")]
     NotConfigured(&'static str),
+    #[error("encoding the changes of a flush: {0}")]
+    EncodeChanges(FrameError),
 }
 
 /// Serves the supervisor until it closes the channel.
@@ -61,7 +63,8 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
                 let shards = fold
                     .as_mut()
                     .ok_or(ServeError::NotConfigured("Flush"))?
-                    .take_changes();
+                    .take_changes()
+                    .map_err(ServeError::EncodeChanges)?;
                 tx.send(&FromWorker::Changes { id, shards }).await?;
             }
         }

@@ -4,11 +4,11 @@
 //! interleaving of the three topics, the metrics equal one straight pass.
 
 use analytics_worker::fold::Fold;
-use analytics_worker::records::MetricRecord;
+use analytics_worker::records::{LowStockRecord, MetricRecord, Money};
 use proptest::prelude::*;
 use proto::{
-    EntityKey, EventBatch, Offset, Position, ProductId, ProductState, Shard, ShardChanges,
-    ShardState,
+    EntityKey, EventBatch, LowStockChange, LowStockItem, Offset, Position, ProductId, ProductState,
+    Shard, ShardChanges, ShardState,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -189,20 +189,45 @@ fn straight(events: &[Rendered]) -> Vec<String> {
 }
 
 /// What storage keeps: the last absolute state of each product, entity
-/// times, positions and dead letters. A minimal model of the store.
+/// times, positions, dead letters, and the low-stock items as the worker's
+/// puts and deletes leave them. A minimal model of the store, which skips a
+/// shard's changes when none of their positions is newer, as the stores do.
 #[derive(Default)]
 struct StoreModel {
     products: BTreeMap<(Shard, ProductId), ProductState>,
     times: BTreeMap<(Shard, EntityKey), i64>,
     positions: BTreeMap<(Shard, String), Offset>,
     dead_letters: Vec<(Shard, Offset)>,
+    low_stock: BTreeMap<(String, ProductId), LowStockItem>,
 }
 
 impl StoreModel {
     fn write(&mut self, changes: Vec<ShardChanges>) {
         for sc in changes {
-            for (id, st) in sc.products {
+            let newer = sc.positions.iter().any(|p| {
+                self.positions
+                    .get(&(sc.shard, p.stream.to_string()))
+                    .is_none_or(|&o| p.offset > o)
+            });
+            if !newer {
+                continue;
+            }
+            for (id, st) in sc.products.decode().expect("the worker's states decode") {
                 self.products.insert((sc.shard, id), st);
+            }
+            for change in sc.low_stock {
+                match change {
+                    LowStockChange::Put(item) => {
+                        let key = (item.seller_id.to_string(), item.product_id.clone());
+                        self.low_stock.insert(key, item);
+                    }
+                    LowStockChange::Delete {
+                        seller_id,
+                        product_id,
+                    } => {
+                        self.low_stock.remove(&(seller_id.to_string(), product_id));
+                    }
+                }
             }
             for (k, t) in sc.entities {
                 self.times.insert((sc.shard, k), t.last_event_at);
@@ -249,6 +274,26 @@ impl StoreModel {
             };
             fold.restore(state, true);
         }
+    }
+
+    /// The low-stock records the stored items make.
+    fn low_stock_lines(&self) -> Vec<String> {
+        let mut records: Vec<MetricRecord> = self
+            .low_stock
+            .values()
+            .map(|i| {
+                MetricRecord::LowStock(LowStockRecord {
+                    seller_id: i.seller_id.to_string(),
+                    product_id: i.product_id.clone(),
+                    name: i.name.to_string(),
+                    category: i.category.to_string(),
+                    quantity: i.quantity,
+                    price: Money(i.price_cents.into()),
+                })
+            })
+            .collect();
+        analytics_worker::records::sort_records(&mut records);
+        lines(&records)
     }
 
     /// Where a restarted source resumes: after the lowest durable position.
@@ -308,7 +353,7 @@ proptest! {
                     feed(&mut fold, &events, cursor..end);
                     cursor = end;
                 }
-                Action::Flush => store.write(fold.take_changes()),
+                Action::Flush => store.write(fold.take_changes().expect("changes encode")),
                 Action::Replay(n) => feed(&mut fold, &events, cursor.saturating_sub(n)..cursor),
                 Action::Crash => {
                     fold = Fold::new(10, MAX_EVENT);
@@ -318,12 +363,21 @@ proptest! {
             }
         }
         feed(&mut fold, &events, cursor..events.len());
-        store.write(fold.take_changes());
+        store.write(fold.take_changes().expect("changes encode"));
         prop_assert_eq!(&lines(&fold.records()), &expected);
 
         let mut restored = Fold::new(10, MAX_EVENT);
         store.restore_into(&mut restored);
         prop_assert_eq!(&lines(&restored.records()), &expected);
+
+        // The low-stock items the worker's puts and deletes leave in
+        // storage are the straight fold's low-stock list.
+        let listed: Vec<String> = expected
+            .iter()
+            .filter(|l| l.starts_with(r#"{"type":"lowStock""#))
+            .cloned()
+            .collect();
+        prop_assert_eq!(store.low_stock_lines(), listed);
 
         // Every rejected event reached storage exactly once.
         let mut dls = store.dead_letters.clone();
