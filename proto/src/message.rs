@@ -83,6 +83,21 @@ impl EventBatch {
         }
     }
 
+    /// An empty batch with room for `events` events of `bytes` in all.
+    pub fn with_capacity(
+        shard: Shard,
+        stream: Box<str>,
+        events: usize,
+        bytes: usize,
+    ) -> EventBatch {
+        EventBatch {
+            offsets: Vec::with_capacity(events),
+            ends: Vec::with_capacity(events),
+            payload: Vec::with_capacity(bytes),
+            ..EventBatch::new(shard, stream)
+        }
+    }
+
     pub fn push(&mut self, offset: Offset, value: &[u8]) {
         self.payload.extend_from_slice(value);
         self.offsets.push(offset);

@@ -166,7 +166,15 @@ impl FileSource {
 }
 
 fn send(batch: &mut EventBatch, tx: &mpsc::Sender<SourceMsg>) -> bool {
-    let full = std::mem::replace(batch, EventBatch::new(batch.shard, batch.stream.clone()));
+    // The next batch of the shard is likely as large: room for it up front
+    // spares the copies of a growing buffer.
+    let next = EventBatch::with_capacity(
+        batch.shard,
+        batch.stream.clone(),
+        batch.len(),
+        batch.payload.len(),
+    );
+    let full = std::mem::replace(batch, next);
     tx.blocking_send(SourceMsg::Batch(full)).is_ok()
 }
 
@@ -193,7 +201,7 @@ pub fn read_line_capped(
             break;
         }
         seen_any = true;
-        let (chunk, used, done) = match memchr(b'\n', buf) {
+        let (chunk, used, done) = match memchr::memchr(b'\n', buf) {
             Some(i) => (&buf[..i], i + 1, true),
             None => (buf, buf.len(), false),
         };
@@ -208,10 +216,6 @@ pub fn read_line_capped(
         line.pop();
     }
     Ok(seen_any)
-}
-
-fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&b| b == needle)
 }
 
 #[cfg(test)]

@@ -328,6 +328,14 @@ impl Tree {
     }
 
     fn encode<T: serde::Serialize>(&mut self, msg: &T) -> Arc<Vec<u8>> {
+        self.encode_sized(msg, 0)
+    }
+
+    /// [`Self::encode`] into a buffer with room for `size` bytes: a frame
+    /// of events is as large as their payload, and growing the buffer to
+    /// it copied each byte about once more.
+    fn encode_sized<T: serde::Serialize>(&mut self, msg: &T, size: usize) -> Arc<Vec<u8>> {
+        self.encode_buf.reserve(size);
         // Messages of the wire's own types always encode; a failure here is a
         // frame above the maximum, which chunking upstream prevents.
         if let Err(e) = encode_into(msg, &mut self.encode_buf) {
@@ -630,7 +638,8 @@ impl Tree {
         self.events_since_flush += batch.len() as u64;
         let events = self.events_of_last_batch;
         self.service.telemetry().events_consumed(events);
-        let frame = self.encode(&ToWorker::Events(batch));
+        let size = batch.payload.len() + batch.len() * 16 + batch.stream.len() + 64;
+        let frame = self.encode_sized(&ToWorker::Events(batch), size);
         self.ledger.push(shard, stream, last, events, frame.clone());
         let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
         if let Some(link) = &w.slot.link
