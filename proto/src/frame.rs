@@ -25,6 +25,8 @@ pub enum FrameError {
     Decode(#[from] bincode::error::DecodeError),
     #[error("frame payload has {0} bytes after the message")]
     TrailingBytes(usize),
+    #[error("encoded product states: {declared} declared, {found} found")]
+    CountMismatch { declared: usize, found: usize },
     #[error("message does not encode: {0}")]
     Encode(#[from] bincode::error::EncodeError),
     #[error("handshake: peer is not an analytics process (bad magic)")]
@@ -116,6 +118,16 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
         return Err(FrameError::TrailingBytes(payload.len() - used));
     }
     Ok(msg)
+}
+
+/// Checks that a payload decodes as `T` (borrowing its strings, so
+/// without allocating them); every byte must belong to the value.
+pub fn check<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FrameError> {
+    let (value, used) = bincode::serde::borrow_decode_from_slice(payload, config())?;
+    if used != payload.len() {
+        return Err(FrameError::TrailingBytes(payload.len() - used));
+    }
+    Ok(value)
 }
 
 /// Reads one frame's payload into `buf`. Not cancel safe on its own: a

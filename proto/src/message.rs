@@ -214,6 +214,23 @@ impl EncodedProducts {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+
+    /// Checks that the bytes hold `count` well-formed states, without
+    /// decoding them into owned values: what a receiver does before it
+    /// passes them on or stores them.
+    pub fn check(&self) -> Result<(), crate::FrameError> {
+        if self.bytes.is_empty() && self.count == 0 {
+            return Ok(());
+        }
+        let states: Vec<(ProductId, ProductStateOf<&str>)> = crate::frame::check(&self.bytes)?;
+        if states.len() != self.count as usize {
+            return Err(crate::FrameError::CountMismatch {
+                declared: self.count as usize,
+                found: states.len(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A change to the low-stock list (DESIGN §6's `LOWSTOCK#` items), worked

@@ -1120,10 +1120,39 @@ fn encoded_products_are_a_vec_of_states_and_borrowed_strings_encode_alike() {
         .collect();
     assert_eq!(EncodedProducts::encode(&borrowed).unwrap(), encoded);
     assert!(EncodedProducts::default().decode().unwrap().is_empty());
-    // Garbage is a typed error.
+    assert!(encoded.check().is_ok());
+    assert!(EncodedProducts::default().check().is_ok());
+    // Garbage, a wrong count and trailing bytes are typed errors.
     let bad = EncodedProducts {
         count: 1,
         bytes: vec![0xff; 3],
     };
     assert!(bad.decode().is_err());
+    assert!(matches!(bad.check(), Err(FrameError::Decode(_))));
+    let miscounted = EncodedProducts {
+        count: 3,
+        ..encoded.clone()
+    };
+    assert!(matches!(
+        miscounted.check(),
+        Err(FrameError::CountMismatch {
+            declared: 3,
+            found: 2
+        })
+    ));
+    let mut trailing = encoded.clone();
+    trailing.bytes.push(0);
+    assert!(matches!(
+        trailing.check(),
+        Err(FrameError::TrailingBytes(1))
+    ));
+    // A state whose string is not UTF-8 is refused too.
+    let mut not_utf8 = encoded.clone();
+    let at = not_utf8
+        .bytes
+        .windows(8)
+        .position(|w| w == b"seller-1")
+        .expect("the seller's bytes");
+    not_utf8.bytes[at] = 0xff;
+    assert!(not_utf8.check().is_err());
 }

@@ -778,6 +778,11 @@ impl Tree {
         match (peer, msg) {
             (_, Incoming::Lost(why)) => self.child_lost(peer, &why),
             (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, .. })) => {
+                // The states travel on as bytes: malformed ones would reach
+                // the store and break every later restore of the shard.
+                if let Some(e) = shards.iter().find_map(|c| c.products.check().err()) {
+                    return self.child_lost(peer, &format!("sent malformed product states: {e}"));
+                }
                 let w = &mut self.workers[i];
                 w.flush_pending = false;
                 let started = w.flush_sent_at.take();
