@@ -263,8 +263,13 @@ struct RunArgs {
     /// How often workers hand their changes to storage.
     #[arg(long, env = "ANALYTICS_FLUSH_INTERVAL_MS", default_value_t = 1000)]
     flush_interval_ms: u64,
+    /// Bytes of changes per part of a worker's flush answer (a shard's
+    /// changes are never split). Tests set it low to have every flush
+    /// answered in many parts.
+    #[arg(long, hide = true, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=32 << 20))]
+    answer_part_bytes: u32,
     /// Flush sooner once this many events arrived since the last flush.
-    #[arg(long, env = "ANALYTICS_FLUSH_MAX_EVENTS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
+    #[arg(long, env = "ANALYTICS_FLUSH_MAX_EVENTS", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     flush_max_events: u64,
     /// Active products with fewer units are on the low-stock list.
     #[arg(long, env = "ANALYTICS_LOW_STOCK_THRESHOLD", default_value_t = 10)]
@@ -591,6 +596,7 @@ fn run_tree(
         worker: proto::WorkerConfig {
             low_stock_threshold: args.low_stock_threshold,
             max_event_bytes: args.max_event_bytes,
+            answer_part_bytes: args.answer_part_bytes,
         },
         flush_interval: Duration::from_millis(args.flush_interval_ms.max(1)),
         flush_max_events: args.flush_max_events,

@@ -34,6 +34,10 @@ fn run_cmd(data: &Path) -> Command {
             "2000",
             "--max-buffered-mb",
             "1",
+            // Every shard's changes in a part of their own: each flush is
+            // answered in many parts, and each part written on its own.
+            "--answer-part-bytes",
+            "1",
         ])
         .env("RUST_LOG", "warn");
     c

@@ -43,6 +43,9 @@ impl Hello {
 pub struct WorkerConfig {
     pub low_stock_threshold: i64,
     pub max_event_bytes: u32,
+    /// Bytes of changes per part of a flush answer (see
+    /// [`FromWorker::Changes`]).
+    pub answer_part_bytes: u32,
 }
 
 /// Raw event values of one shard and stream, packed into one buffer:
@@ -298,9 +301,13 @@ pub enum ToWorker {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromWorker {
+    /// The answer to `Flush { id }`, in one or more parts (each within a
+    /// frame): `more` until the last. Each shard's changes are whole in one
+    /// part, and each part is written on its own.
     Changes {
         id: RequestId,
         shards: Vec<ShardChanges>,
+        more: bool,
     },
 }
 

@@ -342,6 +342,7 @@ async fn to_worker_round_trip() {
         ToWorker::Configure(WorkerConfig {
             low_stock_threshold: 10,
             max_event_bytes: 1 << 20,
+            answer_part_bytes: 16 << 20,
         }),
         ToWorker::Restore(ShardState {
             shard: 2,
@@ -392,10 +393,12 @@ async fn from_worker_round_trip() {
         FromWorker::Changes {
             id: 0,
             shards: vec![],
+            more: false,
         },
         FromWorker::Changes {
             id: 7,
             shards: vec![shard_changes(0), shard_changes(3), ShardChanges::default()],
+            more: true,
         },
     ];
     round_trip(tx, rx, msgs).await;
@@ -923,9 +926,13 @@ async fn huge_nested_claims_are_bounded() {
     let mut payload = payload_of(&FromWorker::Changes {
         id: 0,
         shards: vec![],
+        more: false,
     });
+    // `more` (false) is last, after the empty `shards`.
+    assert_eq!(payload.pop(), Some(0));
     assert_eq!(payload.pop(), Some(0));
     payload.extend(varint_u64(u64::MAX / 2));
+    payload.push(0);
     let (res, peak) = recv_raw::<FromWorker>(&framed(&payload), false).await;
     let e = expect_err(res);
     assert!(matches!(e, FrameError::Decode(_)), "{e}");

@@ -777,17 +777,23 @@ impl Tree {
         }
         match (peer, msg) {
             (_, Incoming::Lost(why)) => self.child_lost(peer, &why),
-            (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, .. })) => {
+            (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, more, .. })) => {
                 // The states travel on as bytes: malformed ones would reach
                 // the store and break every later restore of the shard.
                 if let Some(e) = shards.iter().find_map(|c| c.products.check().err()) {
                     return self.child_lost(peer, &format!("sent malformed product states: {e}"));
                 }
                 let w = &mut self.workers[i];
+                w.slot.failures = 0;
+                if more {
+                    // A part: written on its own; the flush goes on.
+                    let started = w.flush_sent_at;
+                    self.write(shards, started);
+                    return Ok(());
+                }
                 w.flush_pending = false;
                 let started = w.flush_sent_at.take();
                 w.answered_events = w.flush_mark;
-                w.slot.failures = 0;
                 self.write(shards, started);
                 self.send_flush(i);
                 Ok(())

@@ -26,6 +26,7 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
         "worker connected to the supervisor"
     );
     let mut fold: Option<Fold> = None;
+    let mut part_bytes = 16 << 20;
     let mut restoring: HashSet<u32> = HashSet::new();
     loop {
         let msg = match rx.recv().await {
@@ -38,6 +39,7 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
         };
         match msg {
             ToWorker::Configure(c) => {
+                part_bytes = c.answer_part_bytes as usize;
                 fold = Some(Fold::new(c.low_stock_threshold, c.max_event_bytes as usize))
             }
             ToWorker::Restore(chunk) => {
@@ -65,8 +67,97 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
                     .ok_or(ServeError::NotConfigured("Flush"))?
                     .take_changes()
                     .map_err(ServeError::EncodeChanges)?;
-                tx.send(&FromWorker::Changes { id, shards }).await?;
+                let parts = in_parts(shards, part_bytes);
+                let last = parts.len() - 1;
+                for (i, shards) in parts.into_iter().enumerate() {
+                    let more = i < last;
+                    tx.send(&FromWorker::Changes { id, shards, more }).await?;
+                }
             }
         }
+    }
+}
+
+/// Splits a flush's shard changes into parts of about `part_bytes` (16 MiB
+/// by default, far below the frame limit; a shard larger than that travels
+/// alone); always at least one part.
+fn in_parts(shards: Vec<proto::ShardChanges>, part_bytes: usize) -> Vec<Vec<proto::ShardChanges>> {
+    let mut parts = vec![Vec::new()];
+    let mut size = 0;
+    for sc in shards {
+        let bytes = approximate_bytes(&sc);
+        if size + bytes > part_bytes && parts.last().is_some_and(|p| !p.is_empty()) {
+            parts.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        if let Some(part) = parts.last_mut() {
+            part.push(sc);
+        }
+    }
+    parts
+}
+
+/// About what a shard's changes take in a frame.
+fn approximate_bytes(sc: &proto::ShardChanges) -> usize {
+    let low_stock: usize = sc
+        .low_stock
+        .iter()
+        .map(|c| match c {
+            proto::LowStockChange::Put(i) => {
+                64 + i.name.len() + i.category.len() + i.seller_id.len()
+            }
+            proto::LowStockChange::Delete { seller_id, .. } => 32 + seller_id.len(),
+        })
+        .sum();
+    let letters: usize = sc
+        .dead_letters
+        .iter()
+        .map(|d| 64 + d.raw.len() + d.detail.len())
+        .sum();
+    sc.products.bytes.len() + low_stock + letters + 64 * (sc.entities.len() + sc.positions.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{EncodedProducts, ShardChanges};
+
+    fn shard(shard: u32, bytes: usize) -> ShardChanges {
+        ShardChanges {
+            shard,
+            products: EncodedProducts {
+                count: 1,
+                bytes: vec![0; bytes],
+            },
+            ..ShardChanges::default()
+        }
+    }
+
+    const PART_BYTES: usize = 16 << 20;
+
+    #[test]
+    fn a_large_flush_is_answered_in_parts_each_shard_whole() {
+        let parts = in_parts(
+            vec![
+                shard(0, PART_BYTES / 2),
+                shard(1, PART_BYTES / 2),
+                shard(2, PART_BYTES * 2),
+                shard(3, 10),
+            ],
+            PART_BYTES,
+        );
+        let shards: Vec<Vec<u32>> = parts
+            .iter()
+            .map(|p| p.iter().map(|s| s.shard).collect())
+            .collect();
+        assert_eq!(shards, [vec![0, 1], vec![2], vec![3]]);
+        assert_eq!(
+            in_parts(vec![shard(0, 10), shard(1, 10)], PART_BYTES).len(),
+            1
+        );
+        assert_eq!(in_parts(vec![shard(0, 10), shard(1, 10)], 1).len(), 2);
+        // Nothing changed: still one (empty) answer.
+        assert_eq!(in_parts(Vec::new(), PART_BYTES), vec![Vec::new()]);
     }
 }
