@@ -275,6 +275,8 @@ async fn write(
                 shards_skipped = stats.shards_skipped,
                 products = stats.products,
                 entities = stats.entities,
+                low_stock_puts = stats.low_stock_puts,
+                low_stock_deletes = stats.low_stock_deletes,
                 dead_letters = stats.dead_letters,
                 "write committed"
             );
