@@ -712,10 +712,6 @@ fn compact_log(
     Ok(())
 }
 
-pub(crate) fn seller_of(state: &ProductState) -> &str {
-    state.seller.value.as_deref().unwrap_or("")
-}
-
 /// Bincode through the proto crate's codec (the frame without its prefix).
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     let mut buf = Vec::new();
@@ -794,7 +790,7 @@ pub(crate) fn entity_object(
 }
 
 /// A low-stock item's attributes (DESIGN §6), serialized straight from the
-/// state: building a JSON map first cost ~10% of the storage process.
+/// item: building a JSON map first cost ~10% of the storage process.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct LowStockAttrs<'a> {
@@ -805,7 +801,7 @@ struct LowStockAttrs<'a> {
     category: &'a str,
     quantity: i64,
     price: Money,
-    since: Option<i64>,
+    since: i64,
 }
 
 fn low_stock_item(item: &LowStockItem) -> Result<String, StoreError> {
@@ -817,11 +813,8 @@ fn low_stock_item(item: &LowStockItem) -> Result<String, StoreError> {
 
 /// A low-stock item's attributes as a JSON value (the AWS store's items are
 /// built from the same form).
-pub(crate) fn low_stock_value(
-    id: &ProductId,
-    state: &ProductState,
-) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(LowStockAttrs::new(id, state)).map_err(|e| StoreError::Encode {
+pub(crate) fn low_stock_value(item: &LowStockItem) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(LowStockAttrs::from_item(item)).map_err(|e| StoreError::Encode {
         what: "item",
         detail: e.to_string(),
     })
@@ -836,19 +829,7 @@ impl<'a> LowStockAttrs<'a> {
             category: &item.category,
             quantity: item.quantity,
             price: Money(i128::from(item.price_cents)),
-            since: Some(item.since),
-        }
-    }
-
-    fn new(id: &ProductId, state: &'a ProductState) -> Self {
-        LowStockAttrs {
-            product_id: id.clone(),
-            seller_id: seller_of(state),
-            name: state.name.value.as_deref().unwrap_or(""),
-            category: state.category.value.as_deref().unwrap_or(""),
-            quantity: state.quantity.value.unwrap_or(0),
-            price: Money(i128::from(state.price_cents.value.unwrap_or(0))),
-            since: state.low_stock_since,
+            since: item.since,
         }
     }
 }

@@ -95,7 +95,7 @@ use crate::archive::{
 };
 use crate::store::{
     CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
-    parse_item_value, seller_of, utc_day,
+    parse_item_value, utc_day,
 };
 use analytics_worker::records::{MetricRecord, low_stock_key, sort_records};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -108,7 +108,8 @@ use aws_sdk_dynamodb::types::{
 use error::describe;
 use item::Item;
 use proto::{
-    EntityKey, EntityTotals, EventBatch, LowStockChange, ProductId, Shard, ShardChanges, ShardState,
+    EntityKey, EntityTotals, EventBatch, LowStockChange, LowStockItem, ProductId, Shard,
+    ShardChanges, ShardState,
 };
 use retry::{Backoff, retry};
 use state::{Checkpoint, Delta, Image, Parts};
@@ -833,9 +834,9 @@ impl AwsStore {
                 ops.insert(low_stock_key(seller, id), None);
             }
             for (id, st) in &d.products {
-                if st.low_stock_since.is_some() {
-                    let (pk, sk) = low_stock_key(seller_of(st), id);
-                    let obj = match low_stock_value(id, st).map_err(store_err)? {
+                if let Some(listed) = LowStockItem::of(id, st) {
+                    let (pk, sk) = low_stock_key(&listed.seller_id, id);
+                    let obj = match low_stock_value(&listed).map_err(store_err)? {
                         serde_json::Value::Object(o) => o,
                         _ => return Err(store_err("low-stock item is not an object")),
                     };
