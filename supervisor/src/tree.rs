@@ -785,17 +785,17 @@ impl Tree {
                 }
                 let w = &mut self.workers[i];
                 w.slot.failures = 0;
-                if more {
-                    // A part: written on its own; the flush goes on.
-                    let started = w.flush_sent_at;
-                    self.write(shards, started);
-                    return Ok(());
+                let started = w.flush_sent_at;
+                // Each part is written on its own; the last ends the flush.
+                if !more {
+                    w.flush_pending = false;
+                    w.flush_sent_at = None;
+                    w.answered_events = w.flush_mark;
                 }
-                w.flush_pending = false;
-                let started = w.flush_sent_at.take();
-                w.answered_events = w.flush_mark;
                 self.write(shards, started);
-                self.send_flush(i);
+                if !more {
+                    self.send_flush(i);
+                }
                 Ok(())
             }
             (Peer::Storage, Incoming::Storage(msg)) => self.on_storage(msg),
