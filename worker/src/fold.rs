@@ -686,6 +686,23 @@ fn compact_state(strings: &mut Interner, s: &ProductState) -> Product {
 mod tests {
     use super::*;
 
+    /// A new fold restored from one flush of shard changes, as a restarted
+    /// worker is from storage.
+    fn restored_from(changes: &ShardChanges) -> Fold {
+        let mut fold = Fold::new(10, 1 << 20);
+        fold.restore(
+            ShardState {
+                shard: changes.shard,
+                positions: changes.positions.clone(),
+                products: changes.products.decode().unwrap(),
+                entity_times: Vec::new(),
+                last: true,
+            },
+            true,
+        );
+        fold
+    }
+
     fn batch(events: &[&str]) -> EventBatch {
         let mut b = EventBatch::new(0, "test".into());
         for (i, e) in events.iter().enumerate() {
@@ -762,17 +779,7 @@ mod tests {
         assert_eq!(flushed[0].products.count, 1, "the version bump is flushed");
 
         // Restore what the two flushes hold, then the delete arrives.
-        let mut restored = Fold::new(10, 1 << 20);
-        restored.restore(
-            ShardState {
-                shard: 0,
-                positions: flushed[0].positions.clone(),
-                products: flushed[0].products.decode().unwrap(),
-                entity_times: Vec::new(),
-                last: true,
-            },
-            true,
-        );
+        let mut restored = restored_from(&flushed[0]);
         let mut deletes = EventBatch::new(0, "deleted".into());
         deletes.push(0, delete.as_bytes());
         restored.apply_batch(&deletes);
@@ -929,17 +936,7 @@ mod tests {
         assert_eq!(low(&changes), [delete("s1"), put("s2", 4, 1)]);
 
         // A restored worker knows the product is listed under s2.
-        let mut restored = Fold::new(10, 1 << 20);
-        restored.restore(
-            ShardState {
-                shard: 0,
-                positions: changes[0].positions.clone(),
-                products: changes[0].products.decode().unwrap(),
-                entity_times: vec![],
-                last: true,
-            },
-            true,
-        );
+        let mut restored = restored_from(&changes[0]);
         apply(&mut restored, ev(4, "s2", 40));
         assert_eq!(low(&restored.take_changes().unwrap()), [delete("s2")]);
         // Not listed, and not on the list: nothing to say.
