@@ -18,6 +18,11 @@ pub struct Spawned {
     pub pid: i32,
 }
 
+/// Bytes a child socket may hold in flight each way. At the default
+/// (208 KiB) a worker's input ran dry whenever the supervisor waited a
+/// scheduler slice for the core it shares with the storage process.
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
 /// Starts `program args… --ipc-fd N --parent-pid P`.
 pub fn spawn_child(
     program: &Path,
@@ -26,6 +31,12 @@ pub fn spawn_child(
 ) -> std::io::Result<Spawned> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    for end in [&ours, &theirs] {
+        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+        // The kernel caps it at net.core.wmem_max; a smaller buffer only
+        // costs throughput, so a refusal is not an error.
+        let _ = setsockopt(end, SndBuf, &SOCKET_BUFFER_BYTES);
+    }
     let fd = theirs.as_raw_fd();
     let child = {
         let _guard = SPAWN_LOCK
