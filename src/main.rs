@@ -639,7 +639,14 @@ fn run_tree(
     });
     let telemetry = Telemetry::new();
     let service = Service::new(notifier, telemetry.clone());
-    let summary = runtime()?.block_on(async {
+    // Two threads: while one handles a worker's flush answer (tens of MB
+    // checked and passed on), the other keeps the event frames flowing to
+    // the workers, which otherwise ran dry for ~30 ms at every flush.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let summary = rt.block_on(async {
         let shutdown = supervisor::shutdown::listen()?;
         // The endpoint outlives the shutdown signal (so /ready can say 503
         // while draining) and stops when the tree is done.
