@@ -639,9 +639,13 @@ fn run_tree(
     });
     let telemetry = Telemetry::new();
     let service = Service::new(notifier, telemetry.clone());
-    // Two threads: while one handles a worker's flush answer (tens of MB
-    // checked and passed on), the other keeps the event frames flowing to
-    // the workers, which otherwise ran dry for ~30 ms at every flush.
+    // The tree runs in `block_on`, on this (the main) thread; the tasks
+    // that move frames to and from the children run on two runtime
+    // threads, so event frames keep flowing to the workers while the tree
+    // handles a flush answer (tens of MB checked and passed on; on one
+    // thread the worker ran dry for ~30 ms at every flush). The tree also
+    // forks the children here: a child's PR_SET_PDEATHSIG fires when the
+    // *thread* that forked it ends, so that must not be a runtime thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

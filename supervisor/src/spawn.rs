@@ -23,7 +23,9 @@ pub struct Spawned {
 /// scheduler slice for the core it shares with the storage process.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// Starts `program args… --ipc-fd N --parent-pid P`.
+/// Starts `program args… --ipc-fd N --parent-pid P`. Call it from the
+/// thread that lives as long as the supervisor (the main thread): the
+/// child's parent-death signal follows the thread that forked it.
 pub fn spawn_child(
     program: &Path,
     args: &[OsString],
