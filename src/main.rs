@@ -250,7 +250,8 @@ enum QueryWhat {
 #[derive(Args)]
 struct RunArgs {
     /// JSON-lines file of event values; `-` or none reads stdin (when no
-    /// Kafka brokers are set). Wins over --kafka-brokers.
+    /// Kafka brokers are set). Wins over --kafka-brokers (the brokers are
+    /// then ignored, with a warning).
     #[arg(long, env = "ANALYTICS_INPUT")]
     input: Option<PathBuf>,
     #[command(flatten)]
@@ -457,17 +458,19 @@ impl RunArgs {
     fn kafka_settings(&self, file: &ConfigFile) -> anyhow::Result<Option<KafkaSettings>> {
         let properties =
             config::merge_properties(&file.kafka_properties, &self.kafka.kafka_properties);
-        let kafka = self
-            .kafka
-            .kafka_brokers
-            .as_ref()
-            .map(|brokers| KafkaSettings {
-                brokers: brokers.clone(),
-                group_id: self.kafka.kafka_group_id.clone(),
-                topics: self.kafka.topics.kafka_topics.clone(),
-                properties: properties.into_iter().map(|(k, v, _)| (k, v)).collect(),
-                stats_interval: Duration::from_millis(self.kafka.kafka_stats_interval_ms.max(100)),
-            });
+        // A named input wins: brokers may come from the environment or the
+        // configuration file, and a run told to read a file reads it.
+        let brokers = match &self.input {
+            Some(_) => None,
+            None => self.kafka.kafka_brokers.as_ref(),
+        };
+        let kafka = brokers.map(|brokers| KafkaSettings {
+            brokers: brokers.clone(),
+            group_id: self.kafka.kafka_group_id.clone(),
+            topics: self.kafka.topics.kafka_topics.clone(),
+            properties: properties.into_iter().map(|(k, v, _)| (k, v)).collect(),
+            stats_interval: Duration::from_millis(self.kafka.kafka_stats_interval_ms.max(100)),
+        });
         if let Some(k) = &kafka {
             anyhow::ensure!(
                 !k.topics.is_empty() && k.topics.iter().all(|t| !t.trim().is_empty()),
@@ -523,6 +526,12 @@ fn run_tree(
     child_env: Vec<(OsString, OsString)>,
 ) -> anyhow::Result<()> {
     let kafka = args.kafka_settings(file)?;
+    if let (Some(input), Some(_)) = (&args.input, &args.kafka.kafka_brokers) {
+        tracing::warn!(
+            input = %input.display(),
+            "reading the input named by --input; the Kafka brokers setting is ignored"
+        );
+    }
     std::fs::create_dir_all(&args.store.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",

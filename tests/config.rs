@@ -340,3 +340,35 @@ fn a_file_broken_while_the_service_runs_does_not_reach_a_restarted_child() {
         "after the restart",
     );
 }
+
+#[test]
+fn a_named_input_wins_over_kafka_brokers_from_the_environment() {
+    // The shell of someone who followed the README's Kafka section exports
+    // ANALYTICS_KAFKA_BROKERS; `run --input FILE` must still read the file
+    // (nothing listens on port 9: a Kafka run would never finish).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = support::generate(dir.path(), 2_000, 0);
+    let data = dir.path().join("data");
+    let mut run = analytics(&[
+        "run",
+        "--workers",
+        "1",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--input",
+        input.to_str().expect("utf-8"),
+    ]);
+    run.env("ANALYTICS_KAFKA_BROKERS", "127.0.0.1:9")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = support::finish(run.spawn().expect("spawn run"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Kafka brokers setting is ignored"),
+        "no warning that the brokers were ignored"
+    );
+    support::assert_same_records(
+        &support::export(&data),
+        &support::fold(&input),
+        "--input with brokers set",
+    );
+}
