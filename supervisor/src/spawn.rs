@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -32,13 +33,7 @@ pub fn spawn_child(
     envs: &[(OsString, OsString)],
 ) -> std::io::Result<Spawned> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    for end in [&ours, &theirs] {
-        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
-        // The kernel caps it at net.core.wmem_max; a smaller buffer only
-        // costs throughput, so a refusal is not an error.
-        let _ = setsockopt(end, SndBuf, &SOCKET_BUFFER_BYTES);
-    }
+    let (ours, theirs) = socket_pair()?;
     let fd = theirs.as_raw_fd();
     let child = {
         let _guard = SPAWN_LOCK
@@ -73,4 +68,37 @@ pub fn spawn_child(
         stream: tokio::net::UnixStream::from_std(ours)?,
         pid,
     })
+}
+
+/// A connected pair with send buffers of [`SOCKET_BUFFER_BYTES`].
+fn socket_pair() -> std::io::Result<(UnixStream, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    for end in [&ours, &theirs] {
+        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+        // The kernel caps it at net.core.wmem_max; a smaller buffer only
+        // costs throughput, so a refusal is not an error.
+        let _ = setsockopt(end, SndBuf, &SOCKET_BUFFER_BYTES);
+    }
+    Ok((ours, theirs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt::SndBuf};
+
+    #[test]
+    fn both_ends_get_the_larger_send_buffer_up_to_the_kernel_cap() {
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .expect("read net.core.wmem_max")
+            .trim()
+            .parse()
+            .expect("a number");
+        let (ours, theirs) = socket_pair().expect("socketpair");
+        for end in [&ours, &theirs] {
+            // Linux doubles the value it grants (bookkeeping overhead).
+            let got = getsockopt(end, SndBuf).expect("SO_SNDBUF");
+            assert_eq!(got, 2 * SOCKET_BUFFER_BYTES.min(cap));
+        }
+    }
 }
