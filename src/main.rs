@@ -479,7 +479,7 @@ impl RunArgs {
         }
         anyhow::ensure!(
             self.store.store == StoreKind::Embedded || kafka.is_some(),
-            "store = aws (--store aws) needs kafka_brokers (--kafka-brokers): a file source keeps its dead letters in the embedded store"
+            "store = aws (--store aws) needs the Kafka source, kafka_brokers (--kafka-brokers) without input (--input): a file source keeps its dead letters in the embedded store"
         );
         Ok(kafka)
     }
