@@ -17,6 +17,12 @@ pub enum ServeError {
     EncodeChanges(FrameError),
 }
 
+/// What `Configure` sets up: the fold, and the size of a flush answer's parts.
+struct Configured {
+    fold: Fold,
+    part_bytes: usize,
+}
+
 /// Serves the supervisor until it closes the channel.
 pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
     let (mut tx, mut rx, hello) =
@@ -25,8 +31,7 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
         supervisor_pid = hello.pid,
         "worker connected to the supervisor"
     );
-    let mut fold: Option<Fold> = None;
-    let mut part_bytes = 16 << 20;
+    let mut configured: Option<Configured> = None;
     let mut restoring: HashSet<u32> = HashSet::new();
     loop {
         let msg = match rx.recv().await {
@@ -39,11 +44,13 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
         };
         match msg {
             ToWorker::Configure(c) => {
-                part_bytes = c.answer_part_bytes as usize;
-                fold = Some(Fold::new(c.low_stock_threshold, c.max_event_bytes as usize))
+                configured = Some(Configured {
+                    fold: Fold::new(c.low_stock_threshold, c.max_event_bytes as usize),
+                    part_bytes: c.answer_part_bytes as usize,
+                })
             }
             ToWorker::Restore(chunk) => {
-                let fold = fold.as_mut().ok_or(ServeError::NotConfigured("Restore"))?;
+                let fold = fold_of(&mut configured, "Restore")?;
                 let first = restoring.insert(chunk.shard);
                 if chunk.last {
                     restoring.remove(&chunk.shard);
@@ -51,23 +58,18 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
                 fold.restore(chunk, first);
             }
             ToWorker::Events(batch) => {
-                fold.as_mut()
-                    .ok_or(ServeError::NotConfigured("Events"))?
-                    .apply_batch(&batch);
+                fold_of(&mut configured, "Events")?.apply_batch(&batch);
             }
             ToWorker::Release { shard } => {
                 restoring.remove(&shard);
-                fold.as_mut()
-                    .ok_or(ServeError::NotConfigured("Release"))?
-                    .release(shard);
+                fold_of(&mut configured, "Release")?.release(shard);
             }
             ToWorker::Flush { id } => {
-                let shards = fold
+                let c = configured
                     .as_mut()
-                    .ok_or(ServeError::NotConfigured("Flush"))?
-                    .take_changes()
-                    .map_err(ServeError::EncodeChanges)?;
-                let parts = in_parts(shards, part_bytes);
+                    .ok_or(ServeError::NotConfigured("Flush"))?;
+                let shards = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
+                let parts = in_parts(shards, c.part_bytes);
                 let last = parts.len() - 1;
                 for (i, shards) in parts.into_iter().enumerate() {
                     let more = i < last;
@@ -76,6 +78,17 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
             }
         }
     }
+}
+
+/// The fold, or the error for a `what` that came before `Configure`.
+fn fold_of<'a>(
+    configured: &'a mut Option<Configured>,
+    what: &'static str,
+) -> Result<&'a mut Fold, ServeError> {
+    configured
+        .as_mut()
+        .map(|c| &mut c.fold)
+        .ok_or(ServeError::NotConfigured(what))
 }
 
 /// Splits a flush's shard changes into parts of about `part_bytes` (16 MiB
