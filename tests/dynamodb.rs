@@ -165,9 +165,12 @@ fn two_instances_in_one_group_one_killed_mid_run_sum_categories_exactly() {
     let other = case.dir.path().join("other");
     let log_a = case.dir.path().join("a.log");
     let log_b = case.dir.path().join("b.log");
-    let file = |p: &std::path::Path| std::fs::File::create(p).expect("log file").into();
-    let mut a = start_with(topics, &case.sink.args(), file(&log_a));
-    let mut b = start_with(topics, &case.sink.with_data_dir(other).args(), file(&log_b));
+    let mut a = start_with(topics, &case.sink.args(), ServiceLog::at(&log_a));
+    let mut b = start_with(
+        topics,
+        &case.sink.with_data_dir(other).args(),
+        ServiceLog::at(&log_b),
+    );
     topics.produce(&lines[..third]);
     topics.wait_until_committed(&mut [&mut a, &mut b]);
     // Both instances own partitions (so both write category parts).
@@ -209,7 +212,7 @@ fn a_20_second_dynamodb_outage_mid_run_is_waited_out_and_loses_nothing() {
     let proxy = Proxy::start(target);
     let store_args = case.sink.with_endpoint(proxy.endpoint()).args();
 
-    let mut run = start_with(topics, &store_args, service_log());
+    let mut run = start_with(topics, &store_args, ServiceLog::new());
     topics.produce_batched(&lines[..half], 10_000);
     topics.wait_until_committed(&mut [&mut run]);
     let before = topics.committed();
@@ -302,7 +305,7 @@ fn requests_of_one_flush(
         ]
         .map(String::from),
     );
-    let run = start_with_args(&case.topics, &args, service_log());
+    let run = start_with_args(&case.topics, &args, ServiceLog::new());
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     case.topics.produce(&refs);
     let deadline = Instant::now() + RUN_DEADLINE;

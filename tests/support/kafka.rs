@@ -481,14 +481,22 @@ impl Topics {
                 .iter_mut()
                 .filter_map(|r| r.try_wait().map(|s| s.to_string()))
                 .collect();
+            let logs = || {
+                runs.iter()
+                    .map(|r| r.log_tail())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
             assert!(
                 exited.len() < runs.len(),
-                "the service exited ({}) having committed {done} of {produced}",
-                exited.join(", ")
+                "the service exited ({}) having committed {done} of {produced}\n{}",
+                exited.join(", "),
+                logs()
             );
             assert!(
                 Instant::now() < deadline,
-                "the service committed {done} of {produced} within {RUN_DEADLINE:?}"
+                "the service committed {done} of {produced} within {RUN_DEADLINE:?}\n{}",
+                logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -539,7 +547,10 @@ impl Topics {
 /// A running `analytics run`, SIGKILLed (with its children, which die with
 /// it) if the test ends without stopping it: a failed test must not leave
 /// a service behind that loads the shared stack.
-pub struct Service(Option<Child>);
+pub struct Service {
+    child: Option<Child>,
+    log: ServiceLog,
+}
 
 impl Service {
     pub fn id(&self) -> u32 {
@@ -547,33 +558,93 @@ impl Service {
     }
 
     pub fn child(&self) -> &Child {
-        self.0.as_ref().expect("a running service")
+        self.child.as_ref().expect("a running service")
     }
 
     /// The run's exit status, if it ended.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(mut self) {
-        if let Some(mut c) = self.0.take() {
+        if let Some(mut c) = self.child.take() {
             signal(c.id() as i32, Signal::SIGKILL);
             let _ = c.wait();
         }
     }
 
-    fn take(mut self) -> Child {
-        self.0.take().expect("a running service")
+    /// The last lines of the run's log, for a failure message.
+    pub fn log_tail(&self) -> String {
+        self.log.tail(40)
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
+        if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Where a run's stderr goes: always a file, never a pipe. Nothing reads a
+/// pipe while the service runs, so a long run would fill it (64 KiB) and
+/// block on its next log line. The file is `$ANALYTICS_TEST_SERVICE_LOG`
+/// (appended) when set, a named file of the test's when given, else a
+/// temporary file; a failed wait shows its tail either way.
+pub struct ServiceLog {
+    path: std::path::PathBuf,
+    _temporary: Option<tempfile::TempPath>,
+}
+
+impl ServiceLog {
+    /// `$ANALYTICS_TEST_SERVICE_LOG` when set, else a temporary file.
+    pub fn new() -> ServiceLog {
+        match std::env::var_os("ANALYTICS_TEST_SERVICE_LOG") {
+            Some(p) => ServiceLog::at(Path::new(&p)),
+            None => {
+                let t = tempfile::NamedTempFile::new()
+                    .expect("a temporary service log")
+                    .into_temp_path();
+                ServiceLog {
+                    path: t.to_path_buf(),
+                    _temporary: Some(t),
+                }
+            }
+        }
+    }
+
+    /// A log at `path`, which the test reads afterwards.
+    pub fn at(path: &Path) -> ServiceLog {
+        ServiceLog {
+            path: path.to_path_buf(),
+            _temporary: None,
+        }
+    }
+
+    fn stderr(&self) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map(Stdio::from)
+            .unwrap_or_else(|e| panic!("open the service log {}: {e}", self.path.display()))
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let start = all.len().saturating_sub(lines);
+        format!(
+            "--- last {} lines of {} ---\n{}",
+            all.len() - start,
+            self.path.display(),
+            all[start..].join("\n")
+        )
     }
 }
 
@@ -584,14 +655,14 @@ impl Drop for Service {
 /// test took 9 s to make its revoked partitions durable, and tansu then
 /// kept the dead member in the group for good (2 of 2 runs past the 300 s
 /// deadline; with 100 ms, passed in 63 and 90 s).
-pub fn start_with(topics: &Topics, store_args: &[String], stderr: Stdio) -> Service {
+pub fn start_with(topics: &Topics, store_args: &[String], log: ServiceLog) -> Service {
     let mut args = store_args.to_vec();
     args.extend(["--flush-interval-ms".into(), "100".into()]);
-    start_with_args(topics, &args, stderr)
+    start_with_args(topics, &args, log)
 }
 
 /// `start_with`, but the caller chooses the flush settings too.
-pub fn start_with_args(topics: &Topics, args: &[String], stderr: Stdio) -> Service {
+pub fn start_with_args(topics: &Topics, args: &[String], log: ServiceLog) -> Service {
     let mut cmd = Command::new(ANALYTICS);
     cmd.arg("run")
         .args(args)
@@ -609,33 +680,31 @@ pub fn start_with_args(topics: &Topics, args: &[String], stderr: Stdio) -> Servi
         .args(["--kafka-property", "max.poll.interval.ms=15000"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(stderr);
+        .stderr(log.stderr());
     aws_env(&mut cmd);
-    Service(Some(cmd.spawn().expect("spawn analytics run")))
+    Service {
+        child: Some(cmd.spawn().expect("spawn analytics run")),
+        log,
+    }
 }
 
 pub fn start(topics: &Topics, sink: &Sink) -> Service {
-    start_with(topics, &sink.args(), service_log())
-}
-
-/// The service's log: appended to `$ANALYTICS_TEST_SERVICE_LOG` when set
-/// (for debugging a failure), else captured with the run.
-pub fn service_log() -> Stdio {
-    std::env::var_os("ANALYTICS_TEST_SERVICE_LOG")
-        .and_then(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .ok()
-        })
-        .map_or_else(Stdio::piped, Stdio::from)
+    start_with(topics, &sink.args(), ServiceLog::new())
 }
 
 /// SIGTERM, then the run must exit 0; its stdout.
-pub fn stop(run: Service) -> String {
+pub fn stop(mut run: Service) -> String {
     signal(run.id() as i32, Signal::SIGTERM);
-    String::from_utf8_lossy(&finish(run.take()).stdout).into_owned()
+    let child = run.child.take().expect("a running service");
+    let out = wait_with_deadline(child);
+    assert!(
+        out.status.success(),
+        "run failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        run.log_tail()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn read_lines(path: &Path) -> Vec<String> {
