@@ -85,30 +85,31 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-/// Applies a mutation at a char boundary (positions wrap around the text).
+/// Applies a mutation at a char boundary. Start positions wrap around the
+/// text; a span's end is clamped to it (wrapping it too could put the end
+/// before the start).
 fn mutate(text: &str, m: &Mutation) -> String {
-    let boundary = |at: usize| {
-        let mut i = at % (text.len() + 1);
+    let floor = |mut i: usize| {
         while !text.is_char_boundary(i) {
             i -= 1;
         }
         i
     };
+    let start = |at: usize| floor(at % (text.len() + 1));
+    let end = |from: usize, len: usize| floor(from.saturating_add(len).min(text.len())).max(from);
     let mut out = text.to_string();
     match *m {
         Mutation::Cut { at, len } => {
-            let a = boundary(at);
-            let b = boundary(a.saturating_add(len).min(text.len()));
-            out.replace_range(a..b.max(a), "");
+            let a = start(at);
+            out.replace_range(a..end(a, len), "");
         }
-        Mutation::Splice { at, token } => out.insert_str(boundary(at), TOKENS[token]),
+        Mutation::Splice { at, token } => out.insert_str(start(at), TOKENS[token]),
         Mutation::Replace { at, token } => {
-            let a = boundary(at);
-            let b = boundary(a + 1).max(a);
-            let b = if b == a && a < text.len() {
-                boundary(a + 4)
-            } else {
-                b
+            // One character (up to 4 bytes in UTF-8), if any is left.
+            let a = start(at);
+            let b = match end(a, 1) {
+                b if b == a => end(a, 4),
+                b => b,
             };
             out.replace_range(a..b, TOKENS[token]);
         }
