@@ -125,12 +125,15 @@ impl Backend {
     pub async fn archive_events(
         &self,
         events: &EventBatch,
+        body: &[u8],
         clean: bool,
     ) -> Result<String, BackendError> {
         Ok(match self {
-            Backend::Embedded { archive_dir, .. } => write_event_range(archive_dir, events, clean)
-                .map_err(BackendError::ArchiveEvents)?,
-            Backend::Aws(store) => store.put_event_range(events, clean).await?,
+            Backend::Embedded { archive_dir, .. } => {
+                write_event_range(archive_dir, events, body, clean)
+                    .map_err(BackendError::ArchiveEvents)?
+            }
+            Backend::Aws(store) => store.put_event_range(events, body, clean).await?,
         })
     }
 

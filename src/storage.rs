@@ -15,6 +15,7 @@
 //! would not help. Only the embedded store's retryable errors (a busy lock)
 //! are reported back, so the supervisor can replace the process.
 
+use crate::archive::encode_event_ranges;
 use crate::aws_store::retry::{Backoff, random_u64, retry};
 use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::backend::{Backend, BackendError};
@@ -183,11 +184,12 @@ async fn archive_ranges(
     queue: &mut ArchiveQueue,
     ranges: &[EventBatch],
 ) -> Result<(), BackendError> {
-    for range in ranges {
+    let bodies = encode_event_ranges(ranges).map_err(BackendError::ArchiveEvents)?;
+    for (range, body) in ranges.iter().zip(&bodies) {
         let partition = (range.stream.clone(), range.shard);
         let clean = !queue.continued.contains(&partition);
-        let key = until_done(store, "archive events", range, |s, r| {
-            Box::pin(s.archive_events(r, clean))
+        let key = until_done(store, "archive events", &(range, &body[..]), |s, (r, b)| {
+            Box::pin(s.archive_events(r, b, clean))
         })
         .await?;
         tracing::debug!(key, events = range.len(), "events archived");

@@ -90,8 +90,7 @@ pub mod state;
 pub use error::AwsStoreError;
 
 use crate::archive::{
-    encode_event_range, encode_metric_snapshot, event_range_key, event_range_prefix,
-    metric_snapshot_key,
+    encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
 };
 use crate::store::{
     CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
@@ -1525,14 +1524,15 @@ impl AwsStore {
         Ok(key)
     }
 
-    /// Archives one topic-partition's range of events (`crate::archive`) and
-    /// returns its key. With `clean`, other objects of ranges with the same
+    /// Archives one topic-partition's range of events, encoded as `body`
+    /// (`crate::archive::encode_event_range`), and returns its key. With `clean`, other objects of ranges with the same
     /// first offset (left by a write that never committed) are deleted
     /// first: one `ListObjectsV2`, on the first range of a partition after
     /// a (re)start only.
     pub async fn put_event_range(
         &self,
         events: &EventBatch,
+        body: &[u8],
         clean: bool,
     ) -> Result<String, AwsStoreError> {
         let (Some(key), Some(prefix)) = (event_range_key(events), event_range_prefix(events))
@@ -1542,10 +1542,6 @@ impl AwsStore {
                 detail: "an empty range has no key".into(),
             });
         };
-        let bytes = encode_event_range(events).map_err(|e| AwsStoreError::Encode {
-            what: "event range",
-            detail: e.to_string(),
-        })?;
         if clean {
             for stale in self.list_keys(&prefix).await? {
                 if stale != key && stale.ends_with(".jsonl.gz") {
@@ -1554,7 +1550,7 @@ impl AwsStore {
                 }
             }
         }
-        self.put_archive_object(&key, bytes).await?;
+        self.put_archive_object(&key, body.to_vec()).await?;
         Ok(key)
     }
 
