@@ -1525,10 +1525,11 @@ impl AwsStore {
     }
 
     /// Archives one topic-partition's range of events, encoded as `body`
-    /// (`crate::archive::encode_event_range`), and returns its key. With `clean`, other objects of ranges with the same
-    /// first offset (left by a write that never committed) are deleted
-    /// first: one `ListObjectsV2`, on the first range of a partition after
-    /// a (re)start only.
+    /// (`crate::archive::encode_event_range`), and returns its key. With
+    /// `clean`, other objects of ranges with the same first offset (left by
+    /// a write that never committed) are deleted first: one
+    /// `ListObjectsV2`, on the first range of a partition after a (re)start
+    /// only.
     pub async fn put_event_range(
         &self,
         events: &EventBatch,
