@@ -297,10 +297,20 @@ fn the_metrics_endpoint_counts_what_the_run_does() {
         assert!(rss > 1e6, "RSS of {process}: {rss}\n{all}");
     }
 
-    // A killed worker is counted as a restart.
+    // A killed worker is counted as a restart (when it is lost, which also
+    // drops its memory gauge). Wait for the new worker's gauge too, which
+    // appears once it has shaken hands: a worker stopped below before its
+    // handshake would be killed when the handshake times out (seen in CI:
+    // SIGCONT found no such process).
     signal(wait_for_children(sup, "serve", 2)[0], Signal::SIGKILL);
-    scrape_until(port, "one worker restart", |b| {
+    scrape_until(port, "one worker restart, and the new worker up", |b| {
         value(b, "analytics_worker_restarts_total") == 1.0
+            && ["worker-0", "worker-1"].iter().all(|w| {
+                value(
+                    b,
+                    &format!("analytics_process_resident_memory_bytes{{process=\"{w}\"}}"),
+                ) > 0.0
+            })
     });
 
     // While draining, /ready says 503 and /health stays 200. The workers are
