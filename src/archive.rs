@@ -277,7 +277,14 @@ pub fn write_event_range(
                     let entry = entry?;
                     let name = entry.file_name();
                     let name = name.to_string_lossy();
-                    if name.starts_with(name_prefix) && name.ends_with(".jsonl.gz") && name != own {
+                    let stale_object =
+                        name.starts_with(name_prefix) && name.ends_with(".jsonl.gz") && name != own;
+                    // A crash between writing a range and renaming it into
+                    // place leaves its temporary file (see `write_file`).
+                    let stale_temporary = name.strip_prefix('.').is_some_and(|n| {
+                        n.starts_with(name_prefix) && n.ends_with(".jsonl.gz.tmp")
+                    });
+                    if stale_object || stale_temporary {
                         tracing::info!(stale = %name, key, "removing an archived event range that never committed");
                         fs::remove_file(entry.path())?;
                     }
@@ -478,9 +485,14 @@ mod tests {
         let stale = write(dir.path(), &range("t", 0, 7..=12), false);
         let other_partition = write(dir.path(), &range("t", 1, 7..=9), false);
         let next = write(dir.path(), &range("t", 0, 70..=71), false);
-        // Not cleaning leaves it; cleaning on the retried range removes it.
+        // A write killed before its rename left its temporary file.
+        let hour = dir.path().join("events/dt=2023-10-01/hour=16");
+        let temporary = hour.join(".t-0-7-15.jsonl.gz.tmp");
+        fs::write(&temporary, b"partial").unwrap();
+        // Not cleaning leaves them; cleaning on the retried range removes them.
         let retried = write(dir.path(), &range("t", 0, 7..=9), true);
         assert!(!dir.path().join(&stale).exists(), "{stale}");
+        assert!(!temporary.exists(), "{}", temporary.display());
         for key in [&other_partition, &next, &retried] {
             assert!(dir.path().join(key).is_file(), "{key}");
         }
