@@ -223,8 +223,7 @@ pub fn encode_event_ranges(ranges: &[EventBatch]) -> io::Result<Vec<Vec<u8>>> {
         return ranges.iter().map(encode_event_range).collect();
     }
     let next = AtomicUsize::new(0);
-    let mut bodies: Vec<Option<io::Result<Vec<u8>>>> = ranges.iter().map(|_| None).collect();
-    std::thread::scope(|scope| {
+    let mut bodies: Vec<(usize, io::Result<Vec<u8>>)> = std::thread::scope(|scope| {
         let encoders: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
@@ -239,20 +238,13 @@ pub fn encode_event_ranges(ranges: &[EventBatch]) -> io::Result<Vec<Vec<u8>>> {
                 })
             })
             .collect();
-        for encoder in encoders {
-            let done = encoder
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            for (i, body) in done {
-                bodies[i] = Some(body);
-            }
-        }
+        encoders
+            .into_iter()
+            .flat_map(|e| e.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     });
-    // Every index below `ranges.len()` was taken by exactly one thread.
-    bodies
-        .into_iter()
-        .map(|b| b.unwrap_or_else(|| Err(io::Error::other("a range was not encoded"))))
-        .collect()
+    bodies.sort_unstable_by_key(|(i, _)| *i);
+    bodies.into_iter().map(|(_, body)| body).collect()
 }
 
 /// Writes one range of events, already encoded as `body`
