@@ -338,6 +338,59 @@ fn the_metrics_endpoint_counts_what_the_run_does() {
     );
 }
 
+/// While storage answers nothing, flushes go on every 20 ms, but each worker
+/// has at most 2 writes waiting; what arrives meanwhile goes into the next,
+/// larger write, and the result is still the straight fold.
+#[test]
+fn a_store_that_does_not_answer_gets_at_most_two_writes_per_worker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify = NotifySocket::bind_path(dir.path());
+    let input = generate(dir.path(), 6_000, 0);
+    let lines = lines_of(&input);
+    let port = free_port();
+    let mut run = run_cmd(dir.path())
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("NOTIFY_SOCKET", &notify.address)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let sup = run.id();
+    let _reaper = Reaper(sup as i32);
+    let mut stdin = run.stdin.take().expect("piped stdin");
+    notify.wait_for_line("READY=1", Duration::from_secs(30));
+
+    let storage = wait_for_children(sup, "storage", 1)[0];
+    signal(storage, Signal::SIGSTOP);
+    // 20 portions over 2 s: about 100 flush ticks, each with new events.
+    let mut most: f64 = 0.0;
+    for part in lines.chunks(300) {
+        feed(&mut stdin, part);
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, body) = http_get(port, "/metrics");
+        most = most.max(value(&body, "analytics_storage_writes_pending"));
+    }
+    let consumed = scrape_until(port, "the whole input consumed", |b| {
+        value(b, "analytics_events_consumed_total") == 6_000.0
+    });
+    most = most.max(value(&consumed, "analytics_storage_writes_pending"));
+    assert!(
+        (1.0..=4.0).contains(&most),
+        "writes pending while storage is stopped: at most {most}, expected 1 to 4"
+    );
+    signal(storage, Signal::SIGCONT);
+    scrape_until(port, "the whole input durable", |b| {
+        durable(b) == 6_000.0 && value(b, "analytics_storage_writes_pending") == 0.0
+    });
+    signal(sup as i32, Signal::SIGTERM);
+    drop(stdin);
+    finish(run);
+    assert_same_records(
+        &export(&dir.path().join("data")),
+        &fold(&input),
+        "after storage stood still",
+    );
+}
+
 /// The `(role, pid)` of each child, from the supervisor's "child started"
 /// lines (JSON).
 fn started_children(log: &str) -> Vec<(String, i64)> {

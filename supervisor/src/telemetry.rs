@@ -32,6 +32,7 @@ pub struct Telemetry {
     worker_restarts: AtomicU64,
     storage_restarts: AtomicU64,
     buffered_bytes: AtomicU64,
+    writes_pending: AtomicU64,
     flush: Mutex<Histogram>,
     ready: AtomicBool,
     stopping: AtomicBool,
@@ -124,6 +125,10 @@ impl Telemetry {
 
     pub fn set_buffered_bytes(&self, n: usize) {
         self.buffered_bytes.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_writes_pending(&self, n: usize) {
+        self.writes_pending.store(n as u64, Ordering::Relaxed);
     }
 
     pub fn flush_completed(&self, took: Duration) {
@@ -254,6 +259,17 @@ impl Telemetry {
             out,
             "analytics_buffered_bytes {}",
             self.buffered_bytes.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "analytics_storage_writes_pending",
+            "Writes sent to storage and not yet acknowledged.",
+            "gauge",
+        );
+        let _ = writeln!(
+            out,
+            "analytics_storage_writes_pending {}",
+            self.writes_pending.load(Ordering::Relaxed)
         );
         header(
             &mut out,

@@ -7,7 +7,11 @@
 //! - every batch stays in the [`Ledger`] until storage acknowledged a write
 //!   covering it, so a replacement worker is sent it again;
 //! - writes are answered in order; one not yet answered is sent again to a
-//!   replacement storage process, and loads queue behind earlier writes.
+//!   replacement storage process, and loads queue behind earlier writes;
+//! - a worker is asked for its next flush only while fewer than
+//!   [`WRITES_AHEAD_PER_WORKER`] of its writes await storage, so a slow store
+//!   gets fewer, larger writes (a changed entity is written once per write,
+//!   however many events changed it) instead of a growing queue of small ones.
 
 use crate::archive::EventArchive;
 use crate::kafka::{KafkaHandle, KafkaSettings, RevokeDone, SourceCmd};
@@ -30,6 +34,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+/// Unacknowledged writes a worker may have when it is asked for the next
+/// flush: one being stored and one queued behind it keeps storage busy
+/// while the worker answers. Without a bound, flushes every interval into a
+/// store slower than that queued writes without end: 347 of ~18 events each
+/// behind a DynamoDB revoke once, 87 s of writes before the partitions could
+/// be released.
+const WRITES_AHEAD_PER_WORKER: usize = 2;
 
 #[derive(Clone, Debug)]
 pub struct TreeConfig {
@@ -183,6 +195,8 @@ struct WorkerState {
 }
 
 struct PendingWrite {
+    /// The worker whose flush answer it is.
+    worker: usize,
     /// The raw events it archives (Kafka mode), sent before `frame`.
     archive: Vec<Arc<Vec<u8>>>,
     frame: Arc<Vec<u8>>,
@@ -752,8 +766,13 @@ impl Tree {
 
     fn send_flush(&mut self, i: usize) {
         let w = &self.workers[i];
-        if !w.flush_wanted || w.slot.link.is_none() || w.flush_pending || !w.restoring.is_empty() {
-            return;
+        if !w.flush_wanted
+            || w.slot.link.is_none()
+            || w.flush_pending
+            || !w.restoring.is_empty()
+            || self.writes.values().filter(|w| w.worker == i).count() >= WRITES_AHEAD_PER_WORKER
+        {
+            return; // asked again when the answer or a write's ack comes
         }
         let id = self.id();
         let frame = self.encode(&ToWorker::Flush { id });
@@ -792,7 +811,7 @@ impl Tree {
                     w.flush_sent_at = None;
                     w.answered_events = w.flush_mark;
                 }
-                self.write(shards, started);
+                self.write(i, shards, started);
                 if !more {
                     self.send_flush(i);
                 }
@@ -803,7 +822,7 @@ impl Tree {
         }
     }
 
-    fn write(&mut self, changes: Vec<ShardChanges>, flush_started: Option<Instant>) {
+    fn write(&mut self, worker: usize, changes: Vec<ShardChanges>, flush_started: Option<Instant>) {
         if changes.is_empty() {
             return;
         }
@@ -832,6 +851,7 @@ impl Tree {
         self.writes.insert(
             id,
             PendingWrite {
+                worker,
                 archive,
                 frame,
                 positions,
@@ -840,13 +860,18 @@ impl Tree {
                 flush_started,
             },
         );
+        self.service
+            .telemetry()
+            .set_writes_pending(self.writes.len());
     }
 
     fn on_storage(&mut self, msg: FromStorage) -> Result<(), TreeError> {
         match msg {
             FromStorage::Written { id, report } => {
                 let telemetry = self.service.telemetry().clone();
-                if let Some(w) = self.writes.remove(&id) {
+                let removed = self.writes.remove(&id);
+                telemetry.set_writes_pending(self.writes.len());
+                if let Some(w) = removed {
                     let mut acked = 0;
                     for (shard, positions) in &w.positions {
                         acked += self.ledger.ack(*shard, positions);
@@ -868,6 +893,9 @@ impl Tree {
                 self.storage.failures = 0;
                 if self.draining && self.writes.is_empty() && !self.ledger.is_drained() {
                     self.flush();
+                }
+                for i in 0..self.workers.len() {
+                    self.send_flush(i); // a flush held back by the bound
                 }
                 self.finish_revokes();
             }
