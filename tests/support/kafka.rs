@@ -482,10 +482,9 @@ impl Topics {
                 .filter_map(|r| r.try_wait().map(|s| s.to_string()))
                 .collect();
             let logs = || {
-                runs.iter()
-                    .map(|r| r.log_tail())
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                let mut logs: Vec<String> = runs.iter().map(|r| r.log_tail()).collect();
+                logs.push(self.broker_log());
+                logs.join("\n")
             };
             assert!(
                 exited.len() < runs.len(),
@@ -500,6 +499,23 @@ impl Topics {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The broker's log lines about this test's group (tansu logs evictions
+    /// and new leaders at info: scripts/stack), for a failure message.
+    pub fn broker_log(&self) -> String {
+        let Ok(path) = std::env::var("ANALYTICS_TEST_BROKER_LOG") else {
+            return "--- no broker log (ANALYTICS_TEST_BROKER_LOG unset) ---".into();
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(&self.group)).collect();
+        let from = lines.len().saturating_sub(20);
+        format!(
+            "--- the broker's last {} lines about {} ({path}) ---\n{}",
+            lines.len() - from,
+            self.group,
+            lines[from..].join("\n")
+        )
     }
 
     /// Every dead letter: (key, reason header, source.topic header).
@@ -649,12 +665,9 @@ impl ServiceLog {
 }
 
 /// `analytics run` on the test's topics into `store_args`, with quick
-/// flushes and short session and rebalance timeouts (a killed instance's
-/// partitions move on within seconds, not minutes). The flushes must stay
-/// quick: with 500 ms flushes into moto the survivor of the two-instance
-/// test took 9 s to make its revoked partitions durable, and tansu then
-/// kept the dead member in the group for good (2 of 2 runs past the 300 s
-/// deadline; with 100 ms, passed in 63 and 90 s).
+/// flushes (100 ms: many writes, so that kills land between and inside them)
+/// and a short session timeout (a killed instance's partitions move on
+/// within seconds).
 pub fn start_with(topics: &Topics, store_args: &[String], log: ServiceLog) -> Service {
     let mut args = store_args.to_vec();
     args.extend(["--flush-interval-ms".into(), "100".into()]);
@@ -674,11 +687,12 @@ pub fn start_with_args(topics: &Topics, args: &[String], log: ServiceLog) -> Ser
         .args(["--kafka-stats-interval-ms", "1000"])
         .args(["--kafka-property", "session.timeout.ms=6000"])
         .args(["--kafka-property", "heartbeat.interval.ms=500"])
-        // The rebalance timeout: tansu keeps a SIGKILLed member in the group
-        // until it runs out (not the session timeout), so a survivor would
-        // wait the default 5 minutes for the dead one's partitions.
-        .args(["--kafka-property", "max.poll.interval.ms=15000"])
-        .env("RUST_LOG", "info")
+        // `ANALYTICS_TEST_RUST_LOG=info,analytics::storage=debug,supervisor=debug`
+        // logs every write and flush tick, for a failure that needs them.
+        .env(
+            "RUST_LOG",
+            std::env::var("ANALYTICS_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(log.stderr());
     aws_env(&mut cmd);
