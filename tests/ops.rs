@@ -244,34 +244,55 @@ fn durable(body: &str) -> f64 {
             .sum::<f64>()
 }
 
-#[test]
-fn the_metrics_endpoint_counts_what_the_run_does() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let notify = NotifySocket::bind_path(dir.path());
-    let input = generate(dir.path(), 20_000, 250);
-    let lines = lines_of(&input);
+/// A `run_cmd` run with its metrics endpoint on a free port and a notify
+/// socket, reading stdin, that said READY=1.
+struct ScrapedRun {
+    run: std::process::Child,
+    stdin: std::process::ChildStdin,
+    sup: u32,
+    port: u16,
+    _reaper: Reaper,
+}
+
+fn start_scraped(dir: &Path) -> ScrapedRun {
+    let notify = NotifySocket::bind_path(dir);
     let port = free_port();
-    let mut run = run_cmd(dir.path())
+    let mut run = run_cmd(dir)
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("NOTIFY_SOCKET", &notify.address)
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn run");
     let sup = run.id();
-    let _reaper = Reaper(sup as i32);
-    let mut stdin = run.stdin.take().expect("piped stdin");
-
+    let reaper = Reaper(sup as i32);
+    let stdin = run.stdin.take().expect("piped stdin");
     notify.wait_for_line("READY=1", Duration::from_secs(30));
+    ScrapedRun {
+        run,
+        stdin,
+        sup,
+        port,
+        _reaper: reaper,
+    }
+}
+
+#[test]
+fn the_metrics_endpoint_counts_what_the_run_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 20_000, 250);
+    let lines = lines_of(&input);
+    let mut scraped = start_scraped(dir.path());
+    let (sup, port) = (scraped.sup, scraped.port);
     assert_eq!(http_get(port, "/ready").0, 200, "ready after READY=1");
     assert_eq!(http_get(port, "/health").0, 200);
     assert_eq!(http_get(port, "/nothing").0, 404);
 
     // Counters move with the input, and end where the input says.
-    feed(&mut stdin, &lines[..10_000]);
+    feed(&mut scraped.stdin, &lines[..10_000]);
     let half = scrape_until(port, "the first half durable", |b| {
         value(b, "analytics_events_consumed_total") == 10_000.0 && durable(b) == 10_000.0
     });
-    feed(&mut stdin, &lines[10_000..]);
+    feed(&mut scraped.stdin, &lines[10_000..]);
     let all = scrape_until(port, "the whole input durable", |b| {
         value(b, "analytics_events_consumed_total") == 20_000.0 && durable(b) == 20_000.0
     });
@@ -329,8 +350,8 @@ fn the_metrics_endpoint_counts_what_the_run_does() {
     for &w in &workers {
         signal(w, Signal::SIGCONT);
     }
-    drop(stdin);
-    finish(run);
+    drop(scraped.stdin);
+    finish(scraped.run);
     assert_same_records(
         &export(&dir.path().join("data")),
         &fold(&input),
@@ -344,27 +365,17 @@ fn the_metrics_endpoint_counts_what_the_run_does() {
 #[test]
 fn a_store_that_does_not_answer_gets_at_most_two_writes_per_worker() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let notify = NotifySocket::bind_path(dir.path());
     let input = generate(dir.path(), 6_000, 0);
     let lines = lines_of(&input);
-    let port = free_port();
-    let mut run = run_cmd(dir.path())
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("NOTIFY_SOCKET", &notify.address)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    let sup = run.id();
-    let _reaper = Reaper(sup as i32);
-    let mut stdin = run.stdin.take().expect("piped stdin");
-    notify.wait_for_line("READY=1", Duration::from_secs(30));
+    let mut scraped = start_scraped(dir.path());
+    let (sup, port) = (scraped.sup, scraped.port);
 
     let storage = wait_for_children(sup, "storage", 1)[0];
     signal(storage, Signal::SIGSTOP);
     // 20 portions over 2 s: about 100 flush ticks, each with new events.
     let mut most: f64 = 0.0;
     for part in lines.chunks(300) {
-        feed(&mut stdin, part);
+        feed(&mut scraped.stdin, part);
         std::thread::sleep(Duration::from_millis(100));
         let (_, body) = http_get(port, "/metrics");
         most = most.max(value(&body, "analytics_storage_writes_pending"));
@@ -382,8 +393,8 @@ fn a_store_that_does_not_answer_gets_at_most_two_writes_per_worker() {
         durable(b) == 6_000.0 && value(b, "analytics_storage_writes_pending") == 0.0
     });
     signal(sup as i32, Signal::SIGTERM);
-    drop(stdin);
-    finish(run);
+    drop(scraped.stdin);
+    finish(scraped.run);
     assert_same_records(
         &export(&dir.path().join("data")),
         &fold(&input),

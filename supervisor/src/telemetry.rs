@@ -176,9 +176,12 @@ impl Telemetry {
     /// The whole registry in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            header(out, name, help, "counter");
+        let value = |out: &mut String, name: &str, help: &str, kind: &str, v: &AtomicU64| {
+            header(out, name, help, kind);
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            value(out, name, help, "counter", v);
         };
         counter(
             &mut out,
@@ -249,27 +252,19 @@ impl Telemetry {
             &self.storage_restarts,
         );
         self.render_flush(&mut out);
-        header(
+        value(
             &mut out,
             "analytics_buffered_bytes",
             "Event bytes read but not yet acknowledged by storage.",
             "gauge",
+            &self.buffered_bytes,
         );
-        let _ = writeln!(
-            out,
-            "analytics_buffered_bytes {}",
-            self.buffered_bytes.load(Ordering::Relaxed)
-        );
-        header(
+        value(
             &mut out,
             "analytics_storage_writes_pending",
             "Writes sent to storage and not yet acknowledged.",
             "gauge",
-        );
-        let _ = writeln!(
-            out,
-            "analytics_storage_writes_pending {}",
-            self.writes_pending.load(Ordering::Relaxed)
+            &self.writes_pending,
         );
         header(
             &mut out,
@@ -468,6 +463,15 @@ mod tests {
         t.set_ready(true);
         assert!(t.is_ready());
         assert!(t.render().contains("analytics_ready 1"));
+        t.set_buffered_bytes(4096);
+        t.set_writes_pending(3);
+        let text = t.render();
+        assert!(
+            text.contains("# TYPE analytics_buffered_bytes gauge\nanalytics_buffered_bytes 4096\n")
+        );
+        assert!(text.contains(
+            "# TYPE analytics_storage_writes_pending gauge\nanalytics_storage_writes_pending 3\n"
+        ));
         t.set_stopping();
         assert!(!t.is_ready());
 
