@@ -157,15 +157,52 @@ struct ArchivedEvent<'a> {
     raw_hex: Option<String>,
 }
 
-/// Appends event `i` of `events` as one JSON line to `line`.
+/// The start of every line of a range, `{"topic":…,"partition":…,"offset":`,
+/// built once per range: written field by field below, it gives the same
+/// bytes as serializing [`ArchivedEvent`], at a fraction of the cost (the
+/// archive turns every consumed event into a line).
+fn line_prefix(events: &EventBatch) -> io::Result<Vec<u8>> {
+    let mut prefix = b"{\"topic\":".to_vec();
+    serde_json::to_writer(&mut prefix, &*events.stream).map_err(io::Error::other)?;
+    prefix.extend_from_slice(b",\"partition\":");
+    prefix.extend_from_slice(itoa::Buffer::new().format(events.shard).as_bytes());
+    prefix.extend_from_slice(b",\"offset\":");
+    Ok(prefix)
+}
+
+/// Appends event `i` of `events` as one JSON line to `line`; `prefix` is
+/// the range's [`line_prefix`].
 fn archived_line(
     line: &mut Vec<u8>,
+    prefix: &[u8],
     events: &EventBatch,
     i: usize,
     offset: i64,
     bytes: &[u8],
 ) -> io::Result<()> {
     let timestamp = Some(events.timestamp(i)).filter(|&t| t != NO_TIMESTAMP);
+    // Embedded as JSON only when that keeps the line one line.
+    let one_line = memchr::memchr2(b'\n', b'\r', bytes).is_none();
+    let text = std::str::from_utf8(bytes);
+    let value = match text {
+        Ok(text) if one_line => serde_json::from_str::<&RawValue>(text).ok(),
+        _ => None,
+    };
+    if let Some(value) = value {
+        let mut numbers = itoa::Buffer::new();
+        line.extend_from_slice(prefix);
+        line.extend_from_slice(numbers.format(offset).as_bytes());
+        line.extend_from_slice(b",\"timestamp\":");
+        match timestamp {
+            Some(t) => line.extend_from_slice(numbers.format(t).as_bytes()),
+            None => line.extend_from_slice(b"null"),
+        }
+        line.extend_from_slice(b",\"value\":");
+        line.extend_from_slice(value.get().as_bytes());
+        line.extend_from_slice(b"}\n");
+        return Ok(());
+    }
+    // Not JSON, or not on one line: rare, so serialized the plain way.
     let mut event = ArchivedEvent {
         topic: &events.stream,
         partition: events.shard,
@@ -175,13 +212,8 @@ fn archived_line(
         raw: None,
         raw_hex: None,
     };
-    // Embedded as JSON only when that keeps the line one line.
-    let one_line = !bytes.iter().any(|&b| b == b'\n' || b == b'\r');
-    match std::str::from_utf8(bytes) {
-        Ok(text) => match serde_json::from_str::<&RawValue>(text) {
-            Ok(value) if one_line => event.value = Some(value),
-            _ => event.raw = Some(text),
-        },
+    match text {
+        Ok(text) => event.raw = Some(text),
         Err(_) => event.raw_hex = Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
     }
     serde_json::to_writer(&mut *line, &event).map_err(io::Error::other)?;
@@ -194,8 +226,9 @@ fn archived_line(
 fn gzip_events<W: Write>(out: W, events: &EventBatch) -> io::Result<W> {
     let mut gz = GzEncoder::new(out, Compression::fast());
     let mut block = Vec::with_capacity(1 << 16);
+    let prefix = line_prefix(events)?;
     for (i, (offset, bytes)) in events.iter().enumerate() {
-        archived_line(&mut block, events, i, offset, bytes)?;
+        archived_line(&mut block, &prefix, events, i, offset, bytes)?;
         if block.len() >= 1 << 16 {
             gz.write_all(&block)?;
             block.clear();
@@ -413,6 +446,65 @@ mod tests {
             .collect();
         assert_eq!(encode_event_ranges(&ranges).unwrap(), one_by_one);
         assert!(encode_event_ranges(&[]).unwrap().is_empty());
+    }
+
+    /// A line as serde writes a whole [`ArchivedEvent`], the way lines were
+    /// built before the hand-built fast path: what that path must equal.
+    fn serde_line(events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> Vec<u8> {
+        let timestamp = Some(events.timestamp(i)).filter(|&t| t != NO_TIMESTAMP);
+        let mut event = ArchivedEvent {
+            topic: &events.stream,
+            partition: events.shard,
+            offset,
+            timestamp,
+            value: None,
+            raw: None,
+            raw_hex: None,
+        };
+        let one_line = !bytes.iter().any(|&b| b == b'\n' || b == b'\r');
+        match std::str::from_utf8(bytes) {
+            Ok(text) => match serde_json::from_str::<&RawValue>(text) {
+                Ok(value) if one_line => event.value = Some(value),
+                _ => event.raw = Some(text),
+            },
+            Err(_) => event.raw_hex = Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+        }
+        let mut line = serde_json::to_vec(&event).unwrap();
+        line.push(b'\n');
+        line
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn lines_are_byte_for_byte_what_serde_writes(
+            topic in "[a-z.\"\\\\\u{1}é]{0,12}",
+            shard: u32,
+            offset: i64,
+            timestamp in prop_oneof![Just(NO_TIMESTAMP), any::<i64>()],
+            value in prop_oneof![
+                // JSON, some of it padded or spread over lines.
+                "[ \n]?\\{\"[a-z\"]{0,4}\":(-?[0-9]{1,4}(\\.[0-9]{1,3})?|\"[a-zé\\\\]{0,5}\"|null|\\[1, 2\\])\\}[ \r]?",
+                // Text that is mostly not JSON.
+                "[ -~\n\r]{0,24}",
+            ].prop_map(String::into_bytes),
+            binary in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut events = EventBatch::new(shard, topic.into());
+            events.push_at(offset, timestamp, &value);
+            events.push_at(offset.wrapping_add(1), timestamp, &binary);
+            let prefix = line_prefix(&events).unwrap();
+            for (i, (o, bytes)) in events.iter().enumerate() {
+                let mut line = Vec::new();
+                archived_line(&mut line, &prefix, &events, i, o, bytes).unwrap();
+                let expected = serde_line(&events, i, o, bytes);
+                prop_assert_eq!(
+                    String::from_utf8_lossy(&line),
+                    String::from_utf8_lossy(&expected)
+                );
+            }
+        }
     }
 
     #[test]
