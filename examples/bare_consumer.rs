@@ -4,8 +4,9 @@
 //!
 //!   bare_consumer BROKERS TOPIC[,TOPIC…] EXPECTED_MESSAGES
 //!
-//! Prints `bare consumer: N messages in S s: R messages/s`, timed from the
-//! first message to the last (connecting is not part of it).
+//! Prints `bare consumer: N messages in S s: R messages/s, C CPU-s`, timed
+//! from the first message to the last (connecting is not part of it; its
+//! CPU seconds are, a few milliseconds).
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -52,8 +53,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
     println!(
-        "bare consumer: {count} messages ({bytes} bytes) in {secs:.2} s: {:.0} messages/s",
-        count as f64 / secs
+        "bare consumer: {count} messages ({bytes} bytes) in {secs:.2} s: {:.0} messages/s, {} CPU-s",
+        count as f64 / secs,
+        cpu_seconds().unwrap_or(f64::NAN)
     );
     Ok(())
+}
+
+/// CPU seconds (user + system) this process used, from /proc/self/stat, so
+/// the bench can set the service's CPU per event beside the ceiling's.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
