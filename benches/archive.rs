@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench archive`
 
-use analytics::archive::encode_event_range;
+use analytics::archive::{EventRange, encode_event_range};
 use analytics_worker::generate::{GenOptions, generate};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use proto::EventBatch;
@@ -12,7 +12,7 @@ use std::hint::black_box;
 
 /// Ranges of 20,000 events, about what one topic-partition contributes to
 /// a write at the default flush size.
-fn ranges(events: u64) -> (Vec<EventBatch>, u64) {
+fn ranges(events: u64) -> (Vec<EventRange>, u64) {
     let mut bytes = Vec::new();
     let opts = GenOptions {
         events,
@@ -29,10 +29,10 @@ fn ranges(events: u64) -> (Vec<EventBatch>, u64) {
         range.push_at(i as i64, 1_700_000_000_000 + i as i64, line);
         n += 1;
         if range.len() == 20_000 {
-            out.push(std::mem::replace(&mut range, fresh()));
+            out.push(std::mem::replace(&mut range, fresh()).into());
         }
     }
-    out.push(range);
+    out.push(range.into());
     (out, n)
 }
 

@@ -115,30 +115,89 @@ fn write_file(
     result
 }
 
-/// The first event's timestamp, the date of a range's key (the epoch when
-/// the broker gave none).
-fn range_time(events: &EventBatch) -> i64 {
-    events.timestamp(0).max(0)
+/// One topic-partition's events of one write, in offset order, kept as
+/// the chunks they arrived in: joining them would copy every event once
+/// more, and the encoder can read them one after the other.
+#[derive(Clone, Debug)]
+pub struct EventRange {
+    chunks: Vec<EventBatch>,
+}
+
+impl From<EventBatch> for EventRange {
+    fn from(chunk: EventBatch) -> EventRange {
+        EventRange {
+            chunks: vec![chunk],
+        }
+    }
+}
+
+impl EventRange {
+    /// Appends the next chunk of the same topic-partition.
+    pub fn push(&mut self, chunk: EventBatch) {
+        debug_assert!(self.continues_with(&chunk));
+        self.chunks.push(chunk);
+    }
+
+    /// Whether `chunk` belongs to this range's topic-partition.
+    pub fn continues_with(&self, chunk: &EventBatch) -> bool {
+        self.chunks[0].shard == chunk.shard && self.chunks[0].stream == chunk.stream
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.chunks[0].stream
+    }
+
+    pub fn shard(&self) -> proto::Shard {
+        self.chunks[0].shard
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(EventBatch::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.iter().all(EventBatch::is_empty)
+    }
+
+    fn first_offset(&self) -> Option<i64> {
+        self.chunks.iter().find_map(|c| c.offsets.first().copied())
+    }
+
+    fn last_offset(&self) -> Option<i64> {
+        self.chunks
+            .iter()
+            .rev()
+            .find_map(|c| c.offsets.last().copied())
+    }
+
+    /// The first event's timestamp, the date of the range's key (the epoch
+    /// when the broker gave none).
+    fn time(&self) -> i64 {
+        self.chunks
+            .iter()
+            .find(|c| !c.is_empty())
+            .map_or(0, |c| c.timestamp(0).max(0))
+    }
 }
 
 /// The prefix shared by every object of ranges that start where `events`
 /// starts: `events/dt=…/hour=…/<topic>-<partition>-<firstOffset>-`. `None`
-/// for an empty batch.
-pub fn event_range_prefix(events: &EventBatch) -> Option<String> {
-    let first = *events.offsets.first()?;
-    let ms = range_time(events);
+/// for an empty range.
+pub fn event_range_prefix(events: &EventRange) -> Option<String> {
+    let first = events.first_offset()?;
+    let ms = events.time();
     let hour = ms.div_euclid(3_600_000).rem_euclid(24);
     Some(format!(
         "events/dt={}/hour={hour:02}/{}-{}-{first}-",
         utc_day(ms),
-        events.stream,
-        events.shard
+        events.stream(),
+        events.shard()
     ))
 }
 
 /// The key of the object holding one topic-partition's range of events.
-pub fn event_range_key(events: &EventBatch) -> Option<String> {
-    let last = events.offsets.last()?;
+pub fn event_range_key(events: &EventRange) -> Option<String> {
+    let last = events.last_offset()?;
     Some(format!("{}{last}.jsonl.gz", event_range_prefix(events)?))
 }
 
@@ -223,15 +282,17 @@ fn archived_line(
 
 /// Every event of a range as gzip JSON lines, into `out`. Lines are built
 /// in one reused buffer and handed to the compressor in blocks.
-fn gzip_events<W: Write>(out: W, events: &EventBatch) -> io::Result<W> {
+fn gzip_events<W: Write>(out: W, range: &EventRange) -> io::Result<W> {
     let mut gz = GzEncoder::new(out, Compression::fast());
     let mut block = Vec::with_capacity(1 << 16);
-    let prefix = line_prefix(events)?;
-    for (i, (offset, bytes)) in events.iter().enumerate() {
-        archived_line(&mut block, &prefix, events, i, offset, bytes)?;
-        if block.len() >= 1 << 16 {
-            gz.write_all(&block)?;
-            block.clear();
+    let prefix = line_prefix(&range.chunks[0])?;
+    for events in &range.chunks {
+        for (i, (offset, bytes)) in events.iter().enumerate() {
+            archived_line(&mut block, &prefix, events, i, offset, bytes)?;
+            if block.len() >= 1 << 16 {
+                gz.write_all(&block)?;
+                block.clear();
+            }
         }
     }
     gz.write_all(&block)?;
@@ -239,15 +300,15 @@ fn gzip_events<W: Write>(out: W, events: &EventBatch) -> io::Result<W> {
 }
 
 /// A range of events as gzip JSON lines, one line per event.
-pub fn encode_event_range(events: &EventBatch) -> io::Result<Vec<u8>> {
-    gzip_events(Vec::new(), events)
+pub fn encode_event_range(range: &EventRange) -> io::Result<Vec<u8>> {
+    gzip_events(Vec::new(), range)
 }
 
 /// [`encode_event_range`] of each range, in order, on up to one thread per
 /// core. Compressing the events is most of the storage process's work on
 /// the Kafka path (a write carries one range per topic-partition), and
 /// on one thread storage was what the whole pipeline waited for.
-pub fn encode_event_ranges(ranges: &[EventBatch]) -> io::Result<Vec<Vec<u8>>> {
+pub fn encode_event_ranges(ranges: &[EventRange]) -> io::Result<Vec<Vec<u8>>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -286,7 +347,7 @@ pub fn encode_event_ranges(ranges: &[EventBatch]) -> io::Result<Vec<Vec<u8>>> {
 /// by a write that never committed) are removed first.
 pub fn write_event_range(
     archive_dir: &Path,
-    events: &EventBatch,
+    events: &EventRange,
     body: &[u8],
     clean: bool,
 ) -> io::Result<String> {
@@ -384,7 +445,7 @@ mod tests {
         assert_eq!(text.lines().count(), 1);
     }
 
-    fn range(topic: &str, partition: u32, offsets: std::ops::RangeInclusive<i64>) -> EventBatch {
+    fn batch(topic: &str, partition: u32, offsets: std::ops::RangeInclusive<i64>) -> EventBatch {
         let mut b = EventBatch::new(partition, topic.into());
         for o in offsets {
             // 2023-10-01T16:01:00Z plus a minute per offset.
@@ -395,6 +456,10 @@ mod tests {
             );
         }
         b
+    }
+
+    fn range(topic: &str, partition: u32, offsets: std::ops::RangeInclusive<i64>) -> EventRange {
+        EventRange::from(batch(topic, partition, offsets))
     }
 
     fn lines_of(path: &Path) -> Vec<serde_json::Value> {
@@ -418,18 +483,21 @@ mod tests {
             event_range_prefix(&r).unwrap(),
             "events/dt=2023-10-01/hour=16/product.created-3-7-"
         );
-        assert_eq!(event_range_key(&EventBatch::new(0, "t".into())), None);
+        assert_eq!(
+            event_range_key(&EventBatch::new(0, "t".into()).into()),
+            None
+        );
         // No broker timestamp: dated at the epoch, still deterministic.
         let mut untimed = EventBatch::new(0, "t".into());
         untimed.push_at(5, NO_TIMESTAMP, b"{}");
         assert_eq!(
-            event_range_key(&untimed).unwrap(),
+            event_range_key(&untimed.into()).unwrap(),
             "events/dt=1970-01-01/hour=00/t-0-5-5.jsonl.gz"
         );
     }
 
     /// Encodes and writes one range, as storage does.
-    fn write(dir: &Path, range: &EventBatch, clean: bool) -> String {
+    fn write(dir: &Path, range: &EventRange, clean: bool) -> String {
         let body = encode_event_range(range).unwrap();
         write_event_range(dir, range, &body, clean).unwrap()
     }
@@ -437,7 +505,7 @@ mod tests {
     #[test]
     fn ranges_encoded_on_several_threads_come_back_in_order() {
         // More ranges than cores, of different sizes.
-        let ranges: Vec<EventBatch> = (0..9)
+        let ranges: Vec<EventRange> = (0..9)
             .map(|p| range("t", p, 1..=(1 + 40 * p as i64)))
             .collect();
         let one_by_one: Vec<Vec<u8>> = ranges
@@ -529,6 +597,7 @@ mod tests {
                 e,
             );
         }
+        let r = EventRange::from(r);
         let key = write(dir.path(), &r, false);
         let lines = lines_of(&dir.path().join(&key));
         assert_eq!(lines.len(), 5);
@@ -559,6 +628,24 @@ mod tests {
             .read_to_string(&mut from_memory)
             .unwrap();
         assert_eq!(from_memory, text);
+    }
+
+    #[test]
+    fn a_range_in_chunks_is_the_same_object_as_in_one() {
+        let whole = range("t", 2, 5..=14);
+        // Empty chunks (first or later) change nothing.
+        let mut chunked = EventRange::from(EventBatch::new(2, "t".into()));
+        chunked.push(batch("t", 2, 5..=7));
+        chunked.push(EventBatch::new(2, "t".into()));
+        chunked.push(batch("t", 2, 8..=8));
+        chunked.push(batch("t", 2, 9..=14));
+        assert_eq!(chunked.len(), 10);
+        assert_eq!(event_range_key(&chunked), event_range_key(&whole));
+        assert_eq!(event_range_prefix(&chunked), event_range_prefix(&whole));
+        assert_eq!(
+            encode_event_range(&chunked).unwrap(),
+            encode_event_range(&whole).unwrap()
+        );
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! item model; this enum lets the storage process, `query` and `export` use
 //! whichever is configured without knowing which.
 
-use crate::archive::{write_event_range, write_metric_snapshot};
+use crate::archive::{EventRange, write_event_range, write_metric_snapshot};
 use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::store::{EmbeddedStore, History, StoreError, WriteStats};
 use analytics_worker::records::MetricRecord;
-use proto::{EventBatch, ShardChanges, ShardState};
+use proto::{ShardChanges, ShardState};
 use std::path::PathBuf;
 
 pub enum Backend {
@@ -124,7 +124,7 @@ impl Backend {
     /// offset (see `crate::archive`).
     pub async fn archive_events(
         &self,
-        events: &EventBatch,
+        events: &EventRange,
         body: &[u8],
         clean: bool,
     ) -> Result<String, BackendError> {

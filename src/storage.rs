@@ -15,7 +15,7 @@
 //! would not help. Only the embedded store's retryable errors (a busy lock)
 //! are reported back, so the supervisor can replace the process.
 
-use crate::archive::encode_event_ranges;
+use crate::archive::{EventRange, encode_event_ranges};
 use crate::aws_store::retry::{Backoff, random_u64, retry};
 use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::backend::{Backend, BackendError};
@@ -156,22 +156,19 @@ struct ArchiveQueue {
 }
 
 impl ArchiveQueue {
-    /// The ranges of write `id`, one per topic-partition (the chunks of a
-    /// large range joined again); anything older is dropped.
-    fn take(&mut self, id: RequestId) -> Vec<EventBatch> {
-        let mut ranges: Vec<EventBatch> = Vec::new();
+    /// The ranges of write `id`, one per topic-partition (a range's chunks
+    /// kept apart: the encoder reads them in order); anything older is
+    /// dropped.
+    fn take(&mut self, id: RequestId) -> Vec<EventRange> {
+        let mut ranges: Vec<EventRange> = Vec::new();
         for (write, chunk) in std::mem::take(&mut self.waiting) {
             if write != id {
                 tracing::warn!(write, id, "archive events of another write; dropped");
                 continue;
             }
             match ranges.last_mut() {
-                Some(range) if range.shard == chunk.shard && range.stream == chunk.stream => {
-                    for (i, (offset, bytes)) in chunk.iter().enumerate() {
-                        range.push_at(offset, chunk.timestamp(i), bytes);
-                    }
-                }
-                _ => ranges.push(chunk),
+                Some(range) if range.continues_with(&chunk) => range.push(chunk),
+                _ => ranges.push(EventRange::from(chunk)),
             }
         }
         ranges
@@ -182,11 +179,11 @@ impl ArchiveQueue {
 async fn archive_ranges(
     store: &mut Backend,
     queue: &mut ArchiveQueue,
-    ranges: &[EventBatch],
+    ranges: &[EventRange],
 ) -> Result<(), BackendError> {
     let bodies = encode_event_ranges(ranges).map_err(BackendError::ArchiveEvents)?;
     for (range, body) in ranges.iter().zip(&bodies) {
-        let partition = (range.stream.clone(), range.shard);
+        let partition: (Box<str>, Shard) = (range.stream().into(), range.shard());
         let clean = !queue.continued.contains(&partition);
         let key = until_done(store, "archive events", &(range, &body[..]), |s, (r, b)| {
             Box::pin(s.archive_events(r, b, clean))

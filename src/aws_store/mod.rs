@@ -90,7 +90,7 @@ pub mod state;
 pub use error::AwsStoreError;
 
 use crate::archive::{
-    encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
+    EventRange, encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
 };
 use crate::store::{
     CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
@@ -107,8 +107,8 @@ use aws_sdk_dynamodb::types::{
 use error::describe;
 use item::Item;
 use proto::{
-    EntityKey, EntityTotals, EventBatch, LowStockChange, LowStockItem, ProductId, Shard,
-    ShardChanges, ShardState,
+    EntityKey, EntityTotals, LowStockChange, LowStockItem, ProductId, Shard, ShardChanges,
+    ShardState,
 };
 use retry::{Backoff, retry};
 use state::{Checkpoint, Delta, Image, Parts};
@@ -1532,7 +1532,7 @@ impl AwsStore {
     /// only.
     pub async fn put_event_range(
         &self,
-        events: &EventBatch,
+        events: &EventRange,
         body: &[u8],
         clean: bool,
     ) -> Result<String, AwsStoreError> {

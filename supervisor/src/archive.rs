@@ -17,8 +17,9 @@ use proto::{EventBatch, Offset, Position, Shard, ShardChanges, ToWorker};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Payload bytes per archive message: a range larger than this travels in
-/// several, each far below the frame limit.
+/// Payload bytes per archive message cut from a ledger batch (one at either
+/// end of a range), far below the frame limit. A batch wholly inside a
+/// range goes as it is: it came in a frame already.
 const CHUNK_BYTES: usize = 8 << 20;
 
 #[derive(Default)]
@@ -66,7 +67,9 @@ impl EventArchive {
 }
 
 /// Appends the ledger's events of `stream` in `shard` with offsets in
-/// `(after, upto]` to `out`, chunked.
+/// `(after, upto]` to `out`. A ledger batch that lies wholly inside goes as
+/// it is (decoding it is the one copy); only the batches at the ends of
+/// the range are cut, into chunks of at most [`CHUNK_BYTES`].
 fn collect(
     ledger: &Ledger,
     shard: Shard,
@@ -90,6 +93,20 @@ fn collect(
                 continue;
             }
         };
+        if batch.offsets.first().is_some_and(|&o| o > upto) {
+            break;
+        }
+        if is_inside(&batch.offsets, last, upto) {
+            if !chunk.is_empty() {
+                out.push(std::mem::replace(
+                    &mut chunk,
+                    EventBatch::new(shard, stream.into()),
+                ));
+            }
+            last = batch.offsets.last().copied().unwrap_or(last);
+            out.push(batch);
+            continue;
+        }
         for (i, (offset, bytes)) in batch.iter().enumerate() {
             // Strictly increasing offsets within the range: a batch seen
             // twice adds nothing twice.
@@ -103,13 +120,18 @@ fn collect(
                 out.push(full);
             }
         }
-        if batch.offsets.first().is_some_and(|&o| o > upto) {
-            break;
-        }
     }
     if !chunk.is_empty() {
         out.push(chunk);
     }
+}
+
+/// The offsets are not empty, strictly increasing, and all in
+/// `(after, upto]`.
+fn is_inside(offsets: &[Offset], after: Offset, upto: Offset) -> bool {
+    offsets.first().is_some_and(|&o| o > after)
+        && offsets.last().is_some_and(|&o| o <= upto)
+        && offsets.windows(2).all(|w| w[0] < w[1])
 }
 
 #[cfg(test)]
@@ -156,11 +178,24 @@ mod tests {
         }
     }
 
+    /// The ranges the messages make up, as storage sees them: consecutive
+    /// messages of one topic-partition join.
     fn offsets(batches: &[EventBatch]) -> Vec<(Shard, String, Vec<Offset>)> {
-        batches
-            .iter()
-            .map(|b| (b.shard, b.stream.to_string(), b.offsets.clone()))
-            .collect()
+        let mut ranges: Vec<(Shard, String, Vec<Offset>)> = Vec::new();
+        for b in batches {
+            match ranges.last_mut() {
+                Some((shard, stream, offsets)) if *shard == b.shard && **stream == *b.stream => {
+                    offsets.extend(&b.offsets)
+                }
+                _ => ranges.push((b.shard, b.stream.to_string(), b.offsets.clone())),
+            }
+        }
+        ranges
+    }
+
+    /// The messages themselves.
+    fn messages(batches: &[EventBatch]) -> Vec<Vec<Offset>> {
+        batches.iter().map(|b| b.offsets.clone()).collect()
     }
 
     #[test]
@@ -180,11 +215,11 @@ mod tests {
                 (1, "b".into(), vec![10, 11, 12])
             ]
         );
-        assert_eq!(
-            first[0].timestamps,
-            [1000, 1001, 1002, 1003, 1004, 1005, 1006]
-        );
-        assert_eq!(first[0].iter().nth(6).unwrap().1, b"event 6");
+        let of_a: Vec<&EventBatch> = first.iter().filter(|b| &*b.stream == "a").collect();
+        let timestamps: Vec<i64> = of_a.iter().flat_map(|b| b.timestamps.clone()).collect();
+        assert_eq!(timestamps, [1000, 1001, 1002, 1003, 1004, 1005, 1006]);
+        let last_of_a = of_a.last().and_then(|b| b.iter().last()).unwrap();
+        assert_eq!(last_of_a, (6, &b"event 6"[..]));
 
         // The same positions again cover nothing new; later ones the rest.
         assert!(archive.take(&ledger, &[changes(1, &[("a", 6)])]).is_empty());
@@ -218,24 +253,35 @@ mod tests {
     }
 
     #[test]
-    fn large_ranges_come_in_chunks() {
+    fn whole_batches_go_as_they_are_and_cut_ones_in_chunks() {
+        let mut ledger = Ledger::default();
+        push(&mut ledger, 0, "a", 0..=2);
+        push(&mut ledger, 0, "a", 3..=5);
+        push(&mut ledger, 0, "a", 6..=9);
+        let mut archive = EventArchive::default();
+        // 0..=2 and 3..=5 whole, 6..=9 cut at 7.
+        let first = archive.take(&ledger, &[changes(0, &[("a", 7)])]);
+        assert_eq!(messages(&first), [vec![0, 1, 2], vec![3, 4, 5], vec![6, 7]]);
+        assert_eq!(first[1].iter().nth(2).unwrap().1, b"event 5");
+        assert_eq!(first[1].timestamps, [1003, 1004, 1005]);
+        // The rest of the cut batch.
+        let second = archive.take(&ledger, &[changes(0, &[("a", 9)])]);
+        assert_eq!(messages(&second), [vec![8, 9]]);
+    }
+
+    #[test]
+    fn large_cut_batches_come_in_chunks() {
         let mut ledger = Ledger::default();
         let big = vec![b'x'; CHUNK_BYTES / 2 + 1];
         let mut b = EventBatch::new(0, "a".into());
-        for o in 0..5 {
+        for o in 0..6 {
             b.push_at(o, o, &big);
         }
         let mut f = Vec::new();
         encode_into(&ToWorker::Events(b), &mut f).unwrap();
-        ledger.push(0, "a".into(), 4, 5, Arc::new(f));
+        ledger.push(0, "a".into(), 5, 6, Arc::new(f));
+        // A write up to 4 cuts the batch.
         let got = EventArchive::default().take(&ledger, &[changes(0, &[("a", 4)])]);
-        assert_eq!(
-            offsets(&got),
-            [
-                (0, "a".into(), vec![0, 1]),
-                (0, "a".into(), vec![2, 3]),
-                (0, "a".into(), vec![4])
-            ]
-        );
+        assert_eq!(messages(&got), [vec![0, 1], vec![2, 3], vec![4]]);
     }
 }
