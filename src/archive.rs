@@ -216,6 +216,21 @@ struct ArchivedEvent<'a> {
     raw_hex: Option<String>,
 }
 
+impl<'a> ArchivedEvent<'a> {
+    /// An event of `events` with neither value nor raw text yet.
+    fn of(events: &'a EventBatch, offset: i64, timestamp: Option<i64>) -> ArchivedEvent<'a> {
+        ArchivedEvent {
+            topic: &events.stream,
+            partition: events.shard,
+            offset,
+            timestamp,
+            value: None,
+            raw: None,
+            raw_hex: None,
+        }
+    }
+}
+
 /// The start of every line of a range, `{"topic":…,"partition":…,"offset":`,
 /// built once per range: written field by field below, it gives the same
 /// bytes as serializing [`ArchivedEvent`], at a fraction of the cost (the
@@ -262,15 +277,7 @@ fn archived_line(
         return Ok(());
     }
     // Not JSON, or not on one line: rare, so serialized the plain way.
-    let mut event = ArchivedEvent {
-        topic: &events.stream,
-        partition: events.shard,
-        offset,
-        timestamp,
-        value: None,
-        raw: None,
-        raw_hex: None,
-    };
+    let mut event = ArchivedEvent::of(events, offset, timestamp);
     match text {
         Ok(text) => event.raw = Some(text),
         Err(_) => event.raw_hex = Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
@@ -520,15 +527,7 @@ mod tests {
     /// built before the hand-built fast path: what that path must equal.
     fn serde_line(events: &EventBatch, i: usize, offset: i64, bytes: &[u8]) -> Vec<u8> {
         let timestamp = Some(events.timestamp(i)).filter(|&t| t != NO_TIMESTAMP);
-        let mut event = ArchivedEvent {
-            topic: &events.stream,
-            partition: events.shard,
-            offset,
-            timestamp,
-            value: None,
-            raw: None,
-            raw_hex: None,
-        };
+        let mut event = ArchivedEvent::of(events, offset, timestamp);
         let one_line = !bytes.iter().any(|&b| b == b'\n' || b == b'\r');
         match std::str::from_utf8(bytes) {
             Ok(text) => match serde_json::from_str::<&RawValue>(text) {
