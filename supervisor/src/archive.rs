@@ -96,14 +96,14 @@ fn collect(
         if batch.offsets.first().is_some_and(|&o| o > upto) {
             break;
         }
-        if is_inside(&batch.offsets, last, upto) {
+        if let Some(end) = end_if_inside(&batch.offsets, last, upto) {
             if !chunk.is_empty() {
                 out.push(std::mem::replace(
                     &mut chunk,
                     EventBatch::new(shard, stream.into()),
                 ));
             }
-            last = batch.offsets.last().copied().unwrap_or(last);
+            last = end;
             out.push(batch);
             continue;
         }
@@ -126,12 +126,11 @@ fn collect(
     }
 }
 
-/// The offsets are not empty, strictly increasing, and all in
-/// `(after, upto]`.
-fn is_inside(offsets: &[Offset], after: Offset, upto: Offset) -> bool {
-    offsets.first().is_some_and(|&o| o > after)
-        && offsets.last().is_some_and(|&o| o <= upto)
-        && offsets.windows(2).all(|w| w[0] < w[1])
+/// The last offset, when the offsets are not empty, strictly increasing,
+/// and all in `(after, upto]`.
+fn end_if_inside(offsets: &[Offset], after: Offset, upto: Offset) -> Option<Offset> {
+    let (&first, &last) = (offsets.first()?, offsets.last()?);
+    (first > after && last <= upto && offsets.windows(2).all(|w| w[0] < w[1])).then_some(last)
 }
 
 #[cfg(test)]
