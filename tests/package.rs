@@ -114,6 +114,14 @@ fn the_deb_installs_binaries_unit_config_and_man_pages_that_work() {
         "systemd/analytics.service",
     );
     same("etc/analytics/analytics.toml", "examples/analytics.toml");
+    // Shipped without debug info, as Debian does (the test build has some).
+    for binary in ["usr/bin/analytics", "usr/bin/analytics-worker"] {
+        let sections = run(
+            Command::new("readelf").args(["-S", "-W"]).arg(root.join(binary)),
+            "readelf -S",
+        );
+        assert!(!sections.contains(" .debug_"), "{binary} keeps debug info");
+    }
 
     // The man page of `run` is --help's: every flag is in it.
     let mut page = String::new();
