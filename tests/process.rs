@@ -455,6 +455,52 @@ fn an_oversized_line_is_dead_lettered_with_its_prefix_and_the_rest_flows() {
 }
 
 #[test]
+fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
+    // 72 malformed lines of 1 MB (each under --max-event-bytes, so each dead
+    // letter keeps it whole) have no seller: all go to shard 0, 72 MB of
+    // dead letters for one shard, more than one frame (64 MiB) can carry.
+    // The supervisor asks for a flush every 24 MiB of a shard's events.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("burst.jsonl");
+    let good = |id: u32| {
+        format!(
+            r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"s","category":"c","price":"1.00","quantity":1}}}}"#
+        )
+    };
+    let bad = "x".repeat(1_000_000);
+    let mut text = good(1) + "\n";
+    for _ in 0..72 {
+        text.push_str(&bad);
+        text.push('\n');
+    }
+    text.push_str(&good(2));
+    text.push('\n');
+    std::fs::write(&input, text).expect("write input");
+    let data = dir.path().join("data");
+    let out = finish(
+        Command::new(ANALYTICS)
+            .env_remove("ANALYTICS_KAFKA_BROKERS")
+            .env("RUST_LOG", "warn")
+            .args(["run", "--data-dir"])
+            .arg(&data)
+            .arg("--input")
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    assert_eq!(
+        summary_line(&out, "rejected:").split(" -> ").next(),
+        Some("rejected: 72 (invalid_json 72)")
+    );
+    assert_eq!(summary_line(&out, "worker/storage restarts:"), "worker/storage restarts: 0");
+    let dls = dead_letters(&data);
+    assert_eq!(dls.len(), 72);
+    assert!(dls.iter().all(|d| d["raw"].as_str() == Some(bad.as_str())));
+    assert_same_records(&export(&data), &fold(&input), "export after the burst");
+}
+
+#[test]
 fn worker_fold_summarises_rejections_on_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = generate(dir.path(), 2_000, 100);

@@ -43,6 +43,18 @@ use tokio::time::Instant;
 /// be released.
 const WRITES_AHEAD_PER_WORKER: usize = 2;
 
+/// Event bytes of one shard sent to its worker since the worker was last
+/// asked to flush, at which it is asked. A flush answer carries each shard's
+/// changes whole, in one frame of at most 64 MiB, and a dead letter carries
+/// its event's bytes: without this bound 80 malformed lines of 1 MB (all
+/// routed to shard 0, having no seller) made every answer too large, and the
+/// worker was restarted until the run gave up.
+const FLUSH_SHARD_BYTES: usize = 24 << 20;
+/// While a flush is held back (the previous answer or two writes still
+/// pending), reading pauses once a shard has this much unflushed: one more
+/// batch (8 MiB and at most one event) keeps its answer below a frame.
+const MAX_UNFLUSHED_SHARD_BYTES: usize = 32 << 20;
+
 #[derive(Clone, Debug)]
 pub struct TreeConfig {
     pub workers: usize,
@@ -192,6 +204,8 @@ struct WorkerState {
     sent_events: u64,
     flush_mark: u64,
     answered_events: u64,
+    /// Event bytes per shard sent since the last flush request.
+    unflushed_bytes: BTreeMap<Shard, usize>,
 }
 
 struct PendingWrite {
@@ -308,6 +322,7 @@ impl Tree {
                 sent_events: 0,
                 flush_mark: 0,
                 answered_events: 0,
+                unflushed_bytes: BTreeMap::new(),
             })
             .collect();
         Tree {
@@ -455,7 +470,8 @@ impl Tree {
                 && source.is_none()
                 && (stopping_deadline.is_some()
                     || (self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes
-                        && !self.workers_behind()));
+                        && !self.workers_behind()
+                        && !self.shard_unflushed_full()));
             tokio::select! {
                 _ = shutdown.requested(), if stopping_deadline.is_none() => {
                     self.service.stopping();
@@ -547,6 +563,17 @@ impl Tree {
         self.workers
             .iter()
             .any(|w| w.slot.link.is_some() && w.sent_events - w.answered_events >= cap)
+    }
+
+    /// Some shard holds so many unflushed event bytes that one more batch
+    /// could make its changes too large for a frame: stop reading until its
+    /// worker is asked to flush.
+    fn shard_unflushed_full(&self) -> bool {
+        self.workers.iter().any(|w| {
+            w.unflushed_bytes
+                .values()
+                .any(|&b| b >= MAX_UNFLUSHED_SHARD_BYTES)
+        })
     }
 
     /// Storage and every worker run (shook hands), and the shards owned at
@@ -652,7 +679,8 @@ impl Tree {
         self.events_since_flush += batch.len() as u64;
         let events = self.events_of_last_batch;
         self.service.telemetry().events_consumed(events);
-        let size = batch.payload.len() + batch.len() * 16 + batch.stream.len() + 64;
+        let payload = batch.payload.len();
+        let size = payload + batch.len() * 16 + batch.stream.len() + 64;
         let frame = self.encode_sized(&ToWorker::Events(batch), size);
         self.ledger.push(shard, stream, last, events, frame.clone());
         let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
@@ -661,8 +689,11 @@ impl Tree {
         {
             link.send(frame);
             w.sent_events += events;
+            *w.unflushed_bytes.entry(shard).or_default() += payload;
         }
-        if self.events_since_flush >= self.cfg.flush_max_events
+        let shard_full = w.unflushed_bytes.get(&shard).is_some_and(|&b| b >= FLUSH_SHARD_BYTES);
+        if shard_full
+            || self.events_since_flush >= self.cfg.flush_max_events
             || self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes / 2
         {
             self.flush();
@@ -781,6 +812,7 @@ impl Tree {
         w.flush_sent_at = Some(Instant::now());
         w.flush_wanted = false;
         w.flush_mark = w.sent_events;
+        w.unflushed_bytes.clear();
         if let Some(l) = &w.slot.link {
             l.send(frame);
         }
@@ -1065,6 +1097,7 @@ impl Tree {
         // A new process: nothing sent to it yet (replays after its restore
         // are not counted; the ledger bounds them).
         (w.sent_events, w.flush_mark, w.answered_events) = (0, 0, 0);
+        w.unflushed_bytes.clear();
         let shards: Vec<Shard> = self
             .owned
             .iter()
