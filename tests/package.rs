@@ -117,7 +117,9 @@ fn the_deb_installs_binaries_unit_config_and_man_pages_that_work() {
     // Shipped without debug info, as Debian does (the test build has some).
     for binary in ["usr/bin/analytics", "usr/bin/analytics-worker"] {
         let sections = run(
-            Command::new("readelf").args(["-S", "-W"]).arg(root.join(binary)),
+            Command::new("readelf")
+                .args(["-S", "-W"])
+                .arg(root.join(binary)),
             "readelf -S",
         );
         // (`.debug_gdb_scripts`, 34 bytes loaded at run time, stays.)

@@ -454,14 +454,12 @@ fn an_oversized_line_is_dead_lettered_with_its_prefix_and_the_rest_flows() {
     );
 }
 
-#[test]
-fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
-    // 72 malformed lines of 1 MB (each under --max-event-bytes, so each dead
-    // letter keeps it whole) have no seller: all go to shard 0, 72 MB of
-    // dead letters for one shard, more than one frame (64 MiB) can carry.
-    // The supervisor asks for a flush every 24 MiB of a shard's events.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let input = dir.path().join("burst.jsonl");
+/// A good event, `bad_lines` malformed lines of 1 MB, a good event. The
+/// malformed lines have no seller: all go to shard 0, and each dead letter
+/// keeps its line whole (it is under --max-event-bytes). Returns the file
+/// and the malformed line.
+fn burst_of_large_malformed_lines(dir: &Path, bad_lines: usize) -> (std::path::PathBuf, String) {
+    let input = dir.join("burst.jsonl");
     let good = |id: u32| {
         format!(
             r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"s","category":"c","price":"1.00","quantity":1}}}}"#
@@ -469,35 +467,109 @@ fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
     };
     let bad = "x".repeat(1_000_000);
     let mut text = good(1) + "\n";
-    for _ in 0..72 {
+    for _ in 0..bad_lines {
         text.push_str(&bad);
         text.push('\n');
     }
     text.push_str(&good(2));
     text.push('\n');
     std::fs::write(&input, text).expect("write input");
-    let data = dir.path().join("data");
-    let out = finish(
-        Command::new(ANALYTICS)
-            .env_remove("ANALYTICS_KAFKA_BROKERS")
-            .env("RUST_LOG", "warn")
-            .args(["run", "--data-dir"])
-            .arg(&data)
-            .arg("--input")
-            .arg(&input)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn run"),
+    (input, bad)
+}
+
+/// `analytics run` over `input` with the default flush settings.
+fn run_with_defaults(data: &Path, input: &Path) -> Command {
+    let mut c = Command::new(ANALYTICS);
+    c.env_remove("ANALYTICS_KAFKA_BROKERS")
+        .env_remove("ANALYTICS_METRICS_ADDR")
+        .env("RUST_LOG", "warn")
+        .args(["run", "--data-dir"])
+        .arg(data)
+        .arg("--input")
+        .arg(input)
+        .stdout(Stdio::piped());
+    c
+}
+
+/// The run ended with `bad_lines` dead letters of `bad`, `restarts`
+/// restarts, and the straight fold's records.
+fn assert_burst_accounted(
+    out: &Output,
+    data: &Path,
+    input: &Path,
+    bad: &str,
+    bad_lines: usize,
+    restarts: u32,
+) {
+    assert_eq!(
+        summary_line(out, "rejected:").split(" -> ").next(),
+        Some(format!("rejected: {bad_lines} (invalid_json {bad_lines})").as_str())
     );
     assert_eq!(
-        summary_line(&out, "rejected:").split(" -> ").next(),
-        Some("rejected: 72 (invalid_json 72)")
+        summary_line(out, "worker/storage restarts:"),
+        format!("worker/storage restarts: {restarts}")
     );
-    assert_eq!(summary_line(&out, "worker/storage restarts:"), "worker/storage restarts: 0");
-    let dls = dead_letters(&data);
-    assert_eq!(dls.len(), 72);
-    assert!(dls.iter().all(|d| d["raw"].as_str() == Some(bad.as_str())));
-    assert_same_records(&export(&data), &fold(&input), "export after the burst");
+    let dls = dead_letters(data);
+    assert_eq!(dls.len(), bad_lines);
+    assert!(dls.iter().all(|d| d["raw"].as_str() == Some(bad)));
+    assert_same_records(&export(data), &fold(input), "export after the burst");
+}
+
+#[test]
+fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
+    // 72 MB of dead letters for one shard, more than one frame (64 MiB) can
+    // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, bad) = burst_of_large_malformed_lines(dir.path(), 72);
+    let data = dir.path().join("data");
+    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
+    assert_burst_accounted(&out, &data, &input, &bad, 72, 0);
+}
+
+#[test]
+fn a_restarted_workers_replay_of_a_burst_is_flushed_in_frames_that_fit() {
+    // Storage is stopped while the burst is read: two writes stay pending,
+    // the third flush is held back, and reading pauses at 32 MiB unflushed,
+    // ~80 MB unacknowledged in all. Then the worker is killed and storage
+    // resumed: its replacement is sent those ~80 MB again, with flush
+    // requests in between.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, bad) = burst_of_large_malformed_lines(dir.path(), 150);
+    let data = dir.path().join("data");
+    let port = support::ops::free_port();
+    let run = run_with_defaults(&data, &input)
+        .args([
+            "--workers",
+            "1",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .spawn()
+        .expect("spawn run");
+    let sup = run.id();
+    let storage = wait_for_children(sup, "storage", 1)[0];
+    let metric_reaches = |series: &str, at_least: f64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, body) = support::ops::http_get(port, "/metrics");
+            if support::ops::sample(&body, series).is_some_and(|v| v >= at_least) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} never reached {at_least}:\n{body}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Once the shards are restored (reading starts), storage stops.
+    metric_reaches("analytics_events_consumed_total", 1.0);
+    signal(storage, Signal::SIGSTOP);
+    metric_reaches("analytics_buffered_bytes", 70e6);
+    signal(wait_for_children(sup, "serve", 1)[0], Signal::SIGKILL);
+    signal(storage, Signal::SIGCONT);
+    let out = finish(run);
+    assert_burst_accounted(&out, &data, &input, &bad, 150, 1);
 }
 
 #[test]

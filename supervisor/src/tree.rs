@@ -27,7 +27,7 @@ use proto::{
     FromStorage, FromWorker, Offset, Position, RequestId, Role, Shard, ShardChanges, ToStorage,
     ToWorker, WorkerConfig,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -206,6 +206,9 @@ struct WorkerState {
     answered_events: u64,
     /// Event bytes per shard sent since the last flush request.
     unflushed_bytes: BTreeMap<Shard, usize>,
+    /// Event frames waiting to be sent, oldest first: after a restore, the
+    /// shard's unacknowledged events, and every later batch behind them.
+    replay: VecDeque<(Shard, Arc<Vec<u8>>)>,
 }
 
 struct PendingWrite {
@@ -323,6 +326,7 @@ impl Tree {
                 flush_mark: 0,
                 answered_events: 0,
                 unflushed_bytes: BTreeMap::new(),
+                replay: VecDeque::new(),
             })
             .collect();
         Tree {
@@ -683,15 +687,25 @@ impl Tree {
         let size = payload + batch.len() * 16 + batch.stream.len() + 64;
         let frame = self.encode_sized(&ToWorker::Events(batch), size);
         self.ledger.push(shard, stream, last, events, frame.clone());
-        let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
+        let i = worker_for_shard(shard, self.cfg.workers);
+        let w = &mut self.workers[i];
         if let Some(link) = &w.slot.link
             && !w.restoring.contains(&shard)
         {
-            link.send(frame);
             w.sent_events += events;
-            *w.unflushed_bytes.entry(shard).or_default() += payload;
+            if w.replay.is_empty() {
+                link.send(frame);
+                *w.unflushed_bytes.entry(shard).or_default() += payload;
+            } else {
+                w.replay.push_back((shard, frame));
+                self.send_replay(i);
+            }
         }
-        let shard_full = w.unflushed_bytes.get(&shard).is_some_and(|&b| b >= FLUSH_SHARD_BYTES);
+        let w = &self.workers[i];
+        let shard_full = w
+            .unflushed_bytes
+            .get(&shard)
+            .is_some_and(|&b| b >= FLUSH_SHARD_BYTES);
         if shard_full
             || self.events_since_flush >= self.cfg.flush_max_events
             || self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes / 2
@@ -795,6 +809,35 @@ impl Tree {
         }
     }
 
+    /// Sends a worker its queued event frames, oldest first. Before a frame
+    /// that would take a shard past `MAX_UNFLUSHED_SHARD_BYTES` since the
+    /// last flush request, it asks for a flush, and waits for the answer if
+    /// one is pending: a restarted worker's replay can hold far more than one
+    /// answer may carry.
+    fn send_replay(&mut self, i: usize) {
+        while let Some((shard, bytes)) = self.workers[i].replay.front().map(|(s, f)| (*s, f.len()))
+        {
+            let unflushed = |w: &WorkerState| w.unflushed_bytes.get(&shard).copied().unwrap_or(0);
+            if unflushed(&self.workers[i]) > 0
+                && unflushed(&self.workers[i]) + bytes > MAX_UNFLUSHED_SHARD_BYTES
+            {
+                self.workers[i].flush_wanted = true;
+                self.send_flush(i);
+                if unflushed(&self.workers[i]) > 0 {
+                    return; // held back: called again when it can go
+                }
+            }
+            let w = &mut self.workers[i];
+            let Some(link) = &w.slot.link else {
+                return; // lost: its successor's restores queue the frames again
+            };
+            if let Some((_, frame)) = w.replay.pop_front() {
+                link.send(frame);
+                *w.unflushed_bytes.entry(shard).or_default() += bytes;
+            }
+        }
+    }
+
     fn send_flush(&mut self, i: usize) {
         let w = &self.workers[i];
         if !w.flush_wanted
@@ -846,6 +889,7 @@ impl Tree {
                 self.write(i, shards, started);
                 if !more {
                     self.send_flush(i);
+                    self.send_replay(i);
                 }
                 Ok(())
             }
@@ -928,6 +972,7 @@ impl Tree {
                 }
                 for i in 0..self.workers.len() {
                     self.send_flush(i); // a flush held back by the bound
+                    self.send_replay(i);
                 }
                 self.finish_revokes();
             }
@@ -963,12 +1008,12 @@ impl Tree {
                 link.send(frame);
                 if last {
                     w.restoring.remove(&shard);
-                    for frame in self.ledger.pending(shard) {
-                        link.send(frame.clone());
-                    }
+                    w.replay
+                        .extend(self.ledger.pending(shard).map(|f| (shard, f.clone())));
                     if self.initial_loads_left > 0 {
                         self.initial_loads_left -= 1;
                     }
+                    self.send_replay(worker);
                 }
             }
             FromStorage::Snapshotted { id, key } if self.periodic_snapshot == Some(id) => {
@@ -1098,6 +1143,7 @@ impl Tree {
         // are not counted; the ledger bounds them).
         (w.sent_events, w.flush_mark, w.answered_events) = (0, 0, 0);
         w.unflushed_bytes.clear();
+        w.replay.clear(); // queued again from the ledger after each restore
         let shards: Vec<Shard> = self
             .owned
             .iter()
