@@ -317,6 +317,24 @@ fn position_slot(positions: &mut Vec<(Box<str>, Offset, bool)>, stream: &str) ->
     }
 }
 
+/// The longest `detail` a dead letter keeps. A detail may quote the event
+/// (an unknown event type, a value that is not a number), whose bytes the
+/// dead letter holds whole anyway: uncapped, a 1 MB event type made its
+/// dead letter twice the event, and a flush answer twice its events.
+const MAX_DETAIL_BYTES: usize = 256;
+
+fn capped_detail(mut detail: String) -> Box<str> {
+    if detail.len() > MAX_DETAIL_BYTES {
+        let mut end = MAX_DETAIL_BYTES;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push('…');
+    }
+    detail.into()
+}
+
 fn dead_letter(
     batch: &EventBatch,
     offset: Offset,
@@ -328,7 +346,7 @@ fn dead_letter(
         shard: batch.shard,
         offset,
         reason: rejection.reason().into(),
-        detail: rejection.to_string().into(),
+        detail: capped_detail(rejection.to_string()),
         raw: bytes.to_vec(),
     }
 }
@@ -851,6 +869,27 @@ mod tests {
             fold.take_changes().unwrap().is_empty(),
             "changes are handed out once"
         );
+    }
+
+    #[test]
+    fn a_detail_quoting_a_large_event_is_cut_and_the_raw_bytes_are_kept() {
+        let mut fold = Fold::new(10, 1 << 20);
+        let kind = "é".repeat(100_000); // two bytes a char: cuts fall inside one
+        let line = format!(r#"{{"eventType":"{kind}","timestamp":1,"data":{{}}}}"#);
+        fold.apply_batch(&batch(&[line.as_str(), "nope"]));
+        let changes = fold.take_changes().unwrap();
+        let letters = &changes[0].dead_letters;
+        assert_eq!(&*letters[0].reason, "unknown_event_type");
+        assert_eq!(letters[0].raw, line.as_bytes());
+        let detail = &*letters[0].detail;
+        assert!(
+            detail.len() <= MAX_DETAIL_BYTES + '…'.len_utf8(),
+            "{}",
+            detail.len()
+        );
+        assert!(detail.ends_with("éé…"), "{detail}");
+        // A short detail stays as it is.
+        assert!(!letters[1].detail.ends_with('…'), "{}", letters[1].detail);
     }
 
     #[test]
