@@ -454,18 +454,22 @@ fn an_oversized_line_is_dead_lettered_with_its_prefix_and_the_rest_flows() {
     );
 }
 
-/// A good event, `bad_lines` malformed lines of 1 MB, a good event. The
-/// malformed lines have no seller: all go to shard 0, and each dead letter
-/// keeps its line whole (it is under --max-event-bytes). Returns the file
-/// and the malformed line.
-fn burst_of_large_malformed_lines(dir: &Path, bad_lines: usize) -> (std::path::PathBuf, String) {
+/// A good event, `bad_lines` malformed lines of `len` bytes, a good event.
+/// The malformed lines have no seller: all go to shard 0, and each dead
+/// letter keeps its line whole (it is under --max-event-bytes). Returns the
+/// file and the malformed line.
+fn burst_of_malformed_lines(
+    dir: &Path,
+    bad_lines: usize,
+    len: usize,
+) -> (std::path::PathBuf, String) {
     let input = dir.join("burst.jsonl");
     let good = |id: u32| {
         format!(
             r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"s","category":"c","price":"1.00","quantity":1}}}}"#
         )
     };
-    let bad = "x".repeat(1_000_000);
+    let bad = "x".repeat(len);
     let mut text = good(1) + "\n";
     for _ in 0..bad_lines {
         text.push_str(&bad);
@@ -520,10 +524,22 @@ fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
     // 72 MB of dead letters for one shard, more than one frame (64 MiB) can
     // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, bad) = burst_of_large_malformed_lines(dir.path(), 72);
+    let (input, bad) = burst_of_malformed_lines(dir.path(), 72, 1_000_000);
     let data = dir.path().join("data");
     let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
     assert_burst_accounted(&out, &data, &input, &bad, 72, 0);
+}
+
+#[test]
+fn half_a_million_small_malformed_lines_are_answered_in_frames_that_fit() {
+    // Their dead letters take ~300 bytes each once decoded: the 200,000 to
+    // 400,000 of one flush would be 60-120 MB for shard 0, more than a
+    // frame. The worker takes its changes early every 16 MiB of dead letters.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, bad) = burst_of_malformed_lines(dir.path(), 500_000, 100);
+    let data = dir.path().join("data");
+    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
+    assert_burst_accounted(&out, &data, &input, &bad, 500_000, 0);
 }
 
 #[test]
@@ -534,7 +550,7 @@ fn a_restarted_workers_replay_of_a_burst_is_flushed_in_frames_that_fit() {
     // resumed: its replacement is sent those ~80 MB again, with flush
     // requests in between.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, bad) = burst_of_large_malformed_lines(dir.path(), 150);
+    let (input, bad) = burst_of_malformed_lines(dir.path(), 150, 1_000_000);
     let data = dir.path().join("data");
     let port = support::ops::free_port();
     let run = run_with_defaults(&data, &input)

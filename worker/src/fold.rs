@@ -79,6 +79,8 @@ struct ShardFold {
     positions: Vec<(Box<str>, Offset, bool)>,
     dirty_products: Vec<u32>,
     dead_letters: Vec<DeadLetter>,
+    /// What `dead_letters` takes once decoded (what a frame's limit counts).
+    dead_letter_bytes: usize,
 }
 
 /// Counts of one `apply_batch`.
@@ -124,9 +126,9 @@ impl Fold {
                     stats.applied += 1;
                 }
                 Err(rejection) => {
-                    shard
-                        .dead_letters
-                        .push(dead_letter(batch, offset, bytes, &rejection));
+                    let letter = dead_letter(batch, offset, bytes, &rejection);
+                    shard.dead_letter_bytes += decoded_size(&letter);
+                    shard.dead_letters.push(letter);
                     stats.rejected += 1;
                 }
             }
@@ -136,6 +138,15 @@ impl Fold {
             shard.positions[pos].2 = true;
         }
         stats
+    }
+
+    /// Some shard's dead letters take `bytes` or more: the caller should take
+    /// the changes now rather than at the next flush, so that one shard's
+    /// answer stays far below a frame (a flush may be asked for only after
+    /// hundreds of thousands of events, and malformed ones of 100 bytes make
+    /// dead letters of ~300).
+    pub fn dead_letters_reach(&self, bytes: usize) -> bool {
+        self.shards.values().any(|s| s.dead_letter_bytes >= bytes)
     }
 
     /// Applies one decoded event to a shard, ignoring positions.
@@ -205,6 +216,7 @@ impl Fold {
                 changes.entities.push((entity_key(strings, e), totals));
             }
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
+            s.dead_letter_bytes = 0;
             if !changes.is_empty() {
                 out.push(changes);
             }
@@ -216,7 +228,10 @@ impl Fold {
     pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
         self.shards
             .values_mut()
-            .flat_map(|s| std::mem::take(&mut s.dead_letters))
+            .flat_map(|s| {
+                s.dead_letter_bytes = 0;
+                std::mem::take(&mut s.dead_letters)
+            })
             .collect()
     }
 
@@ -333,6 +348,16 @@ fn capped_detail(mut detail: String) -> Box<str> {
         detail.push('…');
     }
     detail.into()
+}
+
+/// What a dead letter takes in memory once decoded, which is what a frame's
+/// decoding limit counts.
+fn decoded_size(letter: &DeadLetter) -> usize {
+    std::mem::size_of::<DeadLetter>()
+        + letter.stream.len()
+        + letter.reason.len()
+        + letter.detail.len()
+        + letter.raw.len()
 }
 
 fn dead_letter(
@@ -890,6 +915,21 @@ mod tests {
         assert!(detail.ends_with("éé…"), "{detail}");
         // A short detail stays as it is.
         assert!(!letters[1].detail.ends_with('…'), "{}", letters[1].detail);
+    }
+
+    #[test]
+    fn dead_letter_bytes_count_per_shard_until_the_changes_are_taken() {
+        let mut fold = Fold::new(10, 1 << 20);
+        let bad = "x".repeat(1000);
+        fold.apply_batch(&batch(&[bad.as_str(), bad.as_str()]));
+        assert!(
+            fold.dead_letters_reach(2000),
+            "two letters of 1000 bytes and more"
+        );
+        assert!(!fold.dead_letters_reach(4000));
+        let letters = &fold.take_changes().unwrap()[0].dead_letters;
+        assert_eq!(letters.len(), 2);
+        assert!(!fold.dead_letters_reach(1), "taken with the changes");
     }
 
     #[test]

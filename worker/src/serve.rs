@@ -21,7 +21,17 @@ pub enum ServeError {
 struct Configured {
     fold: Fold,
     part_bytes: usize,
+    /// Changes taken early (see `SEAL_DEAD_LETTER_BYTES`), oldest first:
+    /// each is a consistent state of its shards, answered before the rest
+    /// at the next flush, each in parts of its own.
+    sealed: Vec<Vec<proto::ShardChanges>>,
 }
+
+/// Dead letters of one shard at which the worker takes its changes without
+/// waiting for the flush, so that no shard's answer outgrows a frame (64
+/// MiB): 500,000 malformed lines of 100 bytes in one shard, asked for in
+/// one flush, used to make an answer the supervisor could not decode.
+const SEAL_DEAD_LETTER_BYTES: usize = 16 << 20;
 
 /// Serves the supervisor until it closes the channel.
 pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
@@ -47,29 +57,46 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
                 configured = Some(Configured {
                     fold: Fold::new(c.low_stock_threshold, c.max_event_bytes as usize),
                     part_bytes: c.answer_part_bytes as usize,
+                    sealed: Vec::new(),
                 })
             }
             ToWorker::Restore(chunk) => {
-                let fold = fold_of(&mut configured, "Restore")?;
+                let c = configured_for(&mut configured, "Restore")?;
                 let first = restoring.insert(chunk.shard);
                 if chunk.last {
                     restoring.remove(&chunk.shard);
                 }
-                fold.restore(chunk, first);
+                if first {
+                    forget_sealed(&mut c.sealed, chunk.shard);
+                }
+                c.fold.restore(chunk, first);
             }
             ToWorker::Events(batch) => {
-                fold_of(&mut configured, "Events")?.apply_batch(&batch);
+                let c = configured_for(&mut configured, "Events")?;
+                c.fold.apply_batch(&batch);
+                if c.fold.dead_letters_reach(SEAL_DEAD_LETTER_BYTES) {
+                    let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
+                    c.sealed.push(changes);
+                }
             }
             ToWorker::Release { shard } => {
+                let c = configured_for(&mut configured, "Release")?;
                 restoring.remove(&shard);
-                fold_of(&mut configured, "Release")?.release(shard);
+                forget_sealed(&mut c.sealed, shard);
+                c.fold.release(shard);
             }
             ToWorker::Flush { id } => {
-                let c = configured
-                    .as_mut()
-                    .ok_or(ServeError::NotConfigured("Flush"))?;
-                let shards = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
-                let parts = in_parts(shards, c.part_bytes);
+                let c = configured_for(&mut configured, "Flush")?;
+                let mut windows = std::mem::take(&mut c.sealed);
+                windows.push(c.fold.take_changes().map_err(ServeError::EncodeChanges)?);
+                let mut parts: Vec<_> = windows
+                    .into_iter()
+                    .flat_map(|w| in_parts(w, c.part_bytes))
+                    .filter(|part| !part.is_empty())
+                    .collect();
+                if parts.is_empty() {
+                    parts.push(Vec::new()); // nothing changed: still one answer
+                }
                 let last = parts.len() - 1;
                 for (i, shards) in parts.into_iter().enumerate() {
                     let more = i < last;
@@ -80,15 +107,21 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
     }
 }
 
-/// The fold, or the error for a `what` that came before `Configure`.
-fn fold_of<'a>(
+/// What `Configure` set up, or the error for a `what` that came before it.
+fn configured_for<'a>(
     configured: &'a mut Option<Configured>,
     what: &'static str,
-) -> Result<&'a mut Fold, ServeError> {
-    configured
-        .as_mut()
-        .map(|c| &mut c.fold)
-        .ok_or(ServeError::NotConfigured(what))
+) -> Result<&'a mut Configured, ServeError> {
+    configured.as_mut().ok_or(ServeError::NotConfigured(what))
+}
+
+/// Drops a shard's changes taken early: it was restored afresh or went to
+/// another owner, and whoever holds it now replays what storage lacks.
+/// (Writing them could put an old state over a newer owner's.)
+fn forget_sealed(sealed: &mut [Vec<proto::ShardChanges>], shard: proto::Shard) {
+    for changes in sealed {
+        changes.retain(|c| c.shard != shard);
+    }
 }
 
 /// Splits a flush's shard changes into parts of about `part_bytes` (16 MiB
