@@ -519,15 +519,20 @@ fn assert_burst_accounted(
     assert_same_records(&export(data), &fold(input), "export after the burst");
 }
 
+/// A whole run over a burst of malformed lines, without restarts.
+fn burst_runs_through(bad_lines: usize, len: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, bad) = burst_of_malformed_lines(dir.path(), bad_lines, len);
+    let data = dir.path().join("data");
+    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
+    assert_burst_accounted(&out, &data, &input, &bad, bad_lines, 0);
+}
+
 #[test]
 fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
     // 72 MB of dead letters for one shard, more than one frame (64 MiB) can
     // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (input, bad) = burst_of_malformed_lines(dir.path(), 72, 1_000_000);
-    let data = dir.path().join("data");
-    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
-    assert_burst_accounted(&out, &data, &input, &bad, 72, 0);
+    burst_runs_through(72, 1_000_000);
 }
 
 #[test]
@@ -535,11 +540,7 @@ fn half_a_million_small_malformed_lines_are_answered_in_frames_that_fit() {
     // Their dead letters take ~300 bytes each once decoded: the 200,000 to
     // 400,000 of one flush would be 60-120 MB for shard 0, more than a
     // frame. The worker takes its changes early every 16 MiB of dead letters.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (input, bad) = burst_of_malformed_lines(dir.path(), 500_000, 100);
-    let data = dir.path().join("data");
-    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
-    assert_burst_accounted(&out, &data, &input, &bad, 500_000, 0);
+    burst_runs_through(500_000, 100);
 }
 
 #[test]
