@@ -454,31 +454,36 @@ fn an_oversized_line_is_dead_lettered_with_its_prefix_and_the_rest_flows() {
     );
 }
 
-/// A good event, `bad_lines` malformed lines of `len` bytes, a good event.
-/// The malformed lines have no seller: all go to shard 0, and each dead
-/// letter keeps its line whole (it is under --max-event-bytes). Returns the
-/// file and the malformed line.
-fn burst_of_malformed_lines(
-    dir: &Path,
-    bad_lines: usize,
-    len: usize,
-) -> (std::path::PathBuf, String) {
+/// A good event, `lines` lines made by `line`, a good event; all in one
+/// shard. Returns the file.
+fn burst(dir: &Path, lines: usize, line: impl Fn(usize) -> String) -> std::path::PathBuf {
     let input = dir.join("burst.jsonl");
-    let good = |id: u32| {
-        format!(
-            r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"s","category":"c","price":"1.00","quantity":1}}}}"#
-        )
-    };
-    let bad = "x".repeat(len);
-    let mut text = good(1) + "\n";
-    for _ in 0..bad_lines {
-        text.push_str(&bad);
+    let good = |id: usize| created(id, "c");
+    let mut text = good(1_000_000_001) + "\n";
+    for i in 0..lines {
+        text.push_str(&line(i));
         text.push('\n');
     }
-    text.push_str(&good(2));
+    text.push_str(&good(1_000_000_002));
     text.push('\n');
     std::fs::write(&input, text).expect("write input");
-    (input, bad)
+    input
+}
+
+/// A product of seller `s` created with this name (quantity 100: not on the
+/// low-stock list).
+fn created(id: usize, name: &str) -> String {
+    format!(
+        r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"s","category":"c","name":"{name}","price":"1.00","quantity":100}}}}"#
+    )
+}
+
+/// 1 MB names: each product's state is about as large as its event, and
+/// the states of one shard's flush, not its dead letters, outgrow a frame
+/// unless the supervisor bounds what a shard takes between flush requests.
+fn large_names(dir: &Path, lines: usize) -> std::path::PathBuf {
+    let name = "n".repeat(1_000_000);
+    burst(dir, lines, |i| created(i, &name))
 }
 
 /// `analytics run` over `input` with the default flush settings.
@@ -495,63 +500,57 @@ fn run_with_defaults(data: &Path, input: &Path) -> Command {
     c
 }
 
-/// The run ended with `bad_lines` dead letters of `bad`, `restarts`
-/// restarts, and the straight fold's records.
-fn assert_burst_accounted(
-    out: &Output,
-    data: &Path,
-    input: &Path,
-    bad: &str,
-    bad_lines: usize,
-    restarts: u32,
-) {
-    assert_eq!(
-        summary_line(out, "rejected:").split(" -> ").next(),
-        Some(format!("rejected: {bad_lines} (invalid_json {bad_lines})").as_str())
-    );
+/// The run had `restarts` restarts and the straight fold's records.
+fn assert_burst_folded(out: &Output, data: &Path, input: &Path, restarts: u32) {
     assert_eq!(
         summary_line(out, "worker/storage restarts:"),
         format!("worker/storage restarts: {restarts}")
     );
-    let dls = dead_letters(data);
-    assert_eq!(dls.len(), bad_lines);
-    assert!(dls.iter().all(|d| d["raw"].as_str() == Some(bad)));
     assert_same_records(&export(data), &fold(input), "export after the burst");
 }
 
-/// A whole run over a burst of malformed lines, without restarts.
-fn burst_runs_through(bad_lines: usize, len: usize) {
+#[test]
+fn a_burst_of_products_with_large_names_is_flushed_in_frames_that_fit() {
+    // 72 states of 1 MB in one shard, more than one frame (64 MiB) can
+    // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, bad) = burst_of_malformed_lines(dir.path(), bad_lines, len);
+    let input = large_names(dir.path(), 72);
     let data = dir.path().join("data");
     let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
-    assert_burst_accounted(&out, &data, &input, &bad, bad_lines, 0);
-}
-
-#[test]
-fn a_burst_of_large_malformed_lines_is_flushed_in_frames_that_fit() {
-    // 72 MB of dead letters for one shard, more than one frame (64 MiB) can
-    // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
-    burst_runs_through(72, 1_000_000);
+    assert_eq!(summary_line(&out, "rejected:"), "rejected: 0");
+    assert_burst_folded(&out, &data, &input, 0);
 }
 
 #[test]
 fn half_a_million_small_malformed_lines_are_answered_in_frames_that_fit() {
-    // Their dead letters take ~300 bytes each once decoded: the 200,000 to
-    // 400,000 of one flush would be 60-120 MB for shard 0, more than a
-    // frame. The worker takes its changes early every 16 MiB of dead letters.
-    burst_runs_through(500_000, 100);
+    // They have no seller (shard 0), and their dead letters take ~300 bytes
+    // each once decoded: the 200,000 to 400,000 of one flush would be
+    // 60-120 MB, more than a frame. The worker takes its changes early
+    // every 16 MiB of dead letters.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = "x".repeat(100);
+    let input = burst(dir.path(), 500_000, |_| bad.clone());
+    let data = dir.path().join("data");
+    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
+    assert_eq!(
+        summary_line(&out, "rejected:").split(" -> ").next(),
+        Some("rejected: 500000 (invalid_json 500000)")
+    );
+    let dls = dead_letters(&data);
+    assert_eq!(dls.len(), 500_000);
+    assert!(dls.iter().all(|d| d["raw"].as_str() == Some(bad.as_str())));
+    assert_burst_folded(&out, &data, &input, 0);
 }
 
 #[test]
 fn a_restarted_workers_replay_of_a_burst_is_flushed_in_frames_that_fit() {
-    // Storage is stopped while the burst is read: two writes stay pending,
-    // the third flush is held back, and reading pauses at 32 MiB unflushed,
-    // ~80 MB unacknowledged in all. Then the worker is killed and storage
-    // resumed: its replacement is sent those ~80 MB again, with flush
-    // requests in between.
+    // Storage is stopped while 150 products with 1 MB names are read: two
+    // writes stay pending, the third flush is held back, and reading
+    // pauses at 32 MiB unflushed, ~80 MB unacknowledged in all. Then the
+    // worker is killed and storage resumed: its replacement is sent those
+    // ~80 MB again, with flush requests in between.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (input, bad) = burst_of_malformed_lines(dir.path(), 150, 1_000_000);
+    let input = large_names(dir.path(), 150);
     let data = dir.path().join("data");
     let port = support::ops::free_port();
     let run = run_with_defaults(&data, &input)
@@ -586,7 +585,7 @@ fn a_restarted_workers_replay_of_a_burst_is_flushed_in_frames_that_fit() {
     signal(wait_for_children(sup, "serve", 1)[0], Signal::SIGKILL);
     signal(storage, Signal::SIGCONT);
     let out = finish(run);
-    assert_burst_accounted(&out, &data, &input, &bad, 150, 1);
+    assert_burst_folded(&out, &data, &input, 1);
 }
 
 #[test]
