@@ -92,3 +92,42 @@ fn sigkill_of_a_worker_storage_and_the_whole_service_mid_stream_loses_and_double
         "every bad event has a dead letter"
     );
 }
+
+#[test]
+fn a_service_that_gives_up_exits_with_an_error_instead_of_hanging() {
+    // Giving up (here: a worker dies with no restarts allowed) ends the
+    // process tree; the Kafka consumer thread must end with it even when no
+    // message arrives, so that systemd sees the failure and restarts us.
+    let topics = Topics::new(&unique_tag("give-up"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::embedded(dir.path().join("data"));
+    let mut args = sink.args();
+    args.extend(["--max-restarts".into(), "0".into()]);
+    let mut run = start_with_args(&topics, &args, ServiceLog::new());
+    let input = generate(dir.path(), 1_000, 0);
+    let lines = read_lines(&input);
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    topics.produce(&refs);
+    topics.wait_until_committed(&mut [&mut run]);
+
+    let workers = wait_for_children(run.id(), "analytics-worker", 2);
+    signal(workers[0], Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = run.try_wait() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service still runs 60 s after giving up; log:\n{}",
+            run.log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(!status.success(), "giving up exits non-zero: {status}");
+    assert!(
+        run.log_tail().contains("giving up"),
+        "the log says why; log:\n{}",
+        run.log_tail()
+    );
+}

@@ -362,7 +362,13 @@ pub fn start(
 fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
     let hooks = consumer.context();
     let mut topics: BTreeMap<String, Arc<str>> = BTreeMap::new();
-    while !stop.load(Ordering::Relaxed) && !hooks.tree_gone.load(Ordering::Relaxed) {
+    // The tree drops its receiver when it ends, also when it fails: then
+    // nobody sets `stop`, and an idle topic would keep this loop polling
+    // (and the supervisor waiting to join it) for ever.
+    while !stop.load(Ordering::Relaxed)
+        && !hooks.tree_gone.load(Ordering::Relaxed)
+        && !hooks.to_tree.is_closed()
+    {
         hooks.run_commands(&consumer, CommitMode::Async);
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(msg)) => {
