@@ -95,6 +95,54 @@ fn a_realistic_trace_into_dynamodb_equals_the_straight_fold_with_every_bad_event
 }
 
 #[test]
+fn ids_categories_and_names_beyond_dynamodbs_limits_go_to_the_dlq_and_the_rest_is_stored() {
+    // DynamoDB refuses a key over 2048 (partition) or 1024 (sort) bytes and
+    // an item over 400 KB, for good: one such event used to fail every
+    // write of its partition. The service rejects them at decoding instead
+    // (the same in every store), and stores values right at its limits.
+    let mut case = Case::new("ddb-limits", 2_000, 0);
+    let event = |id: &str, seller: &str, category: &str, name: &str| {
+        format!(
+            r#"{{"eventId":"limits","eventType":"ProductCreated","timestamp":1700000000000,"data":{{"productId":{id},"sellerId":"{seller}","name":"{name}","category":"{category}","price":"2.50","quantity":2}}}}"#
+        )
+    };
+    let key = "k".repeat(1000);
+    let longer = "k".repeat(1001);
+    let (quoted_key, quoted_longer) = (format!("\"{key}\""), format!("\"{longer}\""));
+    let name = "n".repeat(16 * 1024);
+    let huge_name = "n".repeat(500_000);
+    let extra = [
+        // Right at the limits, and on the low-stock list (quantity 2).
+        event(&quoted_key, &key, &key, &name),
+        event(&quoted_longer, "seller-1", "Books", "a"),
+        event("1", &longer, "Books", "a"),
+        event("2", "seller-1", &longer, "a"),
+        event("3", "seller-1", "Books", &huge_name),
+        format!(
+            r#"{{"eventType":"ProductUpdated","timestamp":1700000000001,"data":{{"productId":4,"sellerId":"seller-1","changes":{{"category":{{"old":"{longer}","new":"Books"}}}}}}}}"#
+        ),
+    ];
+    case.lines.extend(extra);
+    std::fs::write(&case.input, case.lines.join("\n") + "\n").expect("write the input");
+
+    let mut run = start(&case.topics, &case.sink);
+    case.topics.produce_batched(&case.lines(), 10_000);
+    case.topics.wait_until_committed(&mut [&mut run]);
+    stop(run);
+
+    case.assert_exact();
+    let export = case.sink.export();
+    assert!(
+        export.contains(&format!(r#""productId":"{key}""#)),
+        "the product at the limits is stored, with its low-stock item"
+    );
+    let expected = rejections_by_reason(&case.input);
+    assert_eq!(expected.values().sum::<usize>(), 5, "{expected:?}");
+    let letters = case.topics.dead_letters(5);
+    assert_eq!(letters_by_reason(&letters), expected, "dead letters by reason");
+}
+
+#[test]
 fn redelivered_messages_change_nothing_in_dynamodb() {
     let case = Case::new("ddb-dup", 20_000, 0);
     let lines = case.lines();

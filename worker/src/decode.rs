@@ -344,7 +344,53 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
     if let Some(new) = data.new_seller_id.filter(|s| !s.is_empty()) {
         event.seller = new;
     }
+    check_lengths(&event)?;
     Ok(event)
+}
+
+/// Longest seller id, category or text product id, in bytes. They become
+/// DynamoDB keys (`PARTS#CATEGORY#<category>`, at most 2048 bytes;
+/// `PRODUCT#<productId>`, at most 1024), which DynamoDB refuses for good
+/// beyond that: one such event would stop every write of its partition.
+pub const MAX_KEY_BYTES: usize = 1000;
+/// Longest product name, in bytes. A name travels in the product's state at
+/// every change and in its low-stock item (a DynamoDB item holds at most
+/// 400 KB); real names are a few hundred bytes at most.
+pub const MAX_NAME_BYTES: usize = 16 * 1024;
+
+/// The same limits whichever store is configured, so that the metrics of
+/// one input never depend on the store.
+fn check_lengths(event: &Event<'_>) -> Result<(), Rejection> {
+    let too_long = |field: &'static str, len: usize, max: usize| {
+        Err(Rejection::InvalidField {
+            field,
+            why: format!("{len} bytes, above the limit of {max}"),
+        })
+    };
+    if let ProductId::Text(id) = &event.product_id
+        && id.len() > MAX_KEY_BYTES
+    {
+        return too_long("data.productId", id.len(), MAX_KEY_BYTES);
+    }
+    let keys = [
+        ("data.sellerId", Some(&event.seller)),
+        ("data.category", event.category.as_ref()),
+        ("data.sellerId (previous)", event.old_seller.as_ref()),
+        ("data.category (previous)", event.old_category.as_ref()),
+    ];
+    for (field, value) in keys {
+        if let Some(v) = value
+            && v.len() > MAX_KEY_BYTES
+        {
+            return too_long(field, v.len(), MAX_KEY_BYTES);
+        }
+    }
+    match &event.name {
+        Some(name) if name.len() > MAX_NAME_BYTES => {
+            too_long("data.name", name.len(), MAX_NAME_BYTES)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The text of a JSON number, or of a string holding one.
@@ -514,6 +560,47 @@ mod tests {
         match decode(json.as_bytes(), MAX) {
             Ok(e) => panic!("accepted {json}: {e:?}"),
             Err(r) => r.reason(),
+        }
+    }
+
+    #[test]
+    fn ids_categories_and_names_beyond_their_limits_are_rejected_with_the_field() {
+        let created = |id: &str, seller: &str, category: &str, name: &str| {
+            format!(
+                r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"{seller}","name":"{name}","price":1,"quantity":1,"category":"{category}"}}}}"#
+            )
+        };
+        // Limits count bytes: 'é' is two.
+        let key = "é".repeat(MAX_KEY_BYTES / 2);
+        let name = "é".repeat(MAX_NAME_BYTES / 2);
+        let text_id = format!("\"{key}\"");
+        let at_limit = created(&text_id, &key, &key, &name);
+        let e = ok(&at_limit);
+        assert_eq!(e.seller.len(), MAX_KEY_BYTES);
+        assert_eq!(e.name.as_deref().map(str::len), Some(MAX_NAME_BYTES));
+
+        let longer = format!("{key}x");
+        let long_id = format!("\"{longer}\"");
+        let long_name = format!("{name}x");
+        for (json, field) in [
+            (created(&long_id, &key, &key, &name), "data.productId"),
+            (created(&text_id, &longer, &key, &name), "data.sellerId"),
+            (created(&text_id, &key, &longer, &name), "data.category"),
+            (created(&text_id, &key, &key, &long_name), "data.name"),
+            (
+                format!(
+                    r#"{{"eventType":"ProductUpdated","timestamp":1,"data":{{"productId":1,"sellerId":"s","changes":{{"category":{{"old":"{longer}","new":"Books"}}}}}}}}"#
+                ),
+                "data.category (previous)",
+            ),
+        ] {
+            match decode(json.as_bytes(), MAX) {
+                Err(Rejection::InvalidField { field: f, why }) => {
+                    assert_eq!(f, field);
+                    assert!(why.contains("above the limit"), "{why}");
+                }
+                other => panic!("{field}: {other:?}"),
+            }
         }
     }
 
