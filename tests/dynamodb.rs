@@ -139,7 +139,11 @@ fn ids_categories_and_names_beyond_dynamodbs_limits_go_to_the_dlq_and_the_rest_i
     let expected = rejections_by_reason(&case.input);
     assert_eq!(expected.values().sum::<usize>(), 5, "{expected:?}");
     let letters = case.topics.dead_letters(5);
-    assert_eq!(letters_by_reason(&letters), expected, "dead letters by reason");
+    assert_eq!(
+        letters_by_reason(&letters),
+        expected,
+        "dead letters by reason"
+    );
 }
 
 #[test]
