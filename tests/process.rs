@@ -478,12 +478,16 @@ fn created(id: usize, name: &str) -> String {
     )
 }
 
-/// 1 MB names: each product's state is about as large as its event, and
-/// the states of one shard's flush, not its dead letters, outgrow a frame
-/// unless the supervisor bounds what a shard takes between flush requests.
-fn large_names(dir: &Path, lines: usize) -> std::path::PathBuf {
-    let name = "n".repeat(1_000_000);
-    burst(dir, lines, |i| created(i, &name))
+/// Products with names of the largest size accepted (16 KiB,
+/// `MAX_NAME_BYTES` of the worker's decoder), about `megabytes` of them:
+/// each product's state is about as large as its event, and the states of
+/// one shard's flush, not its dead letters, outgrow a frame unless the
+/// supervisor bounds what a shard takes between flush requests.
+fn large_names(dir: &Path, megabytes: usize) -> std::path::PathBuf {
+    let name = "n".repeat(16 * 1024);
+    burst(dir, megabytes * 1_000_000 / name.len(), |i| {
+        created(i, &name)
+    })
 }
 
 /// `analytics run` over `input` with the default flush settings.
@@ -511,7 +515,7 @@ fn assert_burst_folded(out: &Output, data: &Path, input: &Path, restarts: u32) {
 
 #[test]
 fn a_burst_of_products_with_large_names_is_flushed_in_frames_that_fit() {
-    // 72 states of 1 MB in one shard, more than one frame (64 MiB) can
+    // 72 MB of states in one shard, more than one frame (64 MiB) can
     // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
     let dir = tempfile::tempdir().expect("tempdir");
     let input = large_names(dir.path(), 72);
@@ -544,7 +548,7 @@ fn half_a_million_small_malformed_lines_are_answered_in_frames_that_fit() {
 
 #[test]
 fn a_restarted_workers_replay_of_a_burst_is_flushed_in_frames_that_fit() {
-    // Storage is stopped while 150 products with 1 MB names are read: two
+    // Storage is stopped while 150 MB of products with large names are read: two
     // writes stay pending, the third flush is held back, and reading
     // pauses at 32 MiB unflushed, ~80 MB unacknowledged in all. Then the
     // worker is killed and storage resumed: its replacement is sent those
