@@ -12,7 +12,8 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use std::sync::atomic::{AtomicU64, Ordering};
+use rdkafka::types::RDKafkaErrorCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How long a publish may take before the write is failed (and retried).
@@ -28,6 +29,8 @@ pub enum DlqError {
     Undelivered { failed: u64 },
     #[error("flushing dead letters: {0}")]
     Flush(KafkaError),
+    #[error("{topic} refuses a dead letter even with only {kept} bytes of its event")]
+    TooLarge { topic: String, kept: usize },
 }
 
 impl DlqError {
@@ -37,8 +40,9 @@ impl DlqError {
     }
 }
 
+/// Delivery failures of the current publish, by letter (its index).
 struct Deliveries {
-    failed: AtomicU64,
+    failed: Mutex<Vec<(usize, KafkaError)>>,
 }
 
 impl ClientContext for Deliveries {
@@ -50,15 +54,26 @@ impl ClientContext for Deliveries {
 }
 
 impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, letter: usize) {
         if let Err((e, _)) = result {
             tracing::warn!(error = %e, "a dead letter was not delivered");
-            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((letter, e.clone()));
         }
     }
 }
+
+/// How much of a dead letter's event is kept when the producer or the
+/// broker refuses the whole message as too large (librdkafka's default
+/// `message.max.bytes` is 1,000,000, below the default `--max-event-bytes`
+/// of 1 MiB, and a too-large event may be larger still): the first bytes,
+/// in these cuts tried in turn, with `raw.truncated` and `raw.bytes`
+/// headers. The source coordinates still point at the whole event.
+const RAW_CUTS: [usize; 3] = [512 << 10, 64 << 10, 4 << 10];
 
 pub struct KafkaDlq {
     producer: BaseProducer<Deliveries>,
@@ -83,7 +98,7 @@ impl KafkaDlq {
         }
         let producer = cfg
             .create_with_context(Deliveries {
-                failed: AtomicU64::new(0),
+                failed: Mutex::new(Vec::new()),
             })
             .map_err(DlqError::Create)?;
         Ok(KafkaDlq {
@@ -92,54 +107,132 @@ impl KafkaDlq {
         })
     }
 
-    /// Publishes the dead letters and waits until the broker holds all of them.
+    /// Publishes the dead letters and waits until the broker holds all of
+    /// them. A letter refused as too large is published again with its
+    /// event cut ([`RAW_CUTS`]): one oversized event must not stop its
+    /// partition for good.
     pub fn publish(&self, letters: &[&DeadLetter]) -> Result<(), DlqError> {
         if letters.is_empty() {
             return Ok(());
         }
-        self.producer.context().failed.store(0, Ordering::Relaxed);
-        for dl in letters {
-            let key = format!("{}/{}/{}", dl.stream, dl.shard, dl.offset);
-            let partition = dl.shard.to_string();
-            let offset = dl.offset.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(header("reason", &dl.reason))
-                .insert(header("detail", &dl.detail))
-                .insert(header("source.topic", &dl.stream))
-                .insert(header("source.partition", &partition))
-                .insert(header("source.offset", &offset));
-            let mut record = BaseRecord::to(&self.topic)
-                .key(key.as_bytes())
-                .payload(dl.raw.as_slice())
-                .headers(headers);
-            // A full local queue drains as we poll; anything else is an error.
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((
-                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                        r,
-                    )) => {
-                        record = r;
-                        self.producer.poll(Duration::from_millis(50));
-                    }
-                    Err((source, _)) => {
-                        return Err(DlqError::Enqueue {
-                            topic: self.topic.clone(),
-                            source,
-                        });
-                    }
-                }
-            }
-        }
+        // Reports of an earlier publish that failed midway must not count
+        // here: wait for them, then forget them.
         self.producer
             .flush(DELIVERY_TIMEOUT)
             .map_err(DlqError::Flush)?;
-        match self.producer.context().failed.load(Ordering::Relaxed) {
-            0 => Ok(()),
-            failed => Err(DlqError::Undelivered { failed }),
+        self.producer
+            .context()
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        // (letter, how many cuts were applied to it so far)
+        let mut todo: Vec<(usize, usize)> = (0..letters.len()).map(|i| (i, 0)).collect();
+        while !todo.is_empty() {
+            let mut too_large: Vec<usize> = Vec::new();
+            for &(i, cuts) in &todo {
+                if !self.send(i, letters[i], cuts)? {
+                    too_large.push(i);
+                }
+            }
+            self.producer
+                .flush(DELIVERY_TIMEOUT)
+                .map_err(DlqError::Flush)?;
+            let failed = std::mem::take(
+                &mut *self
+                    .producer
+                    .context()
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            let mut other = 0;
+            for (i, e) in failed {
+                if is_too_large(&e) {
+                    too_large.push(i);
+                } else {
+                    other += 1;
+                }
+            }
+            if other > 0 {
+                return Err(DlqError::Undelivered { failed: other });
+            }
+            let cuts_of = |i: usize| todo.iter().find(|t| t.0 == i).map_or(0, |t| t.1);
+            let mut next = Vec::with_capacity(too_large.len());
+            for i in too_large {
+                let cuts = cuts_of(i) + 1;
+                if cuts > RAW_CUTS.len() {
+                    return Err(DlqError::TooLarge {
+                        topic: self.topic.clone(),
+                        kept: RAW_CUTS[RAW_CUTS.len() - 1],
+                    });
+                }
+                tracing::warn!(
+                    source.topic = %letters[i].stream,
+                    source.partition = letters[i].shard,
+                    source.offset = letters[i].offset,
+                    bytes = letters[i].raw.len(),
+                    kept = RAW_CUTS[cuts - 1],
+                    "a dead letter was refused as too large; publishing the first bytes of its event"
+                );
+                next.push((i, cuts));
+            }
+            todo = next;
+        }
+        Ok(())
+    }
+
+    /// Queues letter `i` with its event cut `cuts` times; false when the
+    /// producer refuses it as too large.
+    fn send(&self, i: usize, dl: &DeadLetter, cuts: usize) -> Result<bool, DlqError> {
+        let key = format!("{}/{}/{}", dl.stream, dl.shard, dl.offset);
+        let partition = dl.shard.to_string();
+        let offset = dl.offset.to_string();
+        let total = dl.raw.len().to_string();
+        let kept = match cuts {
+            0 => dl.raw.len(),
+            n => dl.raw.len().min(RAW_CUTS[n - 1]),
+        };
+        let mut headers = OwnedHeaders::new()
+            .insert(header("reason", &dl.reason))
+            .insert(header("detail", &dl.detail))
+            .insert(header("source.topic", &dl.stream))
+            .insert(header("source.partition", &partition))
+            .insert(header("source.offset", &offset));
+        if kept < dl.raw.len() {
+            headers = headers
+                .insert(header("raw.truncated", "true"))
+                .insert(header("raw.bytes", &total));
+        }
+        let mut record = BaseRecord::with_opaque_to(&self.topic, i)
+            .key(key.as_bytes())
+            .payload(&dl.raw[..kept])
+            .headers(headers);
+        // A full local queue drains as we poll.
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(true),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) if is_too_large(&e) => return Ok(false),
+                Err((source, _)) => {
+                    return Err(DlqError::Enqueue {
+                        topic: self.topic.clone(),
+                        source,
+                    });
+                }
+            }
         }
     }
+}
+
+fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+    )
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {

@@ -92,6 +92,9 @@ pub fn produce(target: &Target<'_>, input: impl BufRead) -> Result<u64, ProduceE
             target.batch_records.max(1).to_string(),
         )
         .set("queue.buffering.max.messages", "1000000")
+        // Whatever the broker takes, up to the largest `--max-event-bytes`:
+        // librdkafka's default (1,000,000) is below the default event limit.
+        .set("message.max.bytes", ((16 << 20) + (64 << 10)).to_string())
         .create()
         .map_err(ProduceError::Client)?;
     let mut sent = 0u64;

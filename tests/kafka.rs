@@ -131,3 +131,46 @@ fn a_service_that_gives_up_exits_with_an_error_instead_of_hanging() {
         run.log_tail()
     );
 }
+
+#[test]
+fn a_dead_letter_too_large_for_the_dlq_is_published_with_the_first_bytes_of_its_event() {
+    // librdkafka refuses messages over 1,000,000 bytes by default, below the
+    // default --max-event-bytes (1 MiB): such a bad event used to fail
+    // every write of its partition until the service gave up.
+    let topics = Topics::new(&unique_tag("dlq-cut"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = generate(dir.path(), 1_000, 0);
+    let mut lines = read_lines(&input);
+    let not_json = format!("{{{}", "x".repeat(1_040_000));
+    let long_name = format!(
+        r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"seller-1","name":"{}","price":1,"quantity":1,"category":"c"}}}}"#,
+        "n".repeat(1_040_000)
+    );
+    lines.push(not_json.clone());
+    lines.push(long_name.clone());
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write the input");
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let sink = Sink::embedded(dir.path().join("data"));
+
+    let mut run = start(&topics, &sink);
+    topics.produce(&refs);
+    topics.wait_until_committed(&mut [&mut run]);
+    stop(run);
+
+    assert_same_records(&sink.export(), &fold(&input), "export vs fold");
+    let mut records = topics.dead_letter_records(2);
+    records.sort_by(|a, b| a.headers["reason"].cmp(&b.headers["reason"]));
+    assert_eq!(records.len(), 2);
+    for (record, event, reason) in [
+        (&records[0], &long_name, "invalid_field"),
+        (&records[1], &not_json, "invalid_json"),
+    ] {
+        assert_eq!(record.headers["reason"], reason);
+        assert_eq!(
+            record.headers.get("raw.truncated").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(record.headers["raw.bytes"], event.len().to_string());
+        assert_eq!(record.payload, event.as_bytes()[..512 << 10]);
+    }
+}

@@ -520,6 +520,17 @@ impl Topics {
 
     /// Every dead letter: (key, reason header, source.topic header).
     pub fn dead_letters(&self, expected: usize) -> Vec<(String, String, String)> {
+        self.dead_letter_records(expected)
+            .into_iter()
+            .map(|r| {
+                let header = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
+                (r.key, header("reason"), header("source.topic"))
+            })
+            .collect()
+    }
+
+    /// The DLQ's messages, whole.
+    pub fn dead_letter_records(&self, expected: usize) -> Vec<DlqRecord> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("{}-dlq-reader", self.group))
@@ -540,24 +551,36 @@ impl Topics {
                 deadline = deadline.min(Instant::now() + Duration::from_secs(1));
             }
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                let header = |name: &str| {
-                    m.headers()
-                        .and_then(|h| {
-                            h.iter().find(|x| x.key == name).and_then(|x| {
-                                x.value.map(|v| String::from_utf8_lossy(v).into_owned())
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .filter_map(|x| {
+                                let v = String::from_utf8_lossy(x.value?).into_owned();
+                                Some((x.key.to_string(), v))
                             })
-                        })
-                        .unwrap_or_default()
-                };
-                let key = m
-                    .key()
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                            .collect()
+                    })
                     .unwrap_or_default();
-                out.push((key, header("reason"), header("source.topic")));
+                out.push(DlqRecord {
+                    key: m
+                        .key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_default(),
+                    headers,
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
             }
         }
         out
     }
+}
+
+/// One message of the dead-letter topic.
+pub struct DlqRecord {
+    pub key: String,
+    pub headers: BTreeMap<String, String>,
+    pub payload: Vec<u8>,
 }
 
 /// A running `analytics run`, SIGKILLed (with its children, which die with
