@@ -324,7 +324,7 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
             .transpose()?,
         quantity: data
             .quantity
-            .map(|q| integer(q, "data.quantity"))
+            .map(|q| quantity(q, "data.quantity"))
             .transpose()?,
         old_seller: data.previous_seller_id,
         old_category: data.previous_category,
@@ -335,7 +335,7 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
         event.price_cents = Some(price_cents(new, "data.changes.price.new")?);
     }
     if let Some(new) = data.new_quantity {
-        event.quantity = Some(integer(new, "data.changes.quantity.new")?);
+        event.quantity = Some(quantity(new, "data.changes.quantity.new")?);
     }
     event.old_category = data.old_category.or(event.old_category);
     event.category = data.new_category.or(event.category);
@@ -506,8 +506,31 @@ fn integer(raw: &str, field: &'static str) -> Result<i64, Rejection> {
     scaled_decimal(numeric_text(raw, field)?, 0, field)
 }
 
+/// Highest price accepted, in cents (one trillion), and highest quantity
+/// (10^12). A product's value is then at most 10^26 cents, so a billion
+/// products sum to at most 36 digits: exact in the fold's 128-bit sums
+/// (which wrapped around to a negative total on three products priced and
+/// stocked at the 64-bit maxima) and in a DynamoDB number (38 digits).
+pub const MAX_PRICE_CENTS: i64 = 100_000_000_000_000;
+pub const MAX_QUANTITY: i64 = 1_000_000_000_000;
+
 fn price_cents(raw: &str, field: &'static str) -> Result<i64, Rejection> {
-    scaled_decimal(numeric_text(raw, field)?, 2, field)
+    let cents = scaled_decimal(numeric_text(raw, field)?, 2, field)?;
+    at_most(cents, MAX_PRICE_CENTS, field, "1000000000000.00")
+}
+
+fn quantity(raw: &str, field: &'static str) -> Result<i64, Rejection> {
+    at_most(integer(raw, field)?, MAX_QUANTITY, field, "1000000000000")
+}
+
+fn at_most(value: i64, max: i64, field: &'static str, shown: &str) -> Result<i64, Rejection> {
+    if value > max {
+        return Err(Rejection::InvalidField {
+            field,
+            why: format!("above the limit of {shown}"),
+        });
+    }
+    Ok(value)
 }
 
 /// A non-negative integer (number or canonical digit string) is numeric;
@@ -598,6 +621,36 @@ mod tests {
                 Err(Rejection::InvalidField { field: f, why }) => {
                     assert_eq!(f, field);
                     assert!(why.contains("above the limit"), "{why}");
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn prices_and_quantities_beyond_their_limits_are_rejected() {
+        let created = |price: &str, quantity: &str| {
+            format!(
+                r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"s","price":{price},"quantity":{quantity}}}}}"#
+            )
+        };
+        let at_limit = created("1000000000000.00", "1000000000000");
+        let e = ok(&at_limit);
+        assert_eq!(e.price_cents, Some(MAX_PRICE_CENTS));
+        assert_eq!(e.quantity, Some(MAX_QUANTITY));
+        for (json, field) in [
+            (created("1000000000000.01", "1"), "data.price"),
+            (created("\"92233720368547758.07\"", "1"), "data.price"),
+            (created("1", "1000000000001"), "data.quantity"),
+            (
+                r#"{"eventType":"ProductUpdated","timestamp":1,"data":{"productId":1,"sellerId":"s","changes":{"quantity":{"old":1,"new":9223372036854775807}}}}"#.to_string(),
+                "data.changes.quantity.new",
+            ),
+        ] {
+            match decode(json.as_bytes(), MAX) {
+                Err(Rejection::InvalidField { field: f, why }) => {
+                    assert_eq!(f, field);
+                    assert!(why.starts_with("above the limit"), "{why}");
                 }
                 other => panic!("{field}: {other:?}"),
             }
