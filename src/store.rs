@@ -380,60 +380,44 @@ impl EmbeddedStore {
         Ok(stats)
     }
 
-    /// The durable state of one shard, in chunks of at most
-    /// `max_products_per_chunk` products. Positions and entity times travel in
-    /// the first chunk; only the last has `last = true`.
+    /// The durable state of one shard, as [`ShardState::chunked`] cuts it
+    /// (at most `max_products_per_chunk` products and about
+    /// [`proto::LOAD_CHUNK_BYTES`] per chunk).
     pub fn load_shard(
         &self,
         shard: Shard,
         max_products_per_chunk: usize,
     ) -> Result<Vec<ShardState>, StoreError> {
-        let max = max_products_per_chunk.max(1);
         let txn = self.db.begin_read()?;
-        let mut first = ShardState {
-            shard,
-            ..ShardState::default()
-        };
-
-        let positions = txn.open_table(POSITIONS)?;
-        for entry in positions.iter()? {
+        let mut positions = Vec::new();
+        for entry in txn.open_table(POSITIONS)?.iter()? {
             let (k, v) = entry?;
             let (stream, s) = k.value();
             if s == shard {
-                first.positions.push(Position {
+                positions.push(Position {
                     stream: stream.into(),
                     offset: v.value(),
                 });
             }
         }
-        let contributions = txn.open_table(CONTRIBUTIONS)?;
-        for entry in contributions.iter()? {
+        let mut entity_times = Vec::new();
+        for entry in txn.open_table(CONTRIBUTIONS)?.iter()? {
             let (k, v) = entry?;
             let (pk, s) = k.value();
             if s == shard {
                 let key = parse_entity_pk(pk)?;
                 let totals: EntityTotals = decode("entity totals", v.value())?;
-                first.entity_times.push((key, totals.last_event_at));
+                entity_times.push((key, totals.last_event_at));
             }
         }
-
-        let mut chunks = vec![first];
-        let log = txn.open_table(PRODUCT_LOG)?;
-        for (id, state) in read_log(&log, shard)? {
-            if chunks.last().is_some_and(|c| c.products.len() >= max) {
-                chunks.push(ShardState {
-                    shard,
-                    ..ShardState::default()
-                });
-            }
-            if let Some(chunk) = chunks.last_mut() {
-                chunk.products.push((id, state));
-            }
-        }
-        if let Some(last) = chunks.last_mut() {
-            last.last = true;
-        }
-        Ok(chunks)
+        let products = read_log(&txn.open_table(PRODUCT_LOG)?, shard)?;
+        Ok(ShardState::chunked(
+            shard,
+            positions,
+            entity_times,
+            products,
+            max_products_per_chunk,
+        ))
     }
 
     /// Every stored (shard, position).

@@ -526,6 +526,20 @@ fn a_burst_of_products_with_large_names_is_flushed_in_frames_that_fit() {
 }
 
 #[test]
+fn a_shard_of_large_states_is_restored_in_chunks_that_fit() {
+    // 72 MB of product states in one shard: loaded back in chunks of
+    // 50,000 products only, the shard outgrew a frame and could never be
+    // restored (the second run gave up after 11 restarts).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = large_names(dir.path(), 72);
+    let data = dir.path().join("data");
+    for _ in 0..2 {
+        let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
+        assert_burst_folded(&out, &data, &input, 0);
+    }
+}
+
+#[test]
 fn half_a_million_small_malformed_lines_are_answered_in_frames_that_fit() {
     // They have no seller (shard 0), and their dead letters take ~300 bytes
     // each once decoded: the 200,000 to 400,000 of one flush would be

@@ -162,6 +162,77 @@ pub struct ShardState {
     pub last: bool,
 }
 
+/// About how many bytes of product states and entity times one `Loaded`
+/// chunk carries, far below the frame limit (64 MiB): a count alone let
+/// 50,000 products with names of a few KiB outgrow a frame, and such a
+/// shard could never be restored.
+pub const LOAD_CHUNK_BYTES: usize = 16 << 20;
+
+impl ShardState {
+    /// A shard's durable state as `Loaded` chunks: the positions in the
+    /// first, then entity times and products, at most `max_products`
+    /// products and about [`LOAD_CHUNK_BYTES`] per chunk; only the last
+    /// has `last = true`.
+    pub fn chunked(
+        shard: Shard,
+        positions: Vec<Position>,
+        entity_times: Vec<(EntityKey, i64)>,
+        products: impl IntoIterator<Item = (ProductId, ProductState)>,
+        max_products: usize,
+    ) -> Vec<ShardState> {
+        let empty = || ShardState {
+            shard,
+            ..ShardState::default()
+        };
+        let mut chunks = vec![ShardState {
+            positions,
+            ..empty()
+        }];
+        let mut bytes = 0;
+        let mut room = |chunks: &mut Vec<ShardState>, size: usize, product: bool| {
+            let last = chunks.len() - 1;
+            let full = (bytes > 0 && bytes + size > LOAD_CHUNK_BYTES)
+                || (product && chunks[last].products.len() >= max_products.max(1));
+            if full {
+                chunks.push(empty());
+                bytes = 0;
+            }
+            bytes += size;
+        };
+        for (key, at) in entity_times {
+            let size = 16
+                + match &key {
+                    EntityKey::Seller(s) | EntityKey::Category(s) => s.len(),
+                };
+            room(&mut chunks, size, false);
+            if let Some(c) = chunks.last_mut() {
+                c.entity_times.push((key, at));
+            }
+        }
+        for (id, state) in products {
+            room(&mut chunks, encoded_size_hint(&id, &state), true);
+            if let Some(c) = chunks.last_mut() {
+                c.products.push((id, state));
+            }
+        }
+        if let Some(c) = chunks.last_mut() {
+            c.last = true;
+        }
+        chunks
+    }
+}
+
+/// A little more than a product's encoded size: its strings and a bound on
+/// the rest.
+fn encoded_size_hint(id: &ProductId, state: &ProductState) -> usize {
+    let text = |f: &Field<Box<str>>| f.value.as_ref().map_or(0, |s| s.len());
+    let id = match id {
+        ProductId::Num(_) => 0,
+        ProductId::Text(s) => s.len(),
+    };
+    160 + id + text(&state.seller) + text(&state.category) + text(&state.name)
+}
+
 /// What changed in one shard since the previous flush, as absolute values.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardChanges {
@@ -368,4 +439,75 @@ pub enum FromStorage {
         error: String,
         retryable: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(i: u64, name_bytes: usize) -> (ProductId, ProductState) {
+        let field = |s: String| Field {
+            value: Some(s.into_boxed_str()),
+            version: Version::NONE,
+        };
+        let state = ProductState {
+            seller: field("s".into()),
+            category: Field::default(),
+            name: field("n".repeat(name_bytes)),
+            price_cents: Field::default(),
+            quantity: Field::default(),
+            deleted: Field::default(),
+            low_stock_since: None,
+        };
+        (ProductId::Num(i), state)
+    }
+
+    #[test]
+    fn chunks_are_bounded_by_products_and_by_bytes_and_keep_everything_in_order() {
+        let position = Position {
+            stream: "t".into(),
+            offset: 7,
+        };
+        let entities = vec![(EntityKey::Seller("s".into()), 1)];
+        // 100 products of 1 MiB: about 16 per chunk.
+        let large: Vec<_> = (0..100).map(|i| product(i, 1 << 20)).collect();
+        let chunks = ShardState::chunked(
+            3,
+            vec![position.clone()],
+            entities.clone(),
+            large.clone(),
+            50_000,
+        );
+        assert!(chunks.len() >= 7, "{} chunks", chunks.len());
+        for c in &chunks {
+            let size: usize = c.products.iter().map(|(_, p)| encoded_size(p)).sum();
+            assert!(size <= LOAD_CHUNK_BYTES, "{size} bytes in a chunk");
+            assert_eq!(c.shard, 3);
+        }
+        assert_eq!(chunks[0].positions, vec![position]);
+        assert_eq!(chunks[0].entity_times, entities);
+        assert!(chunks[1..].iter().all(|c| c.positions.is_empty()));
+        let lasts: Vec<bool> = chunks.iter().map(|c| c.last).collect();
+        assert_eq!(lasts.iter().filter(|&&l| l).count(), 1);
+        assert_eq!(lasts.last(), Some(&true));
+        let all: Vec<_> = chunks.into_iter().flat_map(|c| c.products).collect();
+        assert_eq!(all, large);
+
+        // Small products: the count bounds them.
+        let small: Vec<_> = (0..25).map(|i| product(i, 10)).collect();
+        let chunks = ShardState::chunked(0, Vec::new(), Vec::new(), small, 10);
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.products.len()).collect();
+        assert_eq!(sizes, vec![10, 10, 5]);
+
+        // Nothing to load is still one (last) chunk.
+        let chunks = ShardState::chunked(0, Vec::new(), Vec::new(), Vec::new(), 10);
+        assert_eq!(chunks.len(), 1);
+        assert!(chunks[0].last);
+    }
+
+    fn encoded_size(state: &ProductState) -> usize {
+        let mut buf = Vec::new();
+        crate::frame::encode_into(state, &mut buf).expect("encode");
+        buf.len()
+    }
 }

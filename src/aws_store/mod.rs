@@ -1300,15 +1300,14 @@ impl AwsStore {
 
     // ---- loads and reads --------------------------------------------------
 
-    /// The durable state of one shard, in chunks of at most
-    /// `max_products_per_chunk` products (the embedded store's contract);
-    /// redoes a committed-but-unapplied write first.
+    /// The durable state of one shard, as [`ShardState::chunked`] cuts it
+    /// (the embedded store's contract); redoes a committed-but-unapplied
+    /// write first.
     pub async fn load_shard(
         &self,
         shard: Shard,
         max_products_per_chunk: usize,
     ) -> Result<Vec<ShardState>, AwsStoreError> {
-        let max = max_products_per_chunk.max(1);
         self.cache().remove(&shard);
         let mut attempt = 0;
         let (cp, image) = loop {
@@ -1330,36 +1329,22 @@ impl AwsStore {
                 Err(e) => return Err(e),
             }
         };
-        let mut first = ShardState {
+        let positions = cp
+            .as_ref()
+            .map(Checkpoint::position_list)
+            .unwrap_or_default();
+        let entity_times = image
+            .contributions
+            .iter()
+            .map(|(k, t)| (k.clone(), t.last_event_at))
+            .collect();
+        let chunks = ShardState::chunked(
             shard,
-            positions: cp
-                .as_ref()
-                .map(Checkpoint::position_list)
-                .unwrap_or_default(),
-            entity_times: image
-                .contributions
-                .iter()
-                .map(|(k, t)| (k.clone(), t.last_event_at))
-                .collect(),
-            ..ShardState::default()
-        };
-        let mut chunks = Vec::new();
-        let mut products = image.products.into_iter().peekable();
-        loop {
-            first.products.extend(products.by_ref().take(max));
-            if products.peek().is_none() {
-                first.last = true;
-                chunks.push(first);
-                break;
-            }
-            chunks.push(std::mem::replace(
-                &mut first,
-                ShardState {
-                    shard,
-                    ..ShardState::default()
-                },
-            ));
-        }
+            positions,
+            entity_times,
+            image.products,
+            max_products_per_chunk,
+        );
         self.put_back(shard, ShardCache { cp });
         Ok(chunks)
     }
