@@ -687,10 +687,13 @@ fn compact_log(
     for seq in old {
         log.remove((shard, seq))?;
     }
-    for (i, chunk) in live.chunks(LOG_ENTRY_PRODUCTS).enumerate() {
+    // Cut as a restore cuts a shard, by count and by bytes: an entry must
+    // encode within a frame's limit.
+    let entries = ShardState::chunked(shard, Vec::new(), Vec::new(), live, LOG_ENTRY_PRODUCTS);
+    for (i, entry) in entries.iter().enumerate() {
         log.insert(
             (shard, next + i as u64),
-            encode("product states", &chunk)?.as_slice(),
+            encode("product states", &entry.products)?.as_slice(),
         )?;
     }
     Ok(())
@@ -1509,6 +1512,35 @@ pub(crate) mod tests {
         let stats = write(&mut store, 2, None);
         assert_eq!((stats.low_stock_puts, stats.low_stock_deletes), (0, 1));
         assert!(store.low_stock(Some("s1")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_log_of_large_states_is_compacted_into_entries_that_fit_a_frame() {
+        // 17 flushes of 300 products with 16 KiB names: the compaction
+        // merges 84 MB of states, which one entry of up to 50,000 products
+        // could not encode (a frame holds 64 MiB), failing the write.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let mut worker = Worker::default();
+        let name: Box<str> = "n".repeat(16 * 1024).into();
+        for flush in 0..=LOG_COMPACT_AFTER as u64 {
+            let products = (0..300)
+                .map(|i| {
+                    let mut state = product("s1", "Books", 100, 20, false, None);
+                    state.name = f(name.clone());
+                    (ProductId::Num(flush * 1000 + i), state)
+                })
+                .collect();
+            let base = ShardChanges {
+                shard: 3,
+                positions: vec![pos("events", flush as i64)],
+                ..ShardChanges::default()
+            };
+            store.write(&[worker.changes(base, products)], 0).unwrap();
+        }
+        let loaded = store.load_shard(3, 50_000).unwrap();
+        let count: usize = loaded.iter().map(|c| c.products.len()).sum();
+        assert_eq!(count, 300 * (LOG_COMPACT_AFTER + 1));
     }
 
     #[test]
