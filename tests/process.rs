@@ -540,6 +540,30 @@ fn a_shard_of_large_states_is_restored_in_chunks_that_fit() {
 }
 
 #[test]
+fn small_updates_of_products_with_large_names_are_answered_in_frames_that_fit() {
+    // 72 MB of products with 16 KiB names, then a price update of ~200
+    // bytes for each: under 1 MB of events that change 72 MB of states in
+    // one shard within one flush, which restarted the worker until the run
+    // gave up. The worker now takes its changes every 16 MiB of changed
+    // states.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = "n".repeat(16 * 1024);
+    let products = 72_000_000 / name.len();
+    let input = burst(dir.path(), 2 * products, |i| {
+        match i.checked_sub(products) {
+            None => created(i, &name),
+            Some(id) => format!(
+                r#"{{"eventType":"ProductUpdated","timestamp":2,"data":{{"productId":{id},"sellerId":"s","changes":{{"price":{{"old":"1.00","new":"2.00"}}}}}}}}"#
+            ),
+        }
+    });
+    let data = dir.path().join("data");
+    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
+    assert_eq!(summary_line(&out, "rejected:"), "rejected: 0");
+    assert_burst_folded(&out, &data, &input, 0);
+}
+
+#[test]
 fn half_a_million_small_malformed_lines_are_answered_in_frames_that_fit() {
     // They have no seller (shard 0), and their dead letters take ~300 bytes
     // each once decoded: the 200,000 to 400,000 of one flush would be

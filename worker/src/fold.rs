@@ -81,6 +81,9 @@ struct ShardFold {
     dead_letters: Vec<DeadLetter>,
     /// What `dead_letters` takes once decoded (what a frame's limit counts).
     dead_letter_bytes: usize,
+    /// About what the states of `dirty_products` take encoded: each counted
+    /// when it turns dirty, plus any string it takes on after that.
+    dirty_state_bytes: usize,
 }
 
 /// Counts of one `apply_batch`.
@@ -140,13 +143,18 @@ impl Fold {
         stats
     }
 
-    /// Some shard's dead letters take `bytes` or more: the caller should take
-    /// the changes now rather than at the next flush, so that one shard's
-    /// answer stays far below a frame (a flush may be asked for only after
-    /// hundreds of thousands of events, and malformed ones of 100 bytes make
-    /// dead letters of ~300).
-    pub fn dead_letters_reach(&self, bytes: usize) -> bool {
-        self.shards.values().any(|s| s.dead_letter_bytes >= bytes)
+    /// Some shard's changes (dead letters and changed states) take about
+    /// `bytes` or more: the caller should take them now rather than at the
+    /// next flush, so that one shard's answer stays far below a frame (a
+    /// flush may be asked for only after hundreds of thousands of events;
+    /// malformed ones of 100 bytes make dead letters of ~300). States can be far
+    /// larger than the events that change them: 4,400 products with 16 KiB
+    /// names, each changed by a small update within one flush, made 72 MB
+    /// for one shard, more than a frame.
+    pub fn changes_reach(&self, bytes: usize) -> bool {
+        self.shards
+            .values()
+            .any(|s| s.dead_letter_bytes + s.dirty_state_bytes >= bytes)
     }
 
     /// Applies one decoded event to a shard, ignoring positions.
@@ -217,6 +225,7 @@ impl Fold {
             }
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
             s.dead_letter_bytes = 0;
+            s.dirty_state_bytes = 0;
             if !changes.is_empty() {
                 out.push(changes);
             }
@@ -270,6 +279,7 @@ impl Fold {
         }
         shard.entities.take_dirty().for_each(drop);
         shard.dirty_products.clear();
+        shard.dirty_state_bytes = 0;
         for (_, p) in &mut shard.products {
             p.dirty = false;
         }
@@ -350,6 +360,24 @@ fn capped_detail(mut detail: String) -> Box<str> {
     detail.into()
 }
 
+/// A little more than a product's state takes encoded (with its id): its
+/// strings and a bound on the rest.
+fn state_size_hint(strings: &Interner, key: ProductKey, p: &Product) -> usize {
+    let len = |sym: Sym| {
+        if sym == NO_SYM {
+            0
+        } else {
+            strings.name(sym).len()
+        }
+    };
+    let id = if key.0 & TEXT_ID == 0 {
+        0
+    } else {
+        len((key.0 & !TEXT_ID) as Sym)
+    };
+    160 + id + len(p.seller) + len(p.category) + p.name.as_deref().map_or(0, str::len)
+}
+
 /// What a dead letter takes in memory once decoded, which is what a frame's
 /// decoding limit counts.
 fn decoded_size(letter: &DeadLetter) -> usize {
@@ -392,6 +420,8 @@ impl ShardFold {
         let p = &mut self.products[i as usize].1;
         let before = p.contribution();
         let old_low_since = p.low_since;
+        let (was_dirty, seller_before, category_before) = (p.dirty, p.seller, p.category);
+        let mut name_replaced = false;
         let mut changed = false;
 
         let seller = strings.intern(&e.seller);
@@ -404,6 +434,7 @@ impl ShardFold {
             if version >= p.name_v && p.name.as_deref() != Some(&**n) {
                 p.name = Some((**n).into());
                 changed = true;
+                name_replaced = true;
             }
             changed |= version > p.name_v;
             p.name_v = p.name_v.max(version);
@@ -432,6 +463,24 @@ impl ShardFold {
 
         if changed && !std::mem::replace(&mut p.dirty, true) {
             self.dirty_products.push(i);
+            self.dirty_state_bytes += state_size_hint(strings, key, p);
+        } else if was_dirty {
+            let len = |sym: Sym| {
+                if sym == NO_SYM {
+                    0
+                } else {
+                    strings.name(sym).len()
+                }
+            };
+            if p.seller != seller_before {
+                self.dirty_state_bytes += len(p.seller);
+            }
+            if p.category != category_before {
+                self.dirty_state_bytes += len(p.category);
+            }
+            if name_replaced {
+                self.dirty_state_bytes += p.name.as_deref().map_or(0, str::len);
+            }
         }
         if is_new {
             self.add(after, 1);
@@ -923,13 +972,51 @@ mod tests {
         let bad = "x".repeat(1000);
         fold.apply_batch(&batch(&[bad.as_str(), bad.as_str()]));
         assert!(
-            fold.dead_letters_reach(2000),
+            fold.changes_reach(2000),
             "two letters of 1000 bytes and more"
         );
-        assert!(!fold.dead_letters_reach(4000));
+        assert!(!fold.changes_reach(4000));
         let letters = &fold.take_changes().unwrap()[0].dead_letters;
         assert_eq!(letters.len(), 2);
-        assert!(!fold.dead_letters_reach(1), "taken with the changes");
+        assert!(!fold.changes_reach(1), "taken with the changes");
+    }
+
+    #[test]
+    fn changed_states_count_once_per_product_plus_the_strings_they_take_on() {
+        let mut fold = Fold::new(10, 1 << 20);
+        let created = |id: u32, name: &str| {
+            format!(
+                r#"{{"eventType":"ProductCreated","timestamp":{id},"data":{{"productId":{id},"sellerId":"s","name":"{name}","price":1,"quantity":50}}}}"#
+            )
+        };
+        let updated = |id: u32, ts: u32, name: &str| {
+            format!(
+                r#"{{"eventType":"ProductUpdated","timestamp":{ts},"data":{{"productId":{id},"sellerId":"s","name":"{name}","changes":{{"price":{{"old":1,"new":{ts}}}}}}}}}"#
+            )
+        };
+        let mut offset = 0;
+        let mut apply = |fold: &mut Fold, events: &[String]| {
+            let mut b = EventBatch::new(0, "test".into());
+            for e in events {
+                b.push(offset, e.as_bytes());
+                offset += 1;
+            }
+            assert_eq!(fold.apply_batch(&b).applied, events.len() as u64);
+        };
+        let big = "n".repeat(10_000);
+        apply(&mut fold, &[created(1, &big), created(2, "small")]);
+        let counted = fold.shards[&0].dirty_state_bytes;
+        assert!((10_005..10_500).contains(&counted), "{counted}");
+        // Updates of dirty products that keep their strings add nothing...
+        let same: Vec<String> = (10..20).map(|ts| updated(1, ts, &big)).collect();
+        apply(&mut fold, &same);
+        assert_eq!(fold.shards[&0].dirty_state_bytes, counted);
+        // ...a name one takes on adds its length.
+        apply(&mut fold, &[updated(2, 30, &"m".repeat(15_000))]);
+        assert_eq!(fold.shards[&0].dirty_state_bytes, counted + 15_000);
+        assert!(fold.changes_reach(25_000) && !fold.changes_reach(30_000));
+        fold.take_changes().unwrap();
+        assert!(!fold.changes_reach(1), "taken with the changes");
     }
 
     #[test]

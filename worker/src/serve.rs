@@ -21,17 +21,19 @@ pub enum ServeError {
 struct Configured {
     fold: Fold,
     part_bytes: usize,
-    /// Changes taken early (see `SEAL_DEAD_LETTER_BYTES`), oldest first:
+    /// Changes taken early (see `SEAL_CHANGE_BYTES`), oldest first:
     /// each is a consistent state of its shards, answered before the rest
     /// at the next flush, each in parts of its own.
     sealed: Vec<Vec<proto::ShardChanges>>,
 }
 
-/// Dead letters of one shard at which the worker takes its changes without
-/// waiting for the flush, so that no shard's answer outgrows a frame (64
-/// MiB): 500,000 malformed lines of 100 bytes in one shard, asked for in
-/// one flush, used to make an answer the supervisor could not decode.
-const SEAL_DEAD_LETTER_BYTES: usize = 16 << 20;
+/// Changes of one shard (dead letters and changed states) at which the
+/// worker takes them without waiting for the flush, so that no shard's
+/// answer outgrows a frame (64 MiB): 500,000 malformed lines of 100 bytes,
+/// or 4,400 products with 16 KiB names changed by small updates, in one
+/// shard and asked for in one flush, used to make an answer the supervisor
+/// could not decode.
+const SEAL_CHANGE_BYTES: usize = 16 << 20;
 
 /// Serves the supervisor until it closes the channel.
 pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
@@ -74,7 +76,7 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
             ToWorker::Events(batch) => {
                 let c = configured_for(&mut configured, "Events")?;
                 c.fold.apply_batch(&batch);
-                if c.fold.dead_letters_reach(SEAL_DEAD_LETTER_BYTES) {
+                if c.fold.changes_reach(SEAL_CHANGE_BYTES) {
                     let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
                     c.sealed.push(changes);
                 }
