@@ -190,8 +190,12 @@ fn write_table(
     rows: &[Vec<String>],
     right: &[bool],
 ) -> io::Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -216,15 +220,45 @@ fn write_table(
         text.trim_end().to_string()
     };
     writeln!(out, "{}", line(&mut header.iter().copied()))?;
-    for row in rows {
+    for row in &rows {
         writeln!(out, "{}", line(&mut row.iter().map(String::as_str)))?;
     }
     Ok(())
 }
 
+/// A cell as it may reach a terminal: names and ids come from the events,
+/// so control characters (a newline, an escape sequence) are shown escaped
+/// rather than breaking the table or driving the operator's terminal.
+fn printable(cell: &str) -> String {
+    if !cell.chars().any(char::is_control) {
+        return cell.to_string();
+    }
+    cell.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_in_cells_are_shown_escaped() {
+        let mut out = Vec::new();
+        let rows = vec![vec!["a\nb\u{1b}[31mred".to_string(), "x".to_string()]];
+        write_table(&mut out, &["name", "id"], &rows, &[false, false]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("a\\nb\\u{1b}[31mred"), "{text}");
+        assert!(!text.contains('\u{1b}'));
+    }
+
     use crate::store::{EmbeddedStore, StoreOptions};
 
     const T0: i64 = 1_696_176_060_000;
