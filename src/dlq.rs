@@ -126,12 +126,13 @@ impl KafkaDlq {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        // (letter, how many cuts were applied to it so far)
-        let mut todo: Vec<(usize, usize)> = (0..letters.len()).map(|i| (i, 0)).collect();
+        // How many cuts each letter's event has had so far.
+        let mut cuts = vec![0usize; letters.len()];
+        let mut todo: Vec<usize> = (0..letters.len()).collect();
         while !todo.is_empty() {
             let mut too_large: Vec<usize> = Vec::new();
-            for &(i, cuts) in &todo {
-                if !self.send(i, letters[i], cuts)? {
+            for &i in &todo {
+                if !self.send(i, letters[i], cuts[i])? {
                     too_large.push(i);
                 }
             }
@@ -157,27 +158,24 @@ impl KafkaDlq {
             if other > 0 {
                 return Err(DlqError::Undelivered { failed: other });
             }
-            let cuts_of = |i: usize| todo.iter().find(|t| t.0 == i).map_or(0, |t| t.1);
-            let mut next = Vec::with_capacity(too_large.len());
-            for i in too_large {
-                let cuts = cuts_of(i) + 1;
-                if cuts > RAW_CUTS.len() {
+            for &i in &too_large {
+                cuts[i] += 1;
+                let Some(&kept) = RAW_CUTS.get(cuts[i] - 1) else {
                     return Err(DlqError::TooLarge {
                         topic: self.topic.clone(),
                         kept: RAW_CUTS[RAW_CUTS.len() - 1],
                     });
-                }
+                };
                 tracing::warn!(
                     source.topic = %letters[i].stream,
                     source.partition = letters[i].shard,
                     source.offset = letters[i].offset,
                     bytes = letters[i].raw.len(),
-                    kept = RAW_CUTS[cuts - 1],
+                    kept,
                     "a dead letter was refused as too large; publishing the first bytes of its event"
                 );
-                next.push((i, cuts));
             }
-            todo = next;
+            todo = too_large;
         }
         Ok(())
     }

@@ -504,6 +504,14 @@ fn run_with_defaults(data: &Path, input: &Path) -> Command {
     c
 }
 
+/// `analytics run` with the default flush settings over `input` rejects
+/// nothing, restarts nothing, and stores the straight fold's records.
+fn assert_runs_cleanly(data: &Path, input: &Path) {
+    let out = finish(run_with_defaults(data, input).spawn().expect("spawn run"));
+    assert_eq!(summary_line(&out, "rejected:"), "rejected: 0");
+    assert_burst_folded(&out, data, input, 0);
+}
+
 /// The run had `restarts` restarts and the straight fold's records.
 fn assert_burst_folded(out: &Output, data: &Path, input: &Path, restarts: u32) {
     assert_eq!(
@@ -519,10 +527,7 @@ fn a_burst_of_products_with_large_names_is_flushed_in_frames_that_fit() {
     // carry: the supervisor asks for a flush every 24 MiB of a shard's events.
     let dir = tempfile::tempdir().expect("tempdir");
     let input = large_names(dir.path(), 72);
-    let data = dir.path().join("data");
-    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
-    assert_eq!(summary_line(&out, "rejected:"), "rejected: 0");
-    assert_burst_folded(&out, &data, &input, 0);
+    assert_runs_cleanly(&dir.path().join("data"), &input);
 }
 
 #[test]
@@ -534,8 +539,7 @@ fn a_shard_of_large_states_is_restored_in_chunks_that_fit() {
     let input = large_names(dir.path(), 72);
     let data = dir.path().join("data");
     for _ in 0..2 {
-        let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
-        assert_burst_folded(&out, &data, &input, 0);
+        assert_runs_cleanly(&data, &input);
     }
 }
 
@@ -557,10 +561,7 @@ fn small_updates_of_products_with_large_names_are_answered_in_frames_that_fit() 
             ),
         }
     });
-    let data = dir.path().join("data");
-    let out = finish(run_with_defaults(&data, &input).spawn().expect("spawn run"));
-    assert_eq!(summary_line(&out, "rejected:"), "rejected: 0");
-    assert_burst_folded(&out, &data, &input, 0);
+    assert_runs_cleanly(&dir.path().join("data"), &input);
 }
 
 #[test]

@@ -222,6 +222,10 @@ impl ShardState {
     }
 }
 
+/// A bound on what a product's state and id take encoded besides their
+/// strings (versions, numbers, length prefixes).
+pub const STATE_FIXED_BYTES: usize = 160;
+
 /// A little more than a product's encoded size: its strings and a bound on
 /// the rest.
 fn encoded_size_hint(id: &ProductId, state: &ProductState) -> usize {
@@ -230,7 +234,7 @@ fn encoded_size_hint(id: &ProductId, state: &ProductState) -> usize {
         ProductId::Num(_) => 0,
         ProductId::Text(s) => s.len(),
     };
-    160 + id + text(&state.seller) + text(&state.category) + text(&state.name)
+    STATE_FIXED_BYTES + id + text(&state.seller) + text(&state.category) + text(&state.name)
 }
 
 /// What changed in one shard since the previous flush, as absolute values.

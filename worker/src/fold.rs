@@ -363,19 +363,24 @@ fn capped_detail(mut detail: String) -> Box<str> {
 /// A little more than a product's state takes encoded (with its id): its
 /// strings and a bound on the rest.
 fn state_size_hint(strings: &Interner, key: ProductKey, p: &Product) -> usize {
-    let len = |sym: Sym| {
-        if sym == NO_SYM {
-            0
-        } else {
-            strings.name(sym).len()
-        }
-    };
     let id = if key.0 & TEXT_ID == 0 {
         0
     } else {
-        len((key.0 & !TEXT_ID) as Sym)
+        sym_len(strings, (key.0 & !TEXT_ID) as Sym)
     };
-    160 + id + len(p.seller) + len(p.category) + p.name.as_deref().map_or(0, str::len)
+    proto::STATE_FIXED_BYTES
+        + id
+        + sym_len(strings, p.seller)
+        + sym_len(strings, p.category)
+        + p.name.as_deref().map_or(0, str::len)
+}
+
+fn sym_len(strings: &Interner, sym: Sym) -> usize {
+    if sym == NO_SYM {
+        0
+    } else {
+        strings.name(sym).len()
+    }
 }
 
 /// What a dead letter takes in memory once decoded, which is what a frame's
@@ -465,18 +470,11 @@ impl ShardFold {
             self.dirty_products.push(i);
             self.dirty_state_bytes += state_size_hint(strings, key, p);
         } else if was_dirty {
-            let len = |sym: Sym| {
-                if sym == NO_SYM {
-                    0
-                } else {
-                    strings.name(sym).len()
-                }
-            };
             if p.seller != seller_before {
-                self.dirty_state_bytes += len(p.seller);
+                self.dirty_state_bytes += sym_len(strings, p.seller);
             }
             if p.category != category_before {
-                self.dirty_state_bytes += len(p.category);
+                self.dirty_state_bytes += sym_len(strings, p.category);
             }
             if name_replaced {
                 self.dirty_state_bytes += p.name.as_deref().map_or(0, str::len);
