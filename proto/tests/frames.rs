@@ -322,6 +322,20 @@ fn event_batch(events: usize) -> EventBatch {
     b
 }
 
+#[test]
+fn an_exact_frame_is_the_usual_frame_in_a_buffer_of_its_size() {
+    // The batch the Kafka source hands over: timestamps make its metadata
+    // larger than an estimate from the payload alone.
+    let msg = ToWorker::Events(timed_event_batch(1024));
+    let exact = frame::encode_exact(&msg).expect("encodes");
+    let mut usual = Vec::new();
+    frame::encode_into(&msg, &mut usual).expect("encodes");
+    assert_eq!(exact, usual);
+    assert_eq!(exact.capacity(), exact.len(), "no spare room, no growth");
+    let decoded: ToWorker = frame::decode(&exact[4..]).expect("decodes");
+    assert_eq!(decoded, msg);
+}
+
 // ---------------------------------------------------------------------------
 // Round trips
 

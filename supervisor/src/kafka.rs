@@ -41,6 +41,10 @@ const BATCH_EVENTS: usize = 1024;
 /// A batch is handed over once its payload reaches this many bytes, so its
 /// frame stays far below the frame limit even with large messages.
 const BATCH_BYTES: usize = 8 << 20;
+/// Room reserved for a new batch's payload: events of up to 1 KiB fill a
+/// batch without growing it (each growth copied the payload so far into
+/// fresh pages).
+const BATCH_RESERVE_BYTES: usize = 1 << 20;
 /// A partly filled batch is handed over after this long.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
 /// How long a revoke waits for the tree to make the revoked shards durable.
@@ -385,7 +389,16 @@ fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
                     let batch = held
                         .batches
                         .entry((shard, topic.clone()))
-                        .or_insert_with(|| EventBatch::new(shard, Box::from(&*topic)));
+                        .or_insert_with(|| {
+                            let mut b = EventBatch::with_capacity(
+                                shard,
+                                Box::from(&*topic),
+                                BATCH_EVENTS,
+                                BATCH_RESERVE_BYTES,
+                            );
+                            b.timestamps.reserve(BATCH_EVENTS);
+                            b
+                        });
                     // A tombstone (no value) is an empty event: dead-lettered.
                     // The broker's timestamp dates the event archive's objects.
                     let timestamp = msg.timestamp().to_millis().unwrap_or(NO_TIMESTAMP);

@@ -22,7 +22,7 @@ use crate::service::{Health, Service};
 use crate::shutdown::Shutdown;
 use crate::source::{FileSource, SourceMsg};
 use crate::spawn::spawn_child;
-use proto::frame::{FrameError, encode_into};
+use proto::frame::{FrameError, encode_exact};
 use proto::{
     FromStorage, FromWorker, Offset, Position, RequestId, Role, Shard, ShardChanges, ToStorage,
     ToWorker, WorkerConfig,
@@ -308,7 +308,6 @@ struct Tree {
     events_of_last_batch: u64,
     /// The input ended or shutdown began: flush until everything is durable.
     draining: bool,
-    encode_buf: Vec<u8>,
     service: Service,
 }
 
@@ -355,26 +354,20 @@ impl Tree {
             snapshot_sent_at: None,
             events_of_last_batch: 0,
             draining: false,
-            encode_buf: Vec::new(),
             service,
         }
     }
 
-    fn encode<T: serde::Serialize>(&mut self, msg: &T) -> Arc<Vec<u8>> {
-        self.encode_sized(msg, 0)
-    }
-
-    /// [`Self::encode`] into a buffer with room for `size` bytes: a frame
-    /// of events is as large as their payload, and growing the buffer to
-    /// it copied each byte about once more.
-    fn encode_sized<T: serde::Serialize>(&mut self, msg: &T, size: usize) -> Arc<Vec<u8>> {
-        self.encode_buf.reserve(size);
+    /// One frame of `msg`, in a buffer of exactly its size (see
+    /// [`encode_exact`]), shared by every link and queue that sends it.
+    fn encode<T: serde::Serialize>(&self, msg: &T) -> Arc<Vec<u8>> {
         // Messages of the wire's own types always encode; a failure here is a
-        // frame above the maximum, which chunking upstream prevents.
-        if let Err(e) = encode_into(msg, &mut self.encode_buf) {
+        // frame above the maximum, which chunking upstream prevents. An
+        // empty frame writes nothing.
+        Arc::new(encode_exact(msg).unwrap_or_else(|e| {
             tracing::error!(error = %e, "message does not encode");
-        }
-        Arc::new(std::mem::take(&mut self.encode_buf))
+            Vec::new()
+        }))
     }
 
     fn id(&mut self) -> RequestId {
@@ -684,8 +677,7 @@ impl Tree {
         let events = self.events_of_last_batch;
         self.service.telemetry().events_consumed(events);
         let payload = batch.payload.len();
-        let size = payload + batch.len() * 16 + batch.stream.len() + 64;
-        let frame = self.encode_sized(&ToWorker::Events(batch), size);
+        let frame = self.encode(&ToWorker::Events(batch));
         self.ledger.push(shard, stream, last, events, frame.clone());
         let i = worker_for_shard(shard, self.cfg.workers);
         let w = &mut self.workers[i];
