@@ -3,7 +3,7 @@
 //! item model; this enum lets the storage process, `query` and `export` use
 //! whichever is configured without knowing which.
 
-use crate::archive::{EventRange, write_event_range, write_metric_snapshot};
+use crate::archive::{write_event_range, write_metric_snapshot};
 use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::store::{EmbeddedStore, History, StoreError, WriteStats};
 use analytics_worker::records::MetricRecord;
@@ -124,16 +124,13 @@ impl Backend {
     /// offset (see `crate::archive`).
     pub async fn archive_events(
         &self,
-        events: &EventRange,
-        body: &[u8],
+        events: &proto::ArchivedEvents,
         clean: bool,
     ) -> Result<String, BackendError> {
         Ok(match self {
-            Backend::Embedded { archive_dir, .. } => {
-                write_event_range(archive_dir, events, body, clean)
-                    .map_err(BackendError::ArchiveEvents)?
-            }
-            Backend::Aws(store) => store.put_event_range(events, body, clean).await?,
+            Backend::Embedded { archive_dir, .. } => write_event_range(archive_dir, events, clean)
+                .map_err(BackendError::ArchiveEvents)?,
+            Backend::Aws(store) => store.put_event_range(events, clean).await?,
         })
     }
 

@@ -606,6 +606,8 @@ fn run_tree(
             low_stock_threshold: args.low_stock_threshold,
             max_event_bytes: args.max_event_bytes,
             answer_part_bytes: args.answer_part_bytes,
+            // Set by the tree from its source.
+            archive_events: false,
         },
         flush_interval: Duration::from_millis(args.flush_interval_ms.max(1)),
         flush_max_events: args.flush_max_events,

@@ -4,9 +4,10 @@
 //! The process does one thing at a time, in request order: the supervisor
 //! relies on writes being answered in order.
 //!
-//! In Kafka mode a write is preceded by `Archive` messages holding the raw
-//! events it covers; they are archived (`crate::archive`) before the write
-//! commits, so every event the store has applied is in the archive.
+//! In Kafka mode a write carries the raw event archive's objects of the
+//! events it covers, as the workers built them; they are stored
+//! (`crate::archive`) before the write commits, so every event the store
+//! has applied is in the archive.
 //!
 //! While the store is unreachable (the AWS store's own retries ran out on
 //! an outage) a request is retried here, with capped exponential backoff
@@ -15,16 +16,12 @@
 //! would not help. Only the embedded store's retryable errors (a busy lock)
 //! are reported back, so the supervisor can replace the process.
 
-use crate::archive::{EventRange, encode_event_ranges};
 use crate::aws_store::retry::{Backoff, random_u64, retry};
 use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::backend::{Backend, BackendError};
 use crate::dlq::KafkaDlq;
 use anyhow::Context;
-use proto::{
-    EventBatch, FrameError, FromStorage, RequestId, Role, Shard, ShardChanges, ToStorage,
-    WriteReport,
-};
+use proto::{FrameError, FromStorage, Role, Shard, ShardChanges, ToStorage, WriteReport};
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -66,7 +63,7 @@ pub async fn serve(
         "storage connected to the supervisor"
     );
     let mut last_refresh = refresh(&mut store, now_ms()).await;
-    let mut archive = ArchiveQueue::default();
+    let mut archive = ArchiveState::default();
     loop {
         let request = match rx.recv().await {
             Ok(request) => request,
@@ -146,51 +143,30 @@ async fn until_done<I: ?Sized + Sync, T>(
     }
 }
 
-/// Raw events waiting for the write that covers them.
+/// Which topic-partitions have had a range archived.
 #[derive(Default)]
-struct ArchiveQueue {
-    waiting: Vec<(RequestId, EventBatch)>,
+struct ArchiveState {
     /// Topic-partitions archived since this process started, or since their
     /// shard was last loaded: their next range needs no clean-up.
     continued: HashSet<(Box<str>, Shard)>,
 }
 
-impl ArchiveQueue {
-    /// The ranges of write `id`, one per topic-partition (a range's chunks
-    /// kept apart: the encoder reads them in order); anything older is
-    /// dropped.
-    fn take(&mut self, id: RequestId) -> Vec<EventRange> {
-        let mut ranges: Vec<EventRange> = Vec::new();
-        for (write, chunk) in std::mem::take(&mut self.waiting) {
-            if write != id {
-                tracing::warn!(write, id, "archive events of another write; dropped");
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(range) if range.continues_with(&chunk) => range.push(chunk),
-                _ => ranges.push(EventRange::from(chunk)),
-            }
-        }
-        ranges
-    }
-}
-
-/// Archives the ranges of one write, waiting out outages like a write.
+/// Stores the archive objects a write carries, waiting out outages like a
+/// write.
 async fn archive_ranges(
     store: &mut Backend,
-    queue: &mut ArchiveQueue,
-    ranges: &[EventRange],
+    state: &mut ArchiveState,
+    changes: &[ShardChanges],
 ) -> Result<(), BackendError> {
-    let bodies = encode_event_ranges(ranges).map_err(BackendError::ArchiveEvents)?;
-    for (range, body) in ranges.iter().zip(&bodies) {
-        let partition: (Box<str>, Shard) = (range.stream().into(), range.shard());
-        let clean = !queue.continued.contains(&partition);
-        let key = until_done(store, "archive events", &(range, &body[..]), |s, (r, b)| {
-            Box::pin(s.archive_events(r, b, clean))
+    for range in changes.iter().flat_map(|c| &c.archive) {
+        let partition: (Box<str>, Shard) = (range.stream.clone(), range.shard);
+        let clean = !state.continued.contains(&partition);
+        let key = until_done(store, "archive events", range, |s, r| {
+            Box::pin(s.archive_events(r, clean))
         })
         .await?;
-        tracing::debug!(key, events = range.len(), "events archived");
-        queue.continued.insert(partition);
+        tracing::debug!(key, events = range.events, "events archived");
+        state.continued.insert(partition);
     }
     Ok(())
 }
@@ -198,15 +174,11 @@ async fn archive_ranges(
 async fn handle(
     store: &mut Backend,
     dlq: Option<&KafkaDlq>,
-    archive: &mut ArchiveQueue,
+    archive: &mut ArchiveState,
     request: ToStorage,
     now: i64,
 ) -> Vec<FromStorage> {
     match request {
-        ToStorage::Archive { write, events } => {
-            archive.waiting.push((write, events));
-            Vec::new()
-        }
         ToStorage::Load { id, shard } => {
             // Whoever owned the shard before may have left an uncommitted range.
             archive.continued.retain(|(_, s)| *s != shard);
@@ -223,8 +195,7 @@ async fn handle(
             }
         }
         ToStorage::Write { id, mut changes } => {
-            let ranges = archive.take(id);
-            if let Err(e) = archive_ranges(store, archive, &ranges).await {
+            if let Err(e) = archive_ranges(store, archive, &changes).await {
                 let retryable = e.is_retryable();
                 return vec![failed(id, "write", "event archive".into(), &e, retryable)];
             }

@@ -179,6 +179,7 @@ fn changes(
         low_stock,
         entities,
         dead_letters: vec![],
+        archive: vec![],
     }
 }
 

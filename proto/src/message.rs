@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -46,6 +46,9 @@ pub struct WorkerConfig {
     /// Bytes of changes per part of a flush answer (see
     /// [`FromWorker::Changes`]).
     pub answer_part_bytes: u32,
+    /// Build the raw event archive (DESIGN §6) of the events applied:
+    /// [`ShardChanges::archive`]. On for a Kafka source.
+    pub archive_events: bool,
 }
 
 /// Raw event values of one shard and stream, packed into one buffer:
@@ -248,6 +251,9 @@ pub struct ShardChanges {
     pub low_stock: Vec<LowStockChange>,
     pub entities: Vec<(EntityKey, EntityTotals)>,
     pub dead_letters: Vec<DeadLetter>,
+    /// The archive objects of the events these changes newly cover, one
+    /// per stream (when the worker archives events).
+    pub archive: Vec<ArchivedEvents>,
 }
 
 impl ShardChanges {
@@ -257,7 +263,26 @@ impl ShardChanges {
             && self.low_stock.is_empty()
             && self.entities.is_empty()
             && self.dead_letters.is_empty()
+            && self.archive.is_empty()
     }
+}
+
+/// The consumed events of one stream (topic) of a shard (partition) that
+/// one write covers, as the archive object that holds them (DESIGN §6):
+/// gzip JSON lines, built by the worker, which has the events and has
+/// parsed them already. Storage stores it before the write commits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedEvents {
+    pub stream: Box<str>,
+    pub shard: Shard,
+    pub first_offset: Offset,
+    pub last_offset: Offset,
+    /// The first event's source timestamp (epoch ms, 0 when it had none):
+    /// the object's date, so a retried write lands on the same key.
+    pub time_ms: i64,
+    pub events: u64,
+    #[serde(with = "crate::model::bytes")]
+    pub gzip: Vec<u8>,
 }
 
 /// Product states, encoded once by the worker: the bytes of a
@@ -397,14 +422,6 @@ pub enum ToStorage {
     },
     /// Write a snapshot of every metric record to the archive.
     Snapshot { id: RequestId },
-    /// Raw events for the event archive (DESIGN §6), one topic-partition's
-    /// events of one range per message (a large range comes in several, in
-    /// offset order). Not answered: storage archives them before it commits
-    /// the `Write` with id `write`, which follows.
-    Archive {
-        write: RequestId,
-        events: EventBatch,
-    },
 }
 
 /// What a storage process did besides the write itself, for telemetry:

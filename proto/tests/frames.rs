@@ -297,6 +297,15 @@ fn shard_changes(shard: Shard) -> ShardChanges {
             detail: "expected value at line 1 column 1".into(),
             raw: b"{not json".to_vec(),
         }],
+        archive: vec![ArchivedEvents {
+            stream: "product.created/0".into(),
+            shard,
+            first_offset: 5,
+            last_offset: 7,
+            time_ms: 1_696_176_060_000,
+            events: 3,
+            gzip: vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
+        }],
     }
 }
 
@@ -357,6 +366,7 @@ async fn to_worker_round_trip() {
             low_stock_threshold: 10,
             max_event_bytes: 1 << 20,
             answer_part_bytes: 16 << 20,
+            archive_events: true,
         }),
         ToWorker::Restore(ShardState {
             shard: 2,
@@ -433,10 +443,6 @@ async fn to_storage_round_trip() {
             changes: vec![],
         },
         ToStorage::Snapshot { id: 4 },
-        ToStorage::Archive {
-            write: 5,
-            events: timed_event_batch(3),
-        },
     ];
     round_trip(tx, rx, msgs).await;
 }

@@ -90,7 +90,7 @@ pub mod state;
 pub use error::AwsStoreError;
 
 use crate::archive::{
-    EventRange, encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
+    encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
 };
 use crate::store::{
     CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
@@ -1509,16 +1509,15 @@ impl AwsStore {
         Ok(key)
     }
 
-    /// Archives one topic-partition's range of events, encoded as `body`
-    /// (`crate::archive::encode_event_range`), and returns its key. With
+    /// Archives one topic-partition's range of events, as the worker built
+    /// it (`analytics_worker::archive`), and returns its key. With
     /// `clean`, other objects of ranges with the same first offset (left by
     /// a write that never committed) are deleted first: one
     /// `ListObjectsV2`, on the first range of a partition after a (re)start
     /// only.
     pub async fn put_event_range(
         &self,
-        events: &EventRange,
-        body: &[u8],
+        events: &proto::ArchivedEvents,
         clean: bool,
     ) -> Result<String, AwsStoreError> {
         let (Some(key), Some(prefix)) = (event_range_key(events), event_range_prefix(events))
@@ -1536,7 +1535,7 @@ impl AwsStore {
                 }
             }
         }
-        self.put_archive_object(&key, body.to_vec()).await?;
+        self.put_archive_object(&key, events.gzip.clone()).await?;
         Ok(key)
     }
 

@@ -90,22 +90,6 @@ impl Ledger {
             .flat_map(|s| s.pending.iter().map(|p| &p.frame))
     }
 
-    /// Frames of one stream not yet acknowledged that hold events after
-    /// `after`, oldest first.
-    pub fn pending_of<'a>(
-        &'a self,
-        shard: Shard,
-        stream: &'a str,
-        after: Offset,
-    ) -> impl Iterator<Item = &'a Arc<Vec<u8>>> {
-        self.shards.get(&shard).into_iter().flat_map(move |s| {
-            s.pending
-                .iter()
-                .filter(move |p| &*p.stream == stream && p.last_offset > after)
-                .map(|p| &p.frame)
-        })
-    }
-
     pub fn buffered_bytes(&self) -> usize {
         self.bytes
     }

@@ -4,8 +4,6 @@
 //! - [`tree`]: the loop that spawns, routes, flushes, acknowledges and
 //!   restarts;
 //! - [`ledger`]: what was sent but not yet made durable, per shard;
-//! - [`archive`]: which consumed events each write hands storage for the
-//!   raw event archive;
 //! - [`source`]: the embedded source, a JSON-lines file or stdin;
 //! - [`kafka`]: the Kafka source, a consumer in a consumer group;
 //! - [`route`]: the backend's partitioner and shard → worker routing;
@@ -17,7 +15,6 @@
 //! - [`telemetry`]: the metrics and their Prometheus text format;
 //! - [`endpoint`]: the HTTP endpoint serving `/metrics`, `/health`, `/ready`.
 
-pub mod archive;
 pub mod endpoint;
 pub mod kafka;
 pub mod ledger;

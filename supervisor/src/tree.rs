@@ -13,7 +13,6 @@
 //!   gets fewer, larger writes (a changed entity is written once per write,
 //!   however many events changed it) instead of a growing queue of small ones.
 
-use crate::archive::EventArchive;
 use crate::kafka::{KafkaHandle, KafkaSettings, RevokeDone, SourceCmd};
 use crate::ledger::Ledger;
 use crate::restart::{Intensity, RestartPolicy, TooManyRestarts};
@@ -214,8 +213,6 @@ struct WorkerState {
 struct PendingWrite {
     /// The worker whose flush answer it is.
     worker: usize,
-    /// The raw events it archives (Kafka mode), sent before `frame`.
-    archive: Vec<Arc<Vec<u8>>>,
     frame: Arc<Vec<u8>>,
     positions: Vec<(Shard, Vec<Position>)>,
     reasons: Vec<Box<str>>,
@@ -246,11 +243,14 @@ pub enum Source {
 /// Runs the tree until the input is consumed and everything is durable, or
 /// until shutdown is requested.
 pub async fn run(
-    cfg: TreeConfig,
+    mut cfg: TreeConfig,
     source: Source,
     shutdown: Shutdown,
     service: Service,
 ) -> Result<RunSummary, TreeError> {
+    // Consumed events are archived (DESIGN §6); the workers build the
+    // objects, storage stores them with the writes that cover them.
+    cfg.worker.archive_events = matches!(source, Source::Kafka(_));
     let stream = match &source {
         Source::File(f) => f.stream.clone(),
         Source::Kafka(_) => String::new(),
@@ -293,8 +293,6 @@ struct Tree {
     /// Revokes waiting until their shards are durable.
     revoking: Vec<(BTreeSet<Shard>, RevokeDone)>,
     kafka: Option<KafkaHandle>,
-    /// Kafka mode: which consumed events each write archives.
-    archive: Option<EventArchive>,
     /// Stream names as shared strings, for the ledger.
     streams: std::collections::HashMap<Box<str>, Arc<str>>,
     initial_loads_left: usize,
@@ -334,7 +332,6 @@ impl Tree {
             owned,
             revoking: Vec::new(),
             kafka: None,
-            archive: None,
             streams: std::collections::HashMap::new(),
             cfg,
             stream: stream.into(),
@@ -397,7 +394,6 @@ impl Tree {
                 let handle = crate::kafka::start(&settings, source_tx, source_stop.clone())?;
                 self.service.telemetry().set_lag_table(handle.lag.clone());
                 self.kafka = Some(handle);
-                self.archive = Some(EventArchive::default());
                 None
             }
         };
@@ -761,9 +757,6 @@ impl Tree {
             for shard in shards {
                 self.owned.remove(&shard);
                 self.ledger.forget(shard);
-                if let Some(archive) = &mut self.archive {
-                    archive.forget(shard);
-                }
                 let frame = self.encode(&ToWorker::Release { shard });
                 if let Some(l) = &self.workers[worker_for_shard(shard, self.cfg.workers)]
                     .slot
@@ -903,24 +896,14 @@ impl Tree {
             .iter()
             .flat_map(|c| c.dead_letters.iter().map(|d| d.reason.clone()))
             .collect();
-        let archived = match &mut self.archive {
-            Some(archive) => archive.take(&self.ledger, &changes),
-            None => Vec::new(),
-        };
-        let archive: Vec<_> = archived
-            .into_iter()
-            .map(|events| self.encode(&ToStorage::Archive { write: id, events }))
-            .collect();
         let frame = self.encode(&ToStorage::Write { id, changes });
         if let Some(l) = &self.storage.link {
-            archive.iter().for_each(|f| l.send(f.clone()));
             l.send(frame.clone());
         }
         self.writes.insert(
             id,
             PendingWrite {
                 worker,
-                archive,
                 frame,
                 positions,
                 reasons,
@@ -978,9 +961,6 @@ impl Tree {
                     self.loads.remove(&id);
                 }
                 self.ledger.ack(shard, &state.positions);
-                if let Some(archive) = &mut self.archive {
-                    archive.restored(shard, &state.positions);
-                }
                 if let Some(p) = state.positions.iter().find(|p| *p.stream == *self.stream) {
                     self.resume.insert(shard, p.offset);
                 }
@@ -1082,20 +1062,14 @@ impl Tree {
                 Role::Storage,
             )
             .await?;
-        // Unanswered requests, in their original order (a write after the
-        // events it archives: the same frames, so the same object names).
+        // Unanswered requests, in their original order (a write with the
+        // same archive objects, so the same object names).
         let mut resend: Vec<(RequestId, Arc<Vec<u8>>)> = self
             .writes
             .iter()
-            .flat_map(|(&id, w)| {
-                w.archive
-                    .iter()
-                    .chain([&w.frame])
-                    .map(move |f| (id, f.clone()))
-            })
+            .map(|(&id, w)| (id, w.frame.clone()))
             .collect();
         resend.extend(self.loads.iter().map(|(&id, l)| (id, l.frame.clone())));
-        // Stable: a write's archive frames stay before the write.
         resend.sort_by_key(|(id, _)| *id);
         for (_, frame) in resend {
             link.send(frame);

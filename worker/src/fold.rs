@@ -12,6 +12,7 @@
 //! A shard also remembers the last applied offset of each stream: events at
 //! or below it are skipped, which is how replays after a restore are absorbed.
 
+use crate::archive::RangeWriter;
 use crate::decode::{Event, EventKind, Rejection, decode};
 use crate::intern::{Interner, Sym};
 use crate::records::{LowStockRecord, MetricRecord, Money};
@@ -84,6 +85,12 @@ struct ShardFold {
     /// About what the states of `dirty_products` take encoded: each counted
     /// when it turns dirty, plus any string it takes on after that.
     dirty_state_bytes: usize,
+    /// The archive objects of the events applied since the last take, one
+    /// per stream (when the fold archives events).
+    archive: Vec<RangeWriter>,
+    /// Archiving an event failed (compressing into memory: not expected);
+    /// the next take reports it.
+    archive_error: Option<std::io::Error>,
 }
 
 /// Counts of one `apply_batch`.
@@ -97,6 +104,7 @@ pub struct BatchStats {
 pub struct Fold {
     low_stock_threshold: i64,
     max_event_bytes: usize,
+    archive_events: bool,
     strings: Interner,
     shards: BTreeMap<Shard, ShardFold>,
 }
@@ -106,9 +114,16 @@ impl Fold {
         Fold {
             low_stock_threshold,
             max_event_bytes,
+            archive_events: false,
             strings: Interner::default(),
             shards: BTreeMap::new(),
         }
+    }
+
+    /// From now on, also build the raw event archive of the events applied
+    /// or rejected ([`ShardChanges::archive`]).
+    pub fn archive_events(&mut self) {
+        self.archive_events = true;
     }
 
     /// Folds a batch of raw event values. Bad events become dead letters.
@@ -116,23 +131,38 @@ impl Fold {
         let mut stats = BatchStats::default();
         let shard = self.shards.entry(batch.shard).or_default();
         let pos = position_slot(&mut shard.positions, &batch.stream);
-        for (offset, bytes) in batch.iter() {
+        let mut archiving = self.archive_events;
+        // The stream's archive object, started at its first event.
+        let mut archive = None;
+        for (i, (offset, bytes)) in batch.iter().enumerate() {
             if offset <= shard.positions[pos].1 {
                 stats.skipped += 1;
                 continue;
             }
             shard.positions[pos].1 = offset;
             shard.positions[pos].2 = true;
-            match decode(bytes, self.max_event_bytes) {
+            let applied = match decode(bytes, self.max_event_bytes) {
                 Ok(event) => {
                     shard.apply(&mut self.strings, &event, self.low_stock_threshold);
                     stats.applied += 1;
+                    true
                 }
                 Err(rejection) => {
                     let letter = dead_letter(batch, offset, bytes, &rejection);
                     shard.dead_letter_bytes += decoded_size(&letter);
                     shard.dead_letters.push(letter);
                     stats.rejected += 1;
+                    false
+                }
+            };
+            if archiving {
+                let slot = *archive.get_or_insert_with(|| {
+                    archive_slot(&mut shard.archive, &batch.stream, batch.shard)
+                });
+                if let Err(e) = shard.archive[slot].push(offset, batch.timestamp(i), bytes, applied)
+                {
+                    shard.archive_error = Some(e);
+                    archiving = false;
                 }
             }
         }
@@ -143,7 +173,8 @@ impl Fold {
         stats
     }
 
-    /// Some shard's changes (dead letters and changed states) take about
+    /// Some shard's changes (dead letters, changed states and the archive
+    /// of its events) take about
     /// `bytes` or more: the caller should take them now rather than at the
     /// next flush, so that one shard's answer stays far below a frame (a
     /// flush may be asked for only after hundreds of thousands of events;
@@ -152,9 +183,10 @@ impl Fold {
     /// names, each changed by a small update within one flush, made 72 MB
     /// for one shard, more than a frame.
     pub fn changes_reach(&self, bytes: usize) -> bool {
-        self.shards
-            .values()
-            .any(|s| s.dead_letter_bytes + s.dirty_state_bytes >= bytes)
+        self.shards.values().any(|s| {
+            let archive: usize = s.archive.iter().map(RangeWriter::bytes).sum();
+            s.dead_letter_bytes + s.dirty_state_bytes + archive >= bytes
+        })
     }
 
     /// Applies one decoded event to a shard, ignoring positions.
@@ -226,6 +258,13 @@ impl Fold {
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
             s.dead_letter_bytes = 0;
             s.dirty_state_bytes = 0;
+            if let Some(e) = s.archive_error.take() {
+                return Err(e.into());
+            }
+            changes.archive = std::mem::take(&mut s.archive)
+                .into_iter()
+                .map(RangeWriter::finish)
+                .collect::<Result<_, _>>()?;
             if !changes.is_empty() {
                 out.push(changes);
             }
@@ -329,6 +368,17 @@ fn empty_totals() -> EntityTotals {
     EntityTotals {
         last_event_at: -1,
         ..EntityTotals::default()
+    }
+}
+
+/// The index of `stream`'s archive object in `archive`, started if needed.
+fn archive_slot(archive: &mut Vec<RangeWriter>, stream: &str, shard: Shard) -> usize {
+    match archive.iter().position(|w| w.stream() == stream) {
+        Some(i) => i,
+        None => {
+            archive.push(RangeWriter::new(stream, shard));
+            archive.len() - 1
+        }
     }
 }
 
@@ -1045,6 +1095,123 @@ mod tests {
                 skipped: 1
             }
         );
+    }
+
+    /// The offsets of the lines of an archive object.
+    fn archived_offsets(range: &proto::ArchivedEvents) -> Vec<i64> {
+        use std::io::Read;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&range.gzip[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn archive_objects_follow_each_other_without_gaps_or_replays() {
+        let e = |id: u32| {
+            format!(
+                r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":{id},"sellerId":"s","category":"c","price":1,"quantity":1}}}}"#
+            )
+        };
+        let at = |offsets: std::ops::Range<i64>, bad: i64| {
+            let mut b = EventBatch::new(0, "test".into());
+            for o in offsets {
+                let text = if o == bad {
+                    "not json".to_string()
+                } else {
+                    e(o as u32)
+                };
+                b.push_at(o, 1_696_176_060_000 + o, text.as_bytes());
+            }
+            b
+        };
+        let mut fold = Fold::new(10, 1 << 20);
+        fold.archive_events();
+        fold.apply_batch(&at(0..5, 3));
+        fold.apply_batch(&at(5..8, -1));
+        let first = fold.take_changes().unwrap();
+        assert_eq!(first[0].archive.len(), 1);
+        let a = &first[0].archive[0];
+        assert_eq!(
+            (&*a.stream, a.shard, a.first_offset, a.last_offset, a.events),
+            ("test", 0, 0, 7, 8)
+        );
+        assert_eq!(a.time_ms, 1_696_176_060_000);
+        // The rejected event is archived too (as raw text).
+        assert_eq!(archived_offsets(a), (0..8).collect::<Vec<_>>());
+        // A replay of what was applied is not archived again; what follows is.
+        fold.apply_batch(&at(6..10, -1));
+        let second = fold.take_changes().unwrap();
+        assert_eq!(archived_offsets(&second[0].archive[0]), vec![8, 9]);
+        assert_eq!(second[0].archive[0].first_offset, 8);
+        // Nothing new: no object.
+        fold.apply_batch(&at(0..10, -1));
+        assert!(fold.take_changes().unwrap().is_empty());
+        // A restore drops what was not taken: the new owner's replay
+        // archives it.
+        fold.apply_batch(&at(10..12, -1));
+        fold.restore(
+            ShardState {
+                shard: 0,
+                positions: vec![Position {
+                    stream: "test".into(),
+                    offset: 9,
+                }],
+                ..ShardState::default()
+            },
+            true,
+        );
+        fold.apply_batch(&at(10..13, -1));
+        let third = fold.take_changes().unwrap();
+        assert_eq!(archived_offsets(&third[0].archive[0]), vec![10, 11, 12]);
+        // Without archiving (a file source), no objects.
+        let mut plain = Fold::new(10, 1 << 20);
+        plain.apply_batch(&at(0..3, -1));
+        assert!(plain.take_changes().unwrap()[0].archive.is_empty());
+    }
+
+    #[test]
+    fn archived_events_count_toward_an_early_take() {
+        // One product's event again and again (a producer retrying): it
+        // changes no state after the first, but every copy is archived.
+        // An ignored field of pseudo-random letters keeps them from
+        // compressing away.
+        let mut seed = 7u64;
+        let mut noise = || {
+            (0..2000)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    char::from(b'a' + (seed >> 59) as u8)
+                })
+                .collect::<String>()
+        };
+        let mut b = EventBatch::new(0, "test".into());
+        for o in 0..4000 {
+            let e = format!(
+                r#"{{"eventType":"ProductCreated","timestamp":1,"note":"{}","data":{{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}}}"#,
+                noise()
+            );
+            b.push_at(o, 1, e.as_bytes());
+        }
+        let limit = 2 << 20;
+        let mut plain = Fold::new(10, 1 << 20);
+        plain.apply_batch(&b);
+        assert!(!plain.changes_reach(limit), "one product's state is small");
+        let mut fold = Fold::new(10, 1 << 20);
+        fold.archive_events();
+        fold.apply_batch(&b);
+        assert!(fold.changes_reach(limit), "8 MB of events archived");
+        fold.take_changes().unwrap();
+        assert!(!fold.changes_reach(1));
     }
 
     #[test]

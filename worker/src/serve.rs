@@ -27,7 +27,7 @@ struct Configured {
     sealed: Vec<Vec<proto::ShardChanges>>,
 }
 
-/// Changes of one shard (dead letters and changed states) at which the
+/// Changes of one shard (dead letters, changed states, archived events) at which the
 /// worker takes them without waiting for the flush, so that no shard's
 /// answer outgrows a frame (64 MiB): 500,000 malformed lines of 100 bytes,
 /// or 4,400 products with 16 KiB names changed by small updates, in one
@@ -56,8 +56,12 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
         };
         match msg {
             ToWorker::Configure(c) => {
+                let mut fold = Fold::new(c.low_stock_threshold, c.max_event_bytes as usize);
+                if c.archive_events {
+                    fold.archive_events();
+                }
                 configured = Some(Configured {
-                    fold: Fold::new(c.low_stock_threshold, c.max_event_bytes as usize),
+                    fold,
                     part_bytes: c.answer_part_bytes as usize,
                     sealed: Vec::new(),
                 })
@@ -163,7 +167,12 @@ fn approximate_bytes(sc: &proto::ShardChanges) -> usize {
         .iter()
         .map(|d| 64 + d.raw.len() + d.detail.len())
         .sum();
-    sc.products.bytes.len() + low_stock + letters + 64 * (sc.entities.len() + sc.positions.len())
+    let archive: usize = sc.archive.iter().map(|a| 64 + a.gzip.len()).sum();
+    sc.products.bytes.len()
+        + low_stock
+        + letters
+        + archive
+        + 64 * (sc.entities.len() + sc.positions.len())
 }
 
 #[cfg(test)]
