@@ -46,8 +46,9 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Serves one supervisor until it closes the connection (`Ok`) or breaks
-/// the protocol (`Err`: the supervisor replaces this process).
+/// Serves one supervisor until it closes the connection (`Ok`), breaks
+/// the protocol, or a write fails (`Err`: the supervisor replaces this
+/// process).
 pub async fn serve(
     stream: UnixStream,
     mut store: Backend,
@@ -77,10 +78,29 @@ pub async fn serve(
         if now.saturating_sub(last_refresh) >= TTL_REFRESH_MS {
             last_refresh = refresh(&mut store, now).await;
         }
-        for reply in handle(&mut store, dlq.as_ref(), &mut archive, request, now).await {
+        let write = match &request {
+            ToStorage::Write { id, .. } => Some(*id),
+            _ => None,
+        };
+        let replies = handle(&mut store, dlq.as_ref(), &mut archive, request, now).await;
+        let write_failed = write.is_some()
+            && replies
+                .iter()
+                .any(|r| matches!(r, FromStorage::Failed { .. }));
+        for reply in replies {
             tx.send(&reply)
                 .await
                 .context("sending a reply to the supervisor")?;
+        }
+        // Later writes may be queued behind it, some for the same shards:
+        // committing one would move the shard's position past the failed
+        // write's events, and its retry would then be skipped as a replay
+        // (its changes lost). So nothing more is served: the supervisor
+        // starts a new storage process and sends the writes again, in order.
+        if let Some(id) = write
+            && write_failed
+        {
+            anyhow::bail!("write {id} failed; stopping so that no later write commits past it");
         }
     }
 }
@@ -404,6 +424,52 @@ mod tests {
             store,
             archive_dir: dir.join("archive"),
         }
+    }
+
+    #[tokio::test]
+    async fn nothing_after_a_failed_write_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
+        // The first write's archive object cannot be stored: a file stands
+        // where its directory would go.
+        std::fs::create_dir_all(dir.path().join("archive")).unwrap();
+        std::fs::write(dir.path().join("archive/events"), b"in the way").unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = tokio::spawn(serve(theirs, embedded(store, dir.path()), None));
+        let (mut tx, mut rx, _) =
+            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
+                .await
+                .unwrap();
+        let mut changes = crate::store::tests::worked_check_changes();
+        let mut range = analytics_worker::archive::RangeWriter::new("events", 0);
+        range.push(1, 1_696_176_061_000, b"{}", true).unwrap();
+        changes[0].archive.push(range.finish().unwrap());
+        // Both queued before the first is answered, as the supervisor does.
+        for (id, c) in [(1, &changes[0]), (2, &changes[1])] {
+            tx.send(&ToStorage::Write {
+                id,
+                changes: vec![c.clone()],
+            })
+            .await
+            .unwrap();
+        }
+        assert!(matches!(
+            rx.recv().await.unwrap(),
+            FromStorage::Failed { id: 1, .. }
+        ));
+        assert!(
+            matches!(rx.recv().await, Err(FrameError::Closed)),
+            "the second write is not answered"
+        );
+        assert!(server.await.unwrap().is_err());
+        // ... nor committed: the shard holds nothing.
+        let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let state = store.load_shard(0, 1000).unwrap();
+        assert!(
+            state
+                .iter()
+                .all(|s| s.positions.is_empty() && s.products.is_empty())
+        );
     }
 
     #[tokio::test]
