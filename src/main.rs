@@ -347,6 +347,10 @@ struct KafkaArgs {
         default_value_t = 10_000
     )]
     kafka_stats_interval_ms: u64,
+    /// How long a revoke waits for the revoked partitions to be made
+    /// durable before they are released uncommitted. Tests set it low.
+    #[arg(long, hide = true, default_value_t = 120_000)]
+    revoke_timeout_ms: u64,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -470,6 +474,7 @@ impl RunArgs {
             topics: self.kafka.topics.kafka_topics.clone(),
             properties: properties.into_iter().map(|(k, v, _)| (k, v)).collect(),
             stats_interval: Duration::from_millis(self.kafka.kafka_stats_interval_ms.max(100)),
+            revoke_timeout: Duration::from_millis(self.kafka.revoke_timeout_ms),
         });
         if let Some(k) = &kafka {
             anyhow::ensure!(

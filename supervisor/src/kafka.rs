@@ -47,10 +47,6 @@ const BATCH_BYTES: usize = 8 << 20;
 const BATCH_RESERVE_BYTES: usize = 1 << 20;
 /// A partly filled batch is handed over after this long.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
-/// How long a revoke waits for the tree to make the revoked shards durable.
-/// Past it the partitions are released uncommitted (safe: the next owner
-/// replays from the last commit and skips what storage already holds).
-const REVOKE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {
@@ -62,6 +58,11 @@ pub struct KafkaSettings {
     pub properties: Vec<(String, String)>,
     /// How often consumer lag is reported.
     pub stats_interval: Duration,
+    /// How long a revoke waits for the tree to make the revoked shards
+    /// durable (default 120 s). Past it the partitions are released
+    /// uncommitted (safe: the next owner replays from the last commit and
+    /// skips what storage already holds).
+    pub revoke_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,7 @@ struct Hooks {
     /// The tree is gone: stop waiting for it.
     tree_gone: AtomicBool,
     lag: Arc<Mutex<BTreeMap<(String, i32), i64>>>,
+    revoke_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -203,7 +205,7 @@ impl ConsumerContext for Hooks {
             self.tree_gone.store(true, Ordering::Relaxed);
             return;
         }
-        match done_rx.recv_timeout(REVOKE_TIMEOUT) {
+        match done_rx.recv_timeout(self.revoke_timeout) {
             Ok(()) => self.run_commands(consumer, CommitMode::Sync),
             Err(e) => tracing::warn!(
                 error = %e,
@@ -334,6 +336,7 @@ pub fn start(
         held: Mutex::new(Held::default()),
         tree_gone: AtomicBool::new(false),
         lag: lag.clone(),
+        revoke_timeout: settings.revoke_timeout,
     };
     let consumer: BaseConsumer<Hooks> = settings
         .client_config()

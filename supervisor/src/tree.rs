@@ -706,10 +706,25 @@ impl Tree {
     /// events are sent (they wait in the ledger meanwhile).
     fn assign(&mut self, shards: Vec<Shard>) {
         for shard in shards {
+            // A revoke of it that has not finished (storage was slow, and the
+            // consumer released the partition uncommitted after waiting) is
+            // void now. Finishing it later would drop a shard the group
+            // gave back to us, and every batch of it after that. What we
+            // hold of it may be stale (another member may have written it
+            // meanwhile), so it is released and loaded afresh, unless a
+            // load of it is under way already.
+            let revoked = self
+                .revoking
+                .iter_mut()
+                .fold(false, |found, (set, _)| set.remove(&shard) || found);
+            let i = worker_for_shard(shard, self.cfg.workers);
+            if revoked && !self.workers[i].restoring.contains(&shard) {
+                tracing::info!(shard, "partition assigned again before its revoke finished");
+                self.release(shard);
+            }
             if !self.owned.insert(shard) {
                 continue;
             }
-            let i = worker_for_shard(shard, self.cfg.workers);
             if self.workers[i].slot.link.is_some() {
                 self.load(i, shard);
             }
@@ -755,18 +770,23 @@ impl Tree {
             }
             let (shards, done) = self.revoking.remove(k);
             for shard in shards {
-                self.owned.remove(&shard);
-                self.ledger.forget(shard);
-                let frame = self.encode(&ToWorker::Release { shard });
-                if let Some(l) = &self.workers[worker_for_shard(shard, self.cfg.workers)]
-                    .slot
-                    .link
-                {
-                    l.send(frame);
-                }
+                self.release(shard);
             }
             // The consumer thread waits on this; it may have timed out.
             let _ = done.send(());
+        }
+    }
+
+    /// Drops a shard here and in its worker.
+    fn release(&mut self, shard: Shard) {
+        self.owned.remove(&shard);
+        self.ledger.forget(shard);
+        let frame = self.encode(&ToWorker::Release { shard });
+        if let Some(l) = &self.workers[worker_for_shard(shard, self.cfg.workers)]
+            .slot
+            .link
+        {
+            l.send(frame);
         }
     }
 
