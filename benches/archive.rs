@@ -39,8 +39,7 @@ fn archive_throughput(c: &mut Criterion) {
                 let mut w = RangeWriter::new("product.updated", 3);
                 for (i, e) in range.iter().enumerate() {
                     let offset = (r * RANGE_EVENTS + i) as i64;
-                    w.push(offset, 1_700_000_000_000 + offset, e, true)
-                        .expect("in memory");
+                    w.push(offset, 1_700_000_000_000 + offset, e, true);
                 }
                 black_box(w.finish().expect("in memory"));
             }

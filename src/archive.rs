@@ -250,8 +250,7 @@ mod tests {
         let mut w = analytics_worker::archive::RangeWriter::new(topic, partition);
         for o in offsets {
             let event = format!("{{\"n\":{o}}}");
-            w.push(o, 1_696_176_060_000 + o * 60_000, event.as_bytes(), true)
-                .unwrap();
+            w.push(o, 1_696_176_060_000 + o * 60_000, event.as_bytes(), true);
         }
         w.finish().unwrap()
     }
@@ -280,7 +279,7 @@ mod tests {
         assert_eq!(event_range_key(&ArchivedEvents::default()), None);
         // No broker timestamp: dated at the epoch, still deterministic.
         let mut untimed = analytics_worker::archive::RangeWriter::new("t", 0);
-        untimed.push(5, proto::NO_TIMESTAMP, b"{}", true).unwrap();
+        untimed.push(5, proto::NO_TIMESTAMP, b"{}", true);
         assert_eq!(
             event_range_key(&untimed.finish().unwrap()).unwrap(),
             "events/dt=1970-01-01/hour=00/t-0-5-5.jsonl.gz"

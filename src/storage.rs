@@ -83,10 +83,9 @@ pub async fn serve(
             _ => None,
         };
         let replies = handle(&mut store, dlq.as_ref(), &mut archive, request, now).await;
-        let write_failed = write.is_some()
-            && replies
-                .iter()
-                .any(|r| matches!(r, FromStorage::Failed { .. }));
+        let failed = replies
+            .iter()
+            .any(|r| matches!(r, FromStorage::Failed { .. }));
         for reply in replies {
             tx.send(&reply)
                 .await
@@ -97,9 +96,7 @@ pub async fn serve(
         // write's events, and its retry would then be skipped as a replay
         // (its changes lost). So nothing more is served: the supervisor
         // starts a new storage process and sends the writes again, in order.
-        if let Some(id) = write
-            && write_failed
-        {
+        if let (Some(id), true) = (write, failed) {
             anyhow::bail!("write {id} failed; stopping so that no later write commits past it");
         }
     }
@@ -442,7 +439,7 @@ mod tests {
                 .unwrap();
         let mut changes = crate::store::tests::worked_check_changes();
         let mut range = analytics_worker::archive::RangeWriter::new("events", 0);
-        range.push(1, 1_696_176_061_000, b"{}", true).unwrap();
+        range.push(1, 1_696_176_061_000, b"{}", true);
         changes[0].archive.push(range.finish().unwrap());
         // Both queued before the first is answered, as the supervisor does.
         for (id, c) in [(1, &changes[0]), (2, &changes[1])] {

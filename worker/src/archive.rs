@@ -31,6 +31,9 @@ pub struct RangeWriter {
     prefix: Vec<u8>,
     block: Vec<u8>,
     gz: GzEncoder<Vec<u8>>,
+    /// Compressing failed (into memory: not expected); [`Self::finish`]
+    /// reports it.
+    error: Option<io::Error>,
 }
 
 impl RangeWriter {
@@ -46,12 +49,23 @@ impl RangeWriter {
             // The fast level: JSON lines still shrink several times, at a
             // fraction of the default level's instructions.
             gz: GzEncoder::new(Vec::new(), Compression::fast()),
+            error: None,
         }
     }
 
     /// Adds the event at `offset`. `applied`: the fold applied it, so it
-    /// is valid JSON (and UTF-8) and is not checked again.
-    pub fn push(
+    /// is valid JSON (and UTF-8) and is not checked again. A failure is
+    /// kept for [`Self::finish`].
+    pub fn push(&mut self, offset: Offset, timestamp: i64, bytes: &[u8], applied: bool) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Err(e) = self.try_push(offset, timestamp, bytes, applied) {
+            self.error = Some(e);
+        }
+    }
+
+    fn try_push(
         &mut self,
         offset: Offset,
         timestamp: i64,
@@ -91,8 +105,11 @@ impl RangeWriter {
         self.gz.get_ref().len() + self.block.len()
     }
 
-    /// The finished object.
+    /// The finished object, or the first failure.
     pub fn finish(mut self) -> io::Result<ArchivedEvents> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         self.gz.write_all(&self.block)?;
         self.range.gzip = self.gz.finish()?;
         Ok(self.range)
@@ -123,6 +140,21 @@ struct ArchivedLine<'a> {
     raw: Option<&'a str>,
     #[serde(rename = "rawHex", skip_serializing_if = "Option::is_none")]
     raw_hex: Option<String>,
+}
+
+impl<'a> ArchivedLine<'a> {
+    /// `event`'s line with neither value nor raw text yet.
+    fn of(event: &Event<'a>) -> ArchivedLine<'a> {
+        ArchivedLine {
+            topic: event.stream,
+            partition: event.shard,
+            offset: event.offset,
+            timestamp: event.timestamp,
+            value: None,
+            raw: None,
+            raw_hex: None,
+        }
+    }
 }
 
 /// The start of every line of a topic-partition,
@@ -173,15 +205,7 @@ fn archived_line(line: &mut Vec<u8>, prefix: &[u8], event: &Event<'_>) -> io::Re
         return Ok(());
     }
     // Not JSON, or not on one line: rare, so serialized the plain way.
-    let mut archived = ArchivedLine {
-        topic: event.stream,
-        partition: event.shard,
-        offset: event.offset,
-        timestamp: event.timestamp,
-        value: None,
-        raw: None,
-        raw_hex: None,
-    };
+    let mut archived = ArchivedLine::of(event);
     match std::str::from_utf8(bytes) {
         Ok(text) => archived.raw = Some(text),
         Err(_) => archived.raw_hex = Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
@@ -234,7 +258,7 @@ mod tests {
             } else {
                 1_696_176_060_000
             };
-            w.push(10 + i as i64, timestamp, e, is_json(e)).unwrap();
+            w.push(10 + i as i64, timestamp, e, is_json(e));
         }
         let range = w.finish().unwrap();
         assert_eq!(
@@ -272,7 +296,7 @@ mod tests {
     #[test]
     fn a_range_without_source_timestamps_is_dated_at_the_epoch() {
         let mut w = RangeWriter::new("t", 0);
-        w.push(5, NO_TIMESTAMP, b"{}", true).unwrap();
+        w.push(5, NO_TIMESTAMP, b"{}", true);
         let range = w.finish().unwrap();
         assert_eq!((range.time_ms, range.first_offset), (0, 5));
     }
@@ -282,8 +306,7 @@ mod tests {
         let mut w = RangeWriter::new("t", 3);
         let event = format!(r#"{{"pad":"{}"}}"#, "x".repeat(900));
         for o in 0..1000 {
-            w.push(o, 1_696_176_060_000 + o, event.as_bytes(), true)
-                .unwrap();
+            w.push(o, 1_696_176_060_000 + o, event.as_bytes(), true);
         }
         assert!(w.bytes() > 0);
         let range = w.finish().unwrap();
@@ -299,15 +322,7 @@ mod tests {
     /// event: what the hand-built fast path must equal.
     fn serde_line(event: &Event<'_>) -> Vec<u8> {
         let bytes = event.bytes;
-        let mut archived = ArchivedLine {
-            topic: event.stream,
-            partition: event.shard,
-            offset: event.offset,
-            timestamp: event.timestamp,
-            value: None,
-            raw: None,
-            raw_hex: None,
-        };
+        let mut archived = ArchivedLine::of(event);
         let one_line = !bytes.iter().any(|&b| b == b'\n' || b == b'\r');
         match std::str::from_utf8(bytes) {
             Ok(text) => match serde_json::from_str::<&RawValue>(text) {

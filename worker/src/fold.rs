@@ -88,9 +88,6 @@ struct ShardFold {
     /// The archive objects of the events applied since the last take, one
     /// per stream (when the fold archives events).
     archive: Vec<RangeWriter>,
-    /// Archiving an event failed (compressing into memory: not expected);
-    /// the next take reports it.
-    archive_error: Option<std::io::Error>,
 }
 
 /// Counts of one `apply_batch`.
@@ -131,7 +128,6 @@ impl Fold {
         let mut stats = BatchStats::default();
         let shard = self.shards.entry(batch.shard).or_default();
         let pos = position_slot(&mut shard.positions, &batch.stream);
-        let mut archiving = self.archive_events;
         // The stream's archive object, started at its first event.
         let mut archive = None;
         for (i, (offset, bytes)) in batch.iter().enumerate() {
@@ -155,15 +151,11 @@ impl Fold {
                     false
                 }
             };
-            if archiving {
+            if self.archive_events {
                 let slot = *archive.get_or_insert_with(|| {
                     archive_slot(&mut shard.archive, &batch.stream, batch.shard)
                 });
-                if let Err(e) = shard.archive[slot].push(offset, batch.timestamp(i), bytes, applied)
-                {
-                    shard.archive_error = Some(e);
-                    archiving = false;
-                }
+                shard.archive[slot].push(offset, batch.timestamp(i), bytes, applied);
             }
         }
         if batch.upto > shard.positions[pos].1 {
@@ -174,14 +166,14 @@ impl Fold {
     }
 
     /// Some shard's changes (dead letters, changed states and the archive
-    /// of its events) take about
-    /// `bytes` or more: the caller should take them now rather than at the
-    /// next flush, so that one shard's answer stays far below a frame (a
-    /// flush may be asked for only after hundreds of thousands of events;
-    /// malformed ones of 100 bytes make dead letters of ~300). States can be far
-    /// larger than the events that change them: 4,400 products with 16 KiB
-    /// names, each changed by a small update within one flush, made 72 MB
-    /// for one shard, more than a frame.
+    /// of its events) take about `bytes` or more: the caller should take
+    /// them now rather than at the next flush, so that one shard's answer
+    /// stays far below a frame (a flush may be asked for only after
+    /// hundreds of thousands of events; malformed ones of 100 bytes make
+    /// dead letters of ~300). States can be far larger than the events that
+    /// change them: 4,400 products with 16 KiB names, each changed by a
+    /// small update within one flush, made 72 MB for one shard, more than a
+    /// frame.
     pub fn changes_reach(&self, bytes: usize) -> bool {
         self.shards.values().any(|s| {
             let archive: usize = s.archive.iter().map(RangeWriter::bytes).sum();
@@ -258,9 +250,6 @@ impl Fold {
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
             s.dead_letter_bytes = 0;
             s.dirty_state_bytes = 0;
-            if let Some(e) = s.archive_error.take() {
-                return Err(e.into());
-            }
             changes.archive = std::mem::take(&mut s.archive)
                 .into_iter()
                 .map(RangeWriter::finish)

@@ -27,9 +27,9 @@ struct Configured {
     sealed: Vec<Vec<proto::ShardChanges>>,
 }
 
-/// Changes of one shard (dead letters, changed states, archived events) at which the
-/// worker takes them without waiting for the flush, so that no shard's
-/// answer outgrows a frame (64 MiB): 500,000 malformed lines of 100 bytes,
+/// Changes of one shard (dead letters, changed states, archived events)
+/// at which the worker takes them without waiting for the flush, so that
+/// no shard's answer outgrows a frame (64 MiB): 500,000 malformed lines of 100 bytes,
 /// or 4,400 products with 16 KiB names changed by small updates, in one
 /// shard and asked for in one flush, used to make an answer the supervisor
 /// could not decode.
