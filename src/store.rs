@@ -7,6 +7,10 @@
 //! Tables:
 //! - `items`: `(PK, SK)` → the item's attributes as a JSON object. An item
 //!   whose `TTL` is in the past is absent for every read, as in DynamoDB.
+//!   Seller and category items (`CURRENT` and `DAY#…`).
+//! - `low_stock_items`: `(sellerId, productId)` → the low-stock item
+//!   `LOWSTOCK#<sellerId>` / `PRODUCT#<productId>` (its attributes, as the
+//!   worker's [`LowStockItem`] in bincode; no `TTL`, as in DESIGN §6).
 //! - `product_log`: `(shard, seq)` → the product states one write changed
 //!   (bincode); replayed in order, the last state of a product wins. A
 //!   shard's log is merged into snapshot entries after 16 entries.
@@ -21,10 +25,14 @@
 //! Low-stock items are put and deleted as the worker says
 //! ([`proto::LowStockChange`]): it knows under which seller each listed
 //! product's item was filed. (A table of that here cost a third of the
-//! storage process: a B-tree lookup per changed product.)
+//! storage process: a B-tree lookup per changed product.) They have a table
+//! of their own, in bincode: stored among the items as JSON (~250 bytes
+//! each, three times the size), their puts and deletes were half of the
+//! storage process's time and dirtied most of the tree's leaves at every
+//! write. Stores of earlier versions are moved over when opened.
 
 use analytics_worker::records::{
-    CategoryRecord, LowStockRecord, MetricRecord, Money, SellerRecord, low_stock_key, sort_records,
+    CategoryRecord, LowStockRecord, MetricRecord, Money, SellerRecord, sort_records,
 };
 use proto::{
     DeadLetter, EntityKey, EntityTotals, FrameError, LowStockChange, LowStockItem, Offset,
@@ -39,6 +47,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const ITEMS: TableDefinition<(&str, &str), &str> = TableDefinition::new("items");
+const LOW_STOCK_ITEMS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("low_stock_items");
 /// Product states as a log per shard: `(shard, seq)` → the states changed
 /// in one flush (later entries win). One insert per shard per flush instead
 /// of one per product, which in a copy-on-write B-tree rewrote most leaves
@@ -188,7 +198,10 @@ impl EmbeddedStore {
         };
         let txn = store.db.begin_write()?;
         {
-            txn.open_table(ITEMS)?;
+            move_low_stock_items(
+                &mut txn.open_table(ITEMS)?,
+                &mut txn.open_table(LOW_STOCK_ITEMS)?,
+            )?;
             txn.open_table(PRODUCT_LOG)?;
             // Not an error if absent (`Ok(false)`).
             txn.delete_table(OLD_LOW_STOCK_INDEX)?;
@@ -258,12 +271,13 @@ impl EmbeddedStore {
         let txn = self.db.begin_write()?;
         {
             let mut items = txn.open_table(ITEMS)?;
+            let mut low_stock_items = txn.open_table(LOW_STOCK_ITEMS)?;
             let mut log = txn.open_table(PRODUCT_LOG)?;
             let mut contributions = txn.open_table(CONTRIBUTIONS)?;
             let mut positions = txn.open_table(POSITIONS)?;
             let mut changed: BTreeMap<String, EntityKey> = BTreeMap::new();
             // Low-stock items to put (`Some`) or delete, of every shard.
-            let mut low_stock: Vec<(String, String, Option<String>)> = Vec::new();
+            let mut low_stock: Vec<(&str, String, Option<Vec<u8>>)> = Vec::new();
 
             for sc in changes {
                 let mut newer = false;
@@ -293,17 +307,15 @@ impl EmbeddedStore {
                 }
                 for change in &sc.low_stock {
                     low_stock.push(match change {
-                        LowStockChange::Put(item) => {
-                            let (pk, sk) = low_stock_key(&item.seller_id, &item.product_id);
-                            (pk, sk, Some(low_stock_item(item)?))
-                        }
+                        LowStockChange::Put(item) => (
+                            &item.seller_id,
+                            item.product_id.to_string(),
+                            Some(encode("low-stock item", item)?),
+                        ),
                         LowStockChange::Delete {
                             seller_id,
                             product_id,
-                        } => {
-                            let (pk, sk) = low_stock_key(seller_id, product_id);
-                            (pk, sk, None)
-                        }
+                        } => (seller_id, product_id.to_string(), None),
                     });
                 }
                 compact_log(&mut log, sc.shard)?;
@@ -328,15 +340,18 @@ impl EmbeddedStore {
             // each leaf is copied once per transaction rather than once per
             // item (in the order products changed, nearly every put copied
             // a leaf: 20k instructions each).
-            low_stock.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-            for (pk, sk, item) in &low_stock {
+            low_stock.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            for (seller, product, item) in &low_stock {
                 match item {
                     Some(item) => {
-                        items.insert((pk.as_str(), sk.as_str()), item.as_str())?;
+                        low_stock_items.insert((*seller, product.as_str()), item.as_slice())?;
                         stats.low_stock_puts += 1;
                     }
                     None => {
-                        if items.remove((pk.as_str(), sk.as_str()))?.is_some() {
+                        if low_stock_items
+                            .remove((*seller, product.as_str()))?
+                            .is_some()
+                        {
                             stats.low_stock_deletes += 1;
                         }
                     }
@@ -448,11 +463,14 @@ impl EmbeddedStore {
         for entry in items.iter()? {
             let (k, v) = entry?;
             let (pk, sk) = k.value();
-            if (sk == CURRENT || pk.starts_with(LOW_STOCK_PREFIX))
+            if sk == CURRENT
                 && let Some(r) = parse_item(pk, v.value(), now_ms)?
             {
                 out.push(r);
             }
+        }
+        for entry in txn.open_table(LOW_STOCK_ITEMS)?.iter()? {
+            out.push(low_stock_record(entry?.1.value())?);
         }
         sort_records(&mut out);
         Ok(out)
@@ -494,28 +512,19 @@ impl EmbeddedStore {
 
     /// Low-stock items, of one seller or of all, sorted by key.
     pub fn low_stock(&self, seller: Option<&str>) -> Result<Vec<MetricRecord>, StoreError> {
-        let prefix = match seller {
-            Some(s) => format!("{LOW_STOCK_PREFIX}{s}"),
-            None => LOW_STOCK_PREFIX.to_string(),
-        };
         let txn = self.db.begin_read()?;
-        let items = txn.open_table(ITEMS)?;
+        let table = txn.open_table(LOW_STOCK_ITEMS)?;
+        let entries = match seller {
+            Some(s) => table.range((s, "")..)?,
+            None => table.range::<(&str, &str)>(..)?,
+        };
         let mut out = Vec::new();
-        for entry in items.range((prefix.as_str(), "")..)? {
+        for entry in entries {
             let (k, v) = entry?;
-            let (pk, _) = k.value();
-            let matches = if seller.is_some() {
-                pk == prefix
-            } else {
-                pk.starts_with(&prefix)
-            };
-            if !matches {
+            if seller.is_some_and(|s| k.value().0 != s) {
                 break;
             }
-            // Low-stock items carry no TTL.
-            if let Some(r) = parse_item(pk, v.value(), i64::MIN)? {
-                out.push(r);
-            }
+            out.push(low_stock_record(v.value())?);
         }
         sort_records(&mut out);
         Ok(out)
@@ -599,6 +608,22 @@ impl EmbeddedStore {
             Ok(start + bytes.len() as u64)
         };
         run().map_err(|e| self.dead_letter_error(e))
+    }
+
+    #[cfg(test)]
+    fn dump_low_stock(&self) -> Vec<((String, String), LowStockItem)> {
+        let txn = self.db.begin_read().unwrap();
+        let table = txn.open_table(LOW_STOCK_ITEMS).unwrap();
+        table
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                let (seller, product) = k.value();
+                let item = decode("low-stock item", v.value()).unwrap();
+                ((seller.to_string(), product.to_string()), item)
+            })
+            .collect()
     }
 
     #[cfg(test)]
@@ -777,7 +802,7 @@ pub(crate) fn entity_object(
 }
 
 /// A low-stock item's attributes (DESIGN §6), serialized straight from the
-/// item: building a JSON map first cost ~10% of the storage process.
+/// item (the AWS store's items).
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct LowStockAttrs<'a> {
@@ -791,11 +816,68 @@ struct LowStockAttrs<'a> {
     since: i64,
 }
 
-fn low_stock_item(item: &LowStockItem) -> Result<String, StoreError> {
-    serde_json::to_string(&LowStockAttrs::from_item(item)).map_err(|e| StoreError::Encode {
-        what: "item",
-        detail: e.to_string(),
-    })
+/// The record of a stored low-stock item.
+fn low_stock_record(stored: &[u8]) -> Result<MetricRecord, StoreError> {
+    let item: LowStockItem = decode("low-stock item", stored)?;
+    Ok(MetricRecord::LowStock(LowStockRecord {
+        seller_id: item.seller_id.into(),
+        product_id: item.product_id,
+        name: item.name.into(),
+        category: item.category.into(),
+        quantity: item.quantity,
+        price: Money(i128::from(item.price_cents)),
+    }))
+}
+
+/// Moves the low-stock items a store of an earlier version kept among the
+/// items (as JSON) into their own table. Nothing to do once moved.
+fn move_low_stock_items(
+    items: &mut redb::Table<(&str, &str), &str>,
+    low_stock_items: &mut redb::Table<(&str, &str), &[u8]>,
+) -> Result<(), StoreError> {
+    let mut old = Vec::new();
+    for entry in items.range((LOW_STOCK_PREFIX, "")..)? {
+        let (k, v) = entry?;
+        let (pk, sk) = k.value();
+        if !pk.starts_with(LOW_STOCK_PREFIX) {
+            break;
+        }
+        old.push((pk.to_string(), sk.to_string(), v.value().to_string()));
+    }
+    for (pk, sk, text) in &old {
+        let bad = |detail: String| StoreError::Decode {
+            what: "low-stock item of an earlier version",
+            detail: format!("{pk} {sk}: {detail}"),
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let since = value.get("since").and_then(|s| s.as_i64()).unwrap_or(0);
+        let Some(MetricRecord::LowStock(r)) = parse_item_value(pk, value, i64::MIN)? else {
+            return Err(bad("not a low-stock record".into()));
+        };
+        let item = LowStockItem {
+            price_cents: i64::try_from(r.price.0).map_err(|e| bad(e.to_string()))?,
+            product_id: r.product_id,
+            seller_id: r.seller_id.into(),
+            name: r.name.into(),
+            category: r.category.into(),
+            quantity: r.quantity,
+            since,
+        };
+        let product = item.product_id.to_string();
+        low_stock_items.insert(
+            (&*item.seller_id, product.as_str()),
+            encode("low-stock item", &item)?.as_slice(),
+        )?;
+        items.remove((pk.as_str(), sk.as_str()))?;
+    }
+    if !old.is_empty() {
+        tracing::info!(
+            items = old.len(),
+            "moved low-stock items to their own table"
+        );
+    }
+    Ok(())
 }
 
 /// A low-stock item's attributes as a JSON value (the AWS store's items are
@@ -823,17 +905,6 @@ impl<'a> LowStockAttrs<'a> {
 
 /// The record an item holds, or `None` when its TTL has passed.
 fn parse_item(pk: &str, text: &str, now_ms: i64) -> Result<Option<MetricRecord>, StoreError> {
-    // Low-stock items, by far the most numerous, carry no TTL: read
-    // straight into the record, not through a JSON map (`analytics export`
-    // of 59k low-stock items: 101 -> 86 ms).
-    if pk.starts_with(LOW_STOCK_PREFIX) {
-        return serde_json::from_str::<LowStockRecord>(text)
-            .map(|r| Some(MetricRecord::LowStock(r)))
-            .map_err(|e| StoreError::Decode {
-                what: "item",
-                detail: format!("{pk}: {e}"),
-            });
-    }
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| StoreError::Decode {
         what: "item",
         detail: e.to_string(),
@@ -1167,11 +1238,81 @@ pub(crate) mod tests {
             serde_json::json!({"category":"Games","totalProducts":1,"totalValue":"120.00","averagePrice":"15.00",
                 "lastEventAt":T0 + 2000,"updatedAt":T0 + 5000,"TTL":ttl})
         );
+        // The low-stock item, in its own table: the same attributes.
+        let low: Vec<((String, String), LowStockItem)> = store.dump_low_stock();
         assert_eq!(
-            get("LOWSTOCK#s1", "PRODUCT#1"),
-            serde_json::json!({"productId":1,"sellerId":"s1","name":"name-s1-Games","category":"Games",
-                "quantity":8,"price":"15.00","since":T0 + 2000})
+            low,
+            vec![(
+                ("s1".to_string(), "1".to_string()),
+                LowStockItem {
+                    product_id: ProductId::Num(1),
+                    seller_id: "s1".into(),
+                    name: "name-s1-Games".into(),
+                    category: "Games".into(),
+                    quantity: 8,
+                    price_cents: 1500,
+                    since: T0 + 2000,
+                }
+            )]
         );
+        assert!(
+            items
+                .iter()
+                .all(|(pk, _, _)| !pk.starts_with(LOW_STOCK_PREFIX))
+        );
+    }
+
+    #[test]
+    fn low_stock_items_of_an_earlier_version_are_moved_to_their_table() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        {
+            // An earlier version kept them among the items, as JSON.
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut items = txn.open_table(ITEMS).unwrap();
+                for (pk, sk, text) in [
+                    (
+                        "LOWSTOCK#s1",
+                        "PRODUCT#7",
+                        r#"{"productId":7,"sellerId":"s1","name":"Mouse","category":"Toys","quantity":3,"price":"29.99","since":1000}"#,
+                    ),
+                    (
+                        "LOWSTOCK#s2",
+                        "PRODUCT#a-1",
+                        r#"{"productId":"a-1","sellerId":"s2","name":"","category":"","quantity":0,"price":"0.00","since":2000}"#,
+                    ),
+                ] {
+                    items.insert((pk, sk), text).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = open(dir.path());
+        let keys: Vec<_> = store
+            .dump_low_stock()
+            .into_iter()
+            .map(|(k, i)| (k, i.since))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (("s1".to_string(), "7".to_string()), 1000),
+                (("s2".to_string(), "a-1".to_string()), 2000)
+            ]
+        );
+        assert!(store.dump_items().is_empty(), "moved, not copied");
+        match &store.low_stock(Some("s1")).unwrap()[..] {
+            [MetricRecord::LowStock(r)] => {
+                assert_eq!((&*r.name, r.quantity, r.price), ("Mouse", 3, Money(2999)))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(store.current_records(T0).unwrap().len(), 2);
+        // Opening again finds nothing more to move.
+        drop(store);
+        assert_eq!(open(dir.path()).dump_low_stock().len(), 2);
     }
 
     #[test]

@@ -295,7 +295,11 @@ struct Tree {
     kafka: Option<KafkaHandle>,
     /// Stream names as shared strings, for the ledger.
     streams: std::collections::HashMap<Box<str>, Arc<str>>,
-    initial_loads_left: usize,
+    /// Shards owned at the start whose first restore has not finished: the
+    /// input is read once there are none. (A count was decremented again
+    /// when a restarted worker restored a shard a second time, so reading
+    /// could start while another shard was still loading.)
+    initial_restores: BTreeSet<Shard>,
     events_since_flush: u64,
     summary: RunSummary,
     snapshot_requested: Option<RequestId>,
@@ -328,7 +332,7 @@ impl Tree {
             .collect();
         Tree {
             intensity: Intensity::new(cfg.restart.clone()),
-            initial_loads_left: owned.len(),
+            initial_restores: owned.clone(),
             owned,
             revoking: Vec::new(),
             kafka: None,
@@ -409,7 +413,7 @@ impl Tree {
         service_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            if self.initial_loads_left == 0
+            if self.initial_restores.is_empty()
                 && stopping_deadline.is_none()
                 && let Some((src, tx)) = source.take()
             {
@@ -572,7 +576,7 @@ impl Tree {
     /// Storage and every worker run (shook hands), and the shards owned at
     /// the start are restored.
     fn children_up(&self) -> bool {
-        self.initial_loads_left == 0
+        self.initial_restores.is_empty()
             && self.storage.link.is_some()
             && self.workers.iter().all(|w| w.slot.link.is_some())
     }
@@ -1002,9 +1006,7 @@ impl Tree {
                     w.restoring.remove(&shard);
                     w.replay
                         .extend(self.ledger.pending(shard).map(|f| (shard, f.clone())));
-                    if self.initial_loads_left > 0 {
-                        self.initial_loads_left -= 1;
-                    }
+                    self.initial_restores.remove(&shard);
                     self.send_replay(worker);
                 }
             }
