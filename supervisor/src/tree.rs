@@ -409,6 +409,7 @@ impl Tree {
         let mut flush_tick = tokio::time::interval(self.cfg.flush_interval);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_snapshot = self.cfg.snapshot_interval.map(|every| now + every);
+        let mut paused: Option<(&'static str, Instant)> = None;
         let mut service_tick = tokio::time::interval(self.service.tick_interval());
         service_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -463,12 +464,15 @@ impl Tree {
             let next_restart = self.next_restart();
             // While stopping, the source hands over its last partial batches
             // regardless of backpressure (a bounded amount).
-            let may_read = source_open
-                && source.is_none()
-                && (stopping_deadline.is_some()
-                    || (self.ledger.buffered_bytes() < self.cfg.max_buffered_bytes
-                        && !self.workers_behind()
-                        && !self.shard_unflushed_full()));
+            let held_back = if stopping_deadline.is_some() {
+                None
+            } else {
+                self.held_back()
+            };
+            let may_read = source_open && source.is_none() && held_back.is_none();
+            if source_open && source.is_none() {
+                paused = log_pause(paused, held_back, &self.ledger);
+            }
             tokio::select! {
                 _ = shutdown.requested(), if stopping_deadline.is_none() => {
                     self.service.stopping();
@@ -550,6 +554,19 @@ impl Tree {
             l.send(frame);
         }
         self.periodic_snapshot = Some(id);
+    }
+
+    /// Why the input must not be read now, if it must not: backpressure.
+    fn held_back(&self) -> Option<&'static str> {
+        if self.ledger.buffered_bytes() >= self.cfg.max_buffered_bytes {
+            Some("unacknowledged input at --max-buffered-mb")
+        } else if self.workers_behind() {
+            Some("a worker is two flushes behind")
+        } else if self.shard_unflushed_full() {
+            Some("a shard's unflushed events at the frame bound")
+        } else {
+            None
+        }
     }
 
     /// Some worker has more unreported events than two flushes' worth: stop
@@ -1262,6 +1279,26 @@ fn alive(pid: i32) -> bool {
     // A zombie is reaped by its watcher task; signal 0 tells if it exists.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
         && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// Logs (at debug) when reading the input pauses, why, and for how long:
+/// where a run waits.
+fn log_pause(
+    paused: Option<(&'static str, Instant)>,
+    now_held_back: Option<&'static str>,
+    ledger: &Ledger,
+) -> Option<(&'static str, Instant)> {
+    match (paused, now_held_back) {
+        (None, Some(why)) => {
+            tracing::debug!(why, buffered_bytes = ledger.buffered_bytes(), "reading paused");
+            Some((why, Instant::now()))
+        }
+        (Some((why, since)), None) => {
+            tracing::debug!(why, paused_ms = since.elapsed().as_millis() as u64, "reading resumed");
+            None
+        }
+        (still, _) => still,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
