@@ -340,7 +340,9 @@ impl EmbeddedStore {
             // each leaf is copied once per transaction rather than once per
             // item (in the order products changed, nearly every put copied
             // a leaf: 20k instructions each).
-            low_stock.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            // Stable: were a key put and deleted in one write, the last
+            // change must stay last.
+            low_stock.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
             for (seller, product, item) in &low_stock {
                 match item {
                     Some(item) => {
