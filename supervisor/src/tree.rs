@@ -1290,11 +1290,19 @@ fn log_pause(
 ) -> Option<(&'static str, Instant)> {
     match (paused, now_held_back) {
         (None, Some(why)) => {
-            tracing::debug!(why, buffered_bytes = ledger.buffered_bytes(), "reading paused");
+            tracing::debug!(
+                why,
+                buffered_bytes = ledger.buffered_bytes(),
+                "reading paused"
+            );
             Some((why, Instant::now()))
         }
         (Some((why, since)), None) => {
-            tracing::debug!(why, paused_ms = since.elapsed().as_millis() as u64, "reading resumed");
+            tracing::debug!(
+                why,
+                paused_ms = since.elapsed().as_millis() as u64,
+                "reading resumed"
+            );
             None
         }
         (still, _) => still,
