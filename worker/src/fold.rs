@@ -96,6 +96,11 @@ pub struct BatchStats {
     pub applied: u64,
     pub rejected: u64,
     pub skipped: u64,
+    /// Applied events that name a previous seller (`changes.sellerId.old`,
+    /// `previousData.seller_id`) for a product this shard never held: the
+    /// product moved from a seller whose events may be in another shard,
+    /// which then still counts it (README, "Known limits").
+    pub moved_in: u64,
 }
 
 pub struct Fold {
@@ -139,7 +144,9 @@ impl Fold {
             shard.positions[pos].2 = true;
             let applied = match decode(bytes, self.max_event_bytes) {
                 Ok(event) => {
-                    shard.apply(&mut self.strings, &event, self.low_stock_threshold);
+                    if shard.apply(&mut self.strings, &event, self.low_stock_threshold) {
+                        stats.moved_in += 1;
+                    }
                     stats.applied += 1;
                     true
                 }
@@ -449,7 +456,9 @@ fn dead_letter(
 }
 
 impl ShardFold {
-    fn apply(&mut self, strings: &mut Interner, e: &Event<'_>, threshold: i64) {
+    /// Applies an event. True when it moved a product this shard never
+    /// held from another seller (see [`BatchStats::moved_in`]).
+    fn apply(&mut self, strings: &mut Interner, e: &Event<'_>, threshold: i64) -> bool {
         let version = Version(e.timestamp * 4 + e.kind as i64);
         let key = product_key(strings, &e.product_id);
         let (i, is_new) = match self.index.get(&key) {
@@ -550,7 +559,9 @@ impl ShardFold {
         if let Some(s) = e.old_seller.as_deref().filter(|&s| s != e.seller) {
             self.entities
                 .touch(Entity::Seller(strings.intern(s)), e.timestamp);
+            return is_new;
         }
+        false
     }
 
     /// Adds (`sign = 1`) or removes (`-1`) a product's contribution.
@@ -874,7 +885,8 @@ mod tests {
                 BatchStats {
                     applied: 4,
                     rejected: 0,
-                    skipped: 0
+                    skipped: 0,
+                    moved_in: 0
                 }
             );
             let lines: Vec<String> = fold
@@ -884,6 +896,25 @@ mod tests {
                 .collect();
             assert_eq!(lines, expected);
         }
+    }
+
+    /// An update naming another previous seller counts as a move into the
+    /// shard only when the shard never held the product: held, the product
+    /// simply moves within the shard.
+    #[test]
+    fn seller_moves_into_a_shard_that_never_held_the_product_are_counted() {
+        let created = r#"{"eventType":"ProductCreated","timestamp":1000,"data":{"productId":1,"sellerId":"s1","category":"C","price":1,"quantity":5}}"#;
+        let moved = |id: u32, ts: u32| {
+            format!(
+                r#"{{"eventType":"ProductUpdated","timestamp":{ts},"data":{{"productId":{id},"sellerId":"s2","changes":{{"sellerId":{{"old":"s1","new":"s2"}}}}}}}}"#
+            )
+        };
+        let backend = r#"{"eventType":"ProductUpdated","timestamp":4000,"data":{"productId":3,"sellerId":"s2","category":"C","price":"1.00","quantity":5,
+            "previousData":{"id":3,"seller_id":"s2","category":"C","price":"2.00","quantity":5}}}"#;
+        let (held, unknown) = (moved(1, 2000), moved(2, 3000));
+        let mut fold = Fold::new(10, 1 << 20);
+        let stats = fold.apply_batch(&batch(&[created, &held, &unknown, backend]));
+        assert_eq!((stats.applied, stats.moved_in), (4, 1), "{stats:?}");
     }
 
     /// A re-create with the same data only moves the `deleted` register's
@@ -961,7 +992,8 @@ mod tests {
             BatchStats {
                 applied: 1,
                 rejected: 1,
-                skipped: 0
+                skipped: 0,
+                moved_in: 0
             }
         );
         let changes = fold.take_changes().unwrap();
@@ -1081,7 +1113,8 @@ mod tests {
             BatchStats {
                 applied: 0,
                 rejected: 0,
-                skipped: 1
+                skipped: 1,
+                moved_in: 0
             }
         );
     }

@@ -45,6 +45,7 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
     );
     let mut configured: Option<Configured> = None;
     let mut restoring: HashSet<u32> = HashSet::new();
+    let mut moved_in = 0;
     loop {
         let msg = match rx.recv().await {
             Ok(msg) => msg,
@@ -79,7 +80,8 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
             }
             ToWorker::Events(batch) => {
                 let c = configured_for(&mut configured, "Events")?;
-                c.fold.apply_batch(&batch);
+                let stats = c.fold.apply_batch(&batch);
+                warn_of_moves(&mut moved_in, stats.moved_in);
                 if c.fold.changes_reach(SEAL_CHANGE_BYTES) {
                     let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
                     c.sealed.push(changes);
@@ -119,6 +121,36 @@ fn configured_for<'a>(
     what: &'static str,
 ) -> Result<&'a mut Configured, ServeError> {
     configured.as_mut().ok_or(ServeError::NotConfigured(what))
+}
+
+/// Warns that products moved here from a seller this shard never held
+/// them under, at the 1st, 10th, 100th, … such event of the process.
+fn warn_of_moves(total: &mut u64, new: u64) {
+    let before = *total;
+    *total = total.saturating_add(new);
+    if crosses_power_of_ten(before, *total) {
+        tracing::warn!(
+            events = *total,
+            "updates moved products that this shard never held from another seller: if that \
+             seller's events are in another partition, its metrics still count them (README, \
+             Known limits)"
+        );
+    }
+}
+
+/// Whether some power of ten `m` has `before < m <= after`.
+fn crosses_power_of_ten(before: u64, after: u64) -> bool {
+    let mut mark: u64 = 1;
+    while mark <= after {
+        if mark > before {
+            return true;
+        }
+        match mark.checked_mul(10) {
+            Some(next) => mark = next,
+            None => return false,
+        }
+    }
+    false
 }
 
 /// Drops a shard's changes taken early: it was restored afresh or went to
@@ -192,6 +224,17 @@ mod tests {
     }
 
     const PART_BYTES: usize = 16 << 20;
+
+    #[test]
+    fn warnings_come_at_powers_of_ten() {
+        assert!(crosses_power_of_ten(0, 1));
+        assert!(!crosses_power_of_ten(1, 9));
+        assert!(crosses_power_of_ten(9, 10));
+        assert!(crosses_power_of_ten(5, 5000));
+        assert!(!crosses_power_of_ten(10, 99));
+        assert!(!crosses_power_of_ten(0, 0));
+        assert!(!crosses_power_of_ten(u64::MAX - 1, u64::MAX));
+    }
 
     #[test]
     fn a_large_flush_is_answered_in_parts_each_shard_whole() {
