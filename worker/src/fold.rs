@@ -556,12 +556,12 @@ impl ShardFold {
             self.entities
                 .touch(Entity::Category(strings.intern(c)), e.timestamp);
         }
-        if let Some(s) = e.old_seller.as_deref().filter(|&s| s != e.seller) {
+        let moved_from = e.old_seller.as_deref().filter(|&s| s != e.seller);
+        if let Some(s) = moved_from {
             self.entities
                 .touch(Entity::Seller(strings.intern(s)), e.timestamp);
-            return is_new;
         }
-        false
+        is_new && moved_from.is_some()
     }
 
     /// Adds (`sign = 1`) or removes (`-1`) a product's contribution.
