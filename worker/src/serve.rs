@@ -51,6 +51,10 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
             Ok(msg) => msg,
             Err(FrameError::Closed) => {
                 tracing::info!("supervisor closed the connection; worker exits");
+                // The state is memory only: the process's exit returns it
+                // at once, where dropping it walked every product (~20 ms
+                // at a million products, at the end of every run).
+                std::mem::forget(configured);
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
