@@ -453,6 +453,7 @@ impl Tree {
                             l.send(frame);
                             self.snapshot_sent_at = Some(Instant::now());
                         }
+                        return_free_memory();
                     }
                     (Some(_), Some(_)) => return Ok(std::mem::take(&mut self.summary)),
                     (Some(_), None) => {}
@@ -1234,7 +1235,9 @@ impl Tree {
         drop(links);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Short: every run's end waits on it (a 20 ms poll added ~10 ms
+            // to each).
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         for p in pids.into_iter().filter(|&p| alive(p)) {
             let _ = nix::sys::signal::kill(
@@ -1306,6 +1309,20 @@ fn log_pause(
             None
         }
         (still, _) => still,
+    }
+}
+
+/// Gives the heap's free pages back to the system. Called once the input
+/// is all acknowledged, while storage takes the final snapshot: the
+/// buffered input's pages (hundreds of MiB) are then unmapped on this
+/// otherwise idle process's core, not by the kernel after the run's exit,
+/// which took ~40 ms that every run waited for.
+fn return_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases memory the allocator holds free; it
+    // is safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
