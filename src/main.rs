@@ -722,6 +722,12 @@ fn run_tree(
         println!("rejected: 0");
     }
     println!("worker/storage restarts: {}", summary.restarts);
+    if summary.products_moved_in > 0 {
+        println!(
+            "products moved in from another partition's seller: {} (the previous sellers may still count them: README, Known limits)",
+            summary.products_moved_in
+        );
+    }
     let requests = telemetry.storage_requests_by_operation();
     if !requests.is_empty() {
         let by_operation: Vec<String> =

@@ -180,6 +180,7 @@ fn changes(
         entities,
         dead_letters: vec![],
         archive: vec![],
+        moved_in: 0,
     }
 }
 

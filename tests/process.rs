@@ -454,6 +454,34 @@ fn an_oversized_line_is_dead_lettered_with_its_prefix_and_the_rest_flows() {
     );
 }
 
+/// A product moved to a seller of another shard is upserted there while
+/// its old shard still counts it (README, "Known limits"): the run says
+/// how many such moves it applied, and says nothing when there were none.
+#[test]
+fn a_seller_move_across_shards_is_reported_when_the_run_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // "s1" and "s2" are in file shards 14 and 15 (javaStringHash % 16).
+    let created = r#"{"eventType":"ProductCreated","timestamp":1000,"data":{"productId":7,"sellerId":"s1","category":"c","price":"1.00","quantity":3}}"#;
+    let moved = r#"{"eventType":"ProductUpdated","timestamp":2000,"data":{"productId":7,"sellerId":"s2","changes":{"sellerId":{"old":"s1","new":"s2"}}}}"#;
+    for (name, lines, expected) in [
+        ("still.jsonl", vec![created], None),
+        (
+            "moved.jsonl",
+            vec![created, moved],
+            Some("products moved in from another partition's seller: 1 "),
+        ),
+    ] {
+        let input = dir.path().join(name);
+        std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
+        let out = run_file(&dir.path().join(name).with_extension("data"), &input);
+        let line = summary_line(&out, "products moved in");
+        match expected {
+            Some(prefix) => assert!(line.starts_with(prefix), "{name}: {line:?}"),
+            None => assert_eq!(line, "", "{name}"),
+        }
+    }
+}
+
 /// A good event, `lines` lines made by `line`, a good event; all in one
 /// shard. Returns the file.
 fn burst(dir: &Path, lines: usize, line: impl Fn(usize) -> String) -> std::path::PathBuf {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers of different versions
 /// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// First bytes of every hello, so a stray connection is told apart.
 pub const MAGIC: [u8; 8] = *b"ANLYTCS\0";
 
@@ -254,6 +254,10 @@ pub struct ShardChanges {
     /// The archive objects of the events these changes newly cover, one
     /// per stream (when the worker archives events).
     pub archive: Vec<ArchivedEvents>,
+    /// Applied events among these that moved a product this shard never
+    /// held from another seller, whose shard may still count it (README,
+    /// "Known limits"): reported, so operators see when totals are off.
+    pub moved_in: u64,
 }
 
 impl ShardChanges {
@@ -264,6 +268,7 @@ impl ShardChanges {
             && self.entities.is_empty()
             && self.dead_letters.is_empty()
             && self.archive.is_empty()
+            && self.moved_in == 0
     }
 }
 

@@ -306,6 +306,7 @@ fn shard_changes(shard: Shard) -> ShardChanges {
             events: 3,
             gzip: vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
         }],
+        moved_in: 3,
     }
 }
 

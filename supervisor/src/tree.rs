@@ -114,6 +114,9 @@ pub struct RunSummary {
     pub resumed_from: Offset,
     pub rejected: BTreeMap<String, u64>,
     pub restarts: u64,
+    /// Events that moved a product into a shard from another seller, whose
+    /// shard may still count it (README, "Known limits").
+    pub products_moved_in: u64,
     pub snapshot: Option<String>,
     pub interrupted: bool,
 }
@@ -216,6 +219,9 @@ struct PendingWrite {
     frame: Arc<Vec<u8>>,
     positions: Vec<(Shard, Vec<Position>)>,
     reasons: Vec<Box<str>>,
+    /// Seller moves into its shards (counted once it is durable, so a
+    /// replay after a crash does not count them twice).
+    moved_in: u64,
     /// When it was sent to the current storage process.
     sent_at: Instant,
     /// When the flush that produced it was asked for.
@@ -938,6 +944,7 @@ impl Tree {
             .iter()
             .flat_map(|c| c.dead_letters.iter().map(|d| d.reason.clone()))
             .collect();
+        let moved_in = changes.iter().map(|c| c.moved_in).sum();
         let frame = self.encode(&ToStorage::Write { id, changes });
         if let Some(l) = &self.storage.link {
             l.send(frame.clone());
@@ -949,6 +956,7 @@ impl Tree {
                 frame,
                 positions,
                 reasons,
+                moved_in,
                 sent_at: Instant::now(),
                 flush_started,
             },
@@ -975,6 +983,8 @@ impl Tree {
                         telemetry.event_rejected(&r);
                         *self.summary.rejected.entry(r.to_string()).or_default() += 1;
                     }
+                    telemetry.products_moved_in(w.moved_in);
+                    self.summary.products_moved_in += w.moved_in;
                     if let Some(t) = w.flush_started {
                         telemetry.flush_completed(t.elapsed());
                     }

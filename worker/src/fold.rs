@@ -88,6 +88,9 @@ struct ShardFold {
     /// The archive objects of the events applied since the last take, one
     /// per stream (when the fold archives events).
     archive: Vec<RangeWriter>,
+    /// Events since the last take that moved a product in from another
+    /// seller ([`BatchStats::moved_in`]).
+    moved_in: u64,
 }
 
 /// Counts of one `apply_batch`.
@@ -146,6 +149,7 @@ impl Fold {
                 Ok(event) => {
                     if shard.apply(&mut self.strings, &event, self.low_stock_threshold) {
                         stats.moved_in += 1;
+                        shard.moved_in += 1;
                     }
                     stats.applied += 1;
                     true
@@ -255,6 +259,7 @@ impl Fold {
                 changes.entities.push((entity_key(strings, e), totals));
             }
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
+            changes.moved_in = std::mem::take(&mut s.moved_in);
             s.dead_letter_bytes = 0;
             s.dirty_state_bytes = 0;
             changes.archive = std::mem::take(&mut s.archive)
@@ -915,6 +920,10 @@ mod tests {
         let mut fold = Fold::new(10, 1 << 20);
         let stats = fold.apply_batch(&batch(&[created, &held, &unknown, backend]));
         assert_eq!((stats.applied, stats.moved_in), (4, 1), "{stats:?}");
+        // Reported with the next flush's changes, once.
+        let moved = |changes: Vec<ShardChanges>| changes.iter().map(|c| c.moved_in).sum::<u64>();
+        assert_eq!(moved(fold.take_changes().expect("fits")), 1);
+        assert_eq!(moved(fold.take_changes().expect("fits")), 0);
     }
 
     /// A re-create with the same data only moves the `deleted` register's
