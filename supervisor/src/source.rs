@@ -27,6 +27,13 @@ pub enum SourceMsg {
     /// every shard was told how far the stream was read.
     Stopped,
     Failed(std::io::Error),
+    /// (A regular file) About this many events are left to read, estimated
+    /// from its size and the bytes per line so far: lets the tree cut the
+    /// last flush windows small, so that storage is not left writing a
+    /// large one after the workers are done.
+    Remaining {
+        events: u64,
+    },
     /// (Kafka) The group gave us these shards: restore them.
     Assigned(Vec<proto::Shard>),
     /// (Kafka) These shards are being taken away: make everything read for
@@ -96,14 +103,18 @@ impl FileSource {
         tx: mpsc::Sender<SourceMsg>,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let reader: Box<dyn Read + Send> = match &self.input {
-            Input::File(path) => Box::new(std::fs::File::open(path)?),
-            Input::Stdin => Box::new(std::io::stdin()),
+        let (reader, size): (Box<dyn Read + Send>, Option<u64>) = match &self.input {
+            Input::File(path) => {
+                let file = std::fs::File::open(path)?;
+                let size = file.metadata()?.len();
+                (Box::new(file), Some(size))
+            }
+            Input::Stdin => (Box::new(std::io::stdin()), None),
         };
         std::thread::Builder::new()
             .name("source".into())
             .spawn(move || {
-                let msg = match self.read_all(reader, from, &tx, &stop) {
+                let msg = match self.read_all(reader, size, from, &tx, &stop) {
                     Ok(Some(lines)) if stop.load(Ordering::Relaxed) => {
                         let _ = lines;
                         SourceMsg::Stopped
@@ -120,11 +131,18 @@ impl FileSource {
     fn read_all(
         &self,
         reader: Box<dyn Read + Send>,
+        size: Option<u64>,
         from: Offset,
         tx: &mpsc::Sender<SourceMsg>,
         stop: &AtomicBool,
     ) -> std::io::Result<Option<u64>> {
-        let mut reader = BufReader::with_capacity(1 << 20, reader);
+        let mut reader = BufReader::with_capacity(
+            1 << 20,
+            Counted {
+                inner: reader,
+                bytes: 0,
+            },
+        );
         let stream: Box<str> = self.stream.as_str().into();
         let mut batches: Vec<EventBatch> = (0..self.shards)
             .map(|s| EventBatch::new(s, stream.clone()))
@@ -140,6 +158,14 @@ impl FileSource {
                 announced = offset - 1;
                 if !send_all(&mut batches, announced, tx) {
                     return Ok(None);
+                }
+                let read = reader.get_ref().bytes - reader.buffer().len() as u64;
+                if let Some(size) = size.filter(|_| read > 0) {
+                    let left = size.saturating_sub(read) as u128 * offset as u128 / read as u128;
+                    let events = u64::try_from(left).unwrap_or(u64::MAX);
+                    if tx.blocking_send(SourceMsg::Remaining { events }).is_err() {
+                        return Ok(None);
+                    }
                 }
             }
             if stop.load(Ordering::Relaxed)
@@ -162,6 +188,20 @@ impl FileSource {
             return Ok(None);
         }
         Ok(Some(offset as u64))
+    }
+}
+
+/// A reader that counts the bytes it hands out.
+struct Counted<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
     }
 }
 
@@ -232,6 +272,50 @@ mod tests {
             lines.push(String::from_utf8(line.clone()).unwrap());
         }
         assert_eq!(lines, vec!["short", "xxxxxxxxxx", "last", "no-newline"]);
+    }
+
+    /// The estimate of what is left follows the file down to nothing, and
+    /// only a regular file (a known size) makes one.
+    #[test]
+    fn a_file_source_estimates_the_events_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let lines = 20_000u64;
+        let text: String = (0..lines)
+            .map(|i| {
+                format!(
+                    "{{\"data\":{{\"sellerId\":\"s{}\"}},\"n\":{i:06}}}\n",
+                    i % 7
+                )
+            })
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        let source = FileSource {
+            input: Input::File(path),
+            stream: "file:test".into(),
+            shards: 4,
+            max_event_bytes: 1 << 20,
+        };
+        let (tx, mut rx) = mpsc::channel(1 << 16);
+        let stop = Arc::new(AtomicBool::new(false));
+        source.start(0, tx, stop).unwrap().join().unwrap();
+        let mut left = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                SourceMsg::Remaining { events } => left.push(events),
+                SourceMsg::End { lines: n } => assert_eq!(n, lines),
+                _ => {}
+            }
+        }
+        assert!(
+            left.len() >= 4,
+            "one estimate per {ANNOUNCE_LINES} lines: {left:?}"
+        );
+        assert!(left.windows(2).all(|w| w[0] >= w[1]), "{left:?}");
+        let first = lines - ANNOUNCE_LINES as u64;
+        // Lines of one length: bytes left over bytes per line is exact.
+        assert_eq!(left[0], first);
+        assert_eq!(left.last(), Some(&0));
     }
 
     #[test]
