@@ -30,9 +30,10 @@ pub enum SourceMsg {
     /// (A regular file) About this many events are left to read, estimated
     /// from its size and the bytes per line so far: lets the tree cut the
     /// last flush windows small, so that storage is not left writing a
-    /// large one after the workers are done.
+    /// large one after the workers are done. `None` once the file has grown
+    /// past the size it had when opened: its end is not known any more.
     Remaining {
-        events: u64,
+        events: Option<u64>,
     },
     /// (Kafka) The group gave us these shards: restore them.
     Assigned(Vec<proto::Shard>),
@@ -94,6 +95,17 @@ pub struct FileSource {
     pub max_event_bytes: usize,
 }
 
+/// Events left in a file of `size` bytes after `lines` lines in `read`
+/// bytes, at the bytes per line so far; `None` once the file has grown past
+/// `size` (it is being appended to: its end is unknown).
+fn events_left(size: u64, read: u64, lines: u64) -> Option<u64> {
+    if read > size || read == 0 {
+        return None;
+    }
+    let left = u128::from(size - read) * u128::from(lines) / u128::from(read);
+    Some(u64::try_from(left).unwrap_or(u64::MAX))
+}
+
 impl FileSource {
     /// Reads from line `from` on a thread, sending batches until the input
     /// ends, `stop` is set, or the receiver is dropped.
@@ -106,8 +118,10 @@ impl FileSource {
         let (reader, size): (Box<dyn Read + Send>, Option<u64>) = match &self.input {
             Input::File(path) => {
                 let file = std::fs::File::open(path)?;
-                let size = file.metadata()?.len();
-                (Box::new(file), Some(size))
+                // A pipe or a /proc file has no size to estimate from.
+                let metadata = file.metadata()?;
+                let size = metadata.is_file().then(|| metadata.len());
+                (Box::new(file), size)
             }
             Input::Stdin => (Box::new(std::io::stdin()), None),
         };
@@ -161,8 +175,7 @@ impl FileSource {
                 }
                 let read = reader.get_ref().bytes - reader.buffer().len() as u64;
                 if let Some(size) = size.filter(|_| read > 0) {
-                    let left = size.saturating_sub(read) as u128 * offset as u128 / read as u128;
-                    let events = u64::try_from(left).unwrap_or(u64::MAX);
+                    let events = events_left(size, read, offset as u64);
                     if tx.blocking_send(SourceMsg::Remaining { events }).is_err() {
                         return Ok(None);
                     }
@@ -302,7 +315,7 @@ mod tests {
         let mut left = Vec::new();
         while let Ok(msg) = rx.try_recv() {
             match msg {
-                SourceMsg::Remaining { events } => left.push(events),
+                SourceMsg::Remaining { events } => left.push(events.expect("a known end")),
                 SourceMsg::End { lines: n } => assert_eq!(n, lines),
                 _ => {}
             }
@@ -316,6 +329,15 @@ mod tests {
         // Lines of one length: bytes left over bytes per line is exact.
         assert_eq!(left[0], first);
         assert_eq!(left.last(), Some(&0));
+    }
+
+    #[test]
+    fn the_estimate_is_unknown_once_the_file_grew() {
+        assert_eq!(events_left(1000, 100, 10), Some(90));
+        assert_eq!(events_left(1000, 1000, 100), Some(0));
+        assert_eq!(events_left(1000, 1001, 100), None);
+        assert_eq!(events_left(1000, 0, 0), None);
+        assert_eq!(events_left(u64::MAX, 1, u64::MAX), Some(u64::MAX));
     }
 
     #[test]
