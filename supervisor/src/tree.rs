@@ -209,8 +209,9 @@ struct WorkerState {
     /// Event bytes per shard sent since the last flush request.
     unflushed_bytes: BTreeMap<Shard, usize>,
     /// Event frames waiting to be sent, oldest first: after a restore, the
-    /// shard's unacknowledged events, and every later batch behind them.
-    replay: VecDeque<(Shard, Arc<Vec<u8>>)>,
+    /// shard's unacknowledged events, and every later batch behind them;
+    /// with the events each adds to `sent_events` once sent.
+    replay: VecDeque<(Shard, Arc<Vec<u8>>, u64)>,
 }
 
 struct PendingWrite {
@@ -507,7 +508,7 @@ impl Tree {
                         source_open = false;
                         self.flush();
                     }
-                    Some(SourceMsg::Remaining { events }) => self.events_left = Some(events),
+                    Some(SourceMsg::Remaining { events }) => self.events_left = events,
                     Some(SourceMsg::Failed(e)) => return Err(TreeError::Source(e)),
                     Some(SourceMsg::Assigned(shards)) => self.assign(shards),
                     Some(SourceMsg::Revoked { shards, done }) => {
@@ -714,12 +715,12 @@ impl Tree {
         if let Some(link) = &w.slot.link
             && !w.restoring.contains(&shard)
         {
-            w.sent_events += events;
             if w.replay.is_empty() && !hold {
                 link.send(frame);
+                w.sent_events += events;
                 *w.unflushed_bytes.entry(shard).or_default() += payload;
             } else {
-                w.replay.push_back((shard, frame));
+                w.replay.push_back((shard, frame, events));
                 self.send_replay(i);
             }
         }
@@ -749,12 +750,16 @@ impl Tree {
     }
 
     /// Near the end of a file (less than a window left), a worker's frames
-    /// wait in its queue while a flush it was asked for cannot be sent yet
-    /// (one is pending): the cut then lands where it was asked for, not
-    /// wherever reading had got to when the pending flush was answered,
-    /// which could make the last window the whole read-ahead.
+    /// wait in its queue while a flush it was asked for cannot be sent
+    /// because the previous one is not answered yet: the cut then lands
+    /// where it was asked for, not wherever reading had got to when the
+    /// pending flush was answered, which could make the last window the
+    /// whole read-ahead. Not while the flush waits for storage (writes
+    /// ahead) or a restore: the worker would sit idle meanwhile.
     fn holding_for_flush(&self, i: usize) -> bool {
-        self.workers[i].flush_wanted
+        let w = &self.workers[i];
+        w.flush_wanted
+            && w.flush_pending
             && self
                 .events_left
                 .is_some_and(|left| left < self.cfg.flush_max_events)
@@ -885,7 +890,10 @@ impl Tree {
                 return; // called again once the flush is sent
             }
         }
-        while let Some((shard, bytes)) = self.workers[i].replay.front().map(|(s, f)| (*s, f.len()))
+        while let Some((shard, bytes)) = self.workers[i]
+            .replay
+            .front()
+            .map(|(s, f, _)| (*s, f.len()))
         {
             let unflushed = |w: &WorkerState| w.unflushed_bytes.get(&shard).copied().unwrap_or(0);
             if unflushed(&self.workers[i]) > 0
@@ -901,8 +909,9 @@ impl Tree {
             let Some(link) = &w.slot.link else {
                 return; // lost: its successor's restores queue the frames again
             };
-            if let Some((_, frame)) = w.replay.pop_front() {
+            if let Some((_, frame, events)) = w.replay.pop_front() {
                 link.send(frame);
+                w.sent_events += events;
                 *w.unflushed_bytes.entry(shard).or_default() += bytes;
             }
         }
@@ -1069,8 +1078,9 @@ impl Tree {
                 link.send(frame);
                 if last {
                     w.restoring.remove(&shard);
+                    // Not counted as sent (see `start_worker`).
                     w.replay
-                        .extend(self.ledger.pending(shard).map(|f| (shard, f.clone())));
+                        .extend(self.ledger.pending(shard).map(|f| (shard, f.clone(), 0)));
                     self.initial_restores.remove(&shard);
                     self.send_replay(worker);
                 }
