@@ -120,7 +120,7 @@ impl FileSource {
                 let file = std::fs::File::open(path)?;
                 // A pipe or a /proc file has no size to estimate from.
                 let metadata = file.metadata()?;
-                let size = metadata.is_file().then(|| metadata.len());
+                let size = metadata.is_file().then_some(metadata.len());
                 (Box::new(file), size)
             }
             Input::Stdin => (Box::new(std::io::stdin()), None),
