@@ -15,6 +15,7 @@ use analytics::store::{EmbeddedStore, StoreOptions};
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -516,12 +517,20 @@ fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
         Some(path) => format!("file {}", path.display()),
         None => format!("no file ({} does not exist)", config::DEFAULT_PATH),
     };
-    println!("# The effective configuration of `analytics run`: {source},");
-    println!("# the ANALYTICS_* environment, built-in defaults. Valid.");
-    print!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "# The effective configuration of `analytics run`: {source},"
+    )?;
+    writeln!(
+        out,
+        "# the ANALYTICS_* environment, built-in defaults. Valid."
+    )?;
+    write!(
+        out,
         "{}",
         config::render_effective(run_cmd, run_matches, file, &args.kafka.kafka_properties)
-    );
+    )?;
     Ok(())
 }
 
@@ -684,12 +693,18 @@ fn run_tree(
         anyhow::Ok(result?)
     })?;
 
+    // Written, not printed: a closed stdout (`| head`) is not a panic.
+    let mut out = std::io::stdout().lock();
     let rejected: u64 = summary.rejected.values().sum();
     if is_kafka {
-        println!("kafka: stopped; every acknowledged offset was committed");
+        writeln!(
+            out,
+            "kafka: stopped; every acknowledged offset was committed"
+        )?;
     } else {
         let lines = summary.lines.map_or("?".to_string(), |n| n.to_string());
-        println!(
+        writeln!(
+            out,
             "input: {lines} lines, read from line {}{}",
             summary.resumed_from + 1,
             if summary.interrupted {
@@ -697,7 +712,7 @@ fn run_tree(
             } else {
                 ""
             }
-        );
+        )?;
     }
     let dead_letters = if is_kafka {
         format!("topic {}", args.kafka.dlq_topic)
@@ -713,36 +728,39 @@ fn run_tree(
             .iter()
             .map(|(r, n)| format!("{r} {n}"))
             .collect();
-        println!(
+        writeln!(
+            out,
             "rejected: {rejected} ({}) -> {}",
             by_reason.join(", "),
             dead_letters
-        );
+        )?;
     } else {
-        println!("rejected: 0");
+        writeln!(out, "rejected: 0")?;
     }
-    println!("worker/storage restarts: {}", summary.restarts);
+    writeln!(out, "worker/storage restarts: {}", summary.restarts)?;
     if summary.products_moved_in > 0 {
-        println!(
+        writeln!(
+            out,
             "products moved in from another partition's seller: {} (the previous sellers may still count them: README, Known limits)",
             summary.products_moved_in
-        );
+        )?;
     }
     let requests = telemetry.storage_requests_by_operation();
     if !requests.is_empty() {
         let by_operation: Vec<String> =
             requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
-        println!("storage requests: {}", by_operation.join(", "));
+        writeln!(out, "storage requests: {}", by_operation.join(", "))?;
     }
     if let Some(key) = summary.snapshot {
         match args.store.store {
-            StoreKind::Embedded => println!(
+            StoreKind::Embedded => writeln!(
+                out,
                 "snapshot: {}",
                 analytics::archive::archive_dir(&data_dir)
                     .join(key)
                     .display()
-            ),
-            StoreKind::Aws => println!("snapshot: s3://{}/{key}", args.store.aws.s3_bucket),
+            )?,
+            StoreKind::Aws => writeln!(out, "snapshot: s3://{}/{key}", args.store.aws.s3_bucket)?,
         }
     }
     Ok(())

@@ -773,3 +773,45 @@ fn metric_snapshots_are_archived_every_interval_while_running_and_at_the_end() {
     assert_eq!(*final_snapshot, sorted_lines(&want));
     assert!(all.len() >= 2, "{} snapshots", all.len());
 }
+
+/// Output piped into `head`, which closes its end early, is not an error:
+/// every command that prints ends quietly with 0 (it panicked, or said
+/// "Broken pipe" and exited 2).
+#[test]
+fn output_closed_by_its_reader_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let input = generate(dir.path(), 2_000, 0);
+    let data_arg = data.to_str().unwrap();
+    let input_arg = input.to_str().unwrap();
+    let config = dir.path().join("analytics.toml");
+    std::fs::write(&config, "").unwrap();
+    let commands: [(&str, Vec<&str>); 5] = [
+        (WORKER, vec!["fold", input_arg]),
+        (WORKER, vec!["generate", "--events", "1000"]),
+        (
+            ANALYTICS,
+            vec!["run", "--input", input_arg, "--data-dir", data_arg],
+        ),
+        (ANALYTICS, vec!["export", "--data-dir", data_arg]),
+        (ANALYTICS, vec!["config", "check"]),
+    ];
+    for (bin, args) in commands {
+        let mut child = Command::new(bin)
+            .args(&args)
+            .env_remove("ANALYTICS_KAFKA_BROKERS")
+            .env("ANALYTICS_CONFIG", &config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let out = wait_with_deadline(child);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?}\n{stderr}", out.status);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

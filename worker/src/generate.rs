@@ -102,9 +102,10 @@ pub fn run_cli(args: GenArgs) -> io::Result<()> {
     let opts = args.options();
     match &args.out {
         Some(path) => {
-            let mut w = io::BufWriter::new(std::fs::File::create(path)?);
-            generate(&opts, &mut w)?;
-            w.flush()
+            let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+            let mut w = io::BufWriter::new(std::fs::File::create(path).map_err(named)?);
+            generate(&opts, &mut w).map_err(named)?;
+            w.flush().map_err(named)
         }
         None => {
             let mut w = io::BufWriter::new(io::stdout().lock());

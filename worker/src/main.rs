@@ -82,11 +82,20 @@ fn main() -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "exiting on an error");
             ExitCode::from(2)
         }
+        // Output piped into `head` and closed early is not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("analytics-worker: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Lines per batch handed to the fold; large enough to amortise, small
