@@ -48,14 +48,19 @@ pub struct Event<'a> {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
-    #[error("event is {len} bytes, above the limit of {max}")]
+    /// `len` is what the source read of it: a file source stops reading a
+    /// line one byte past the limit, so the message does not quote it.
+    #[error("event is larger than the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
     #[error("not valid JSON: {0}")]
     InvalidJson(String),
     #[error("missing field {0}")]
     MissingField(&'static str),
     #[error("field {field} is invalid: {why}")]
-    InvalidField { field: &'static str, why: String },
+    InvalidField {
+        field: Cow<'static, str>,
+        why: String,
+    },
     #[error("field {0} is negative")]
     NegativeValue(&'static str),
     #[error("unknown eventType {0:?}")]
@@ -83,7 +88,7 @@ struct RawEvent<'a> {
     #[serde(borrow)]
     timestamp: Option<&'a RawValue>,
     #[serde(borrow)]
-    data: Option<RawData<'a>>,
+    data: Option<Obj<RawData<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -101,23 +106,23 @@ struct RawData<'a> {
     #[serde(borrow)]
     quantity: Option<&'a RawValue>,
     #[serde(borrow)]
-    changes: Option<RawChanges<'a>>,
+    changes: Option<Obj<RawChanges<'a>>>,
     #[serde(rename = "previousData", borrow)]
-    previous: Option<RawPrevious<'a>>,
+    previous: Option<Obj<RawPrevious<'a>>>,
 }
 
 #[derive(Deserialize)]
 struct RawChanges<'a> {
     #[serde(borrow)]
-    price: Option<RawChange<&'a RawValue>>,
+    price: Option<Obj<RawChange<&'a RawValue>>>,
     #[serde(borrow)]
-    quantity: Option<RawChange<&'a RawValue>>,
+    quantity: Option<Obj<RawChange<&'a RawValue>>>,
     #[serde(borrow)]
-    category: Option<RawStrChange<'a>>,
+    category: Option<Obj<RawStrChange<'a>>>,
     #[serde(borrow)]
-    name: Option<RawStrChange<'a>>,
+    name: Option<Obj<RawStrChange<'a>>>,
     #[serde(rename = "sellerId", borrow)]
-    seller_id: Option<RawStrChange<'a>>,
+    seller_id: Option<Obj<RawStrChange<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -177,11 +182,11 @@ impl<'a> From<RawEvent<'a>> for Fields<'a> {
         Fields {
             event_type: raw.event_type,
             timestamp: raw.timestamp.map(RawValue::get),
-            data: raw.data.map(|d| {
+            data: raw.data.map(|Obj(d)| {
                 let ch = d.changes;
-                let ch = ch.as_ref();
-                let prev = d.previous;
-                let str_change = |c: Option<&RawStrChange<'a>>| {
+                let ch = ch.as_deref();
+                let prev = d.previous.map(|Obj(p)| p);
+                let str_change = |c: Option<&Obj<RawStrChange<'a>>>| {
                     c.map_or((None, None), |c| (c.old.clone(), c.new.clone()))
                 };
                 let (old_category, new_category) = str_change(ch.and_then(|c| c.category.as_ref()));
@@ -221,14 +226,74 @@ impl<'a> From<RawEvent<'a>> for Fields<'a> {
 /// The fields of an event through serde_json: any valid JSON, and the
 /// errors for anything else.
 pub fn fields_by_serde(text: &str) -> Result<Fields<'_>, Rejection> {
-    let raw: RawEvent<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Rejection::InvalidField {
-            field: "event",
-            why: e.to_string(),
+    match serde_json::from_str::<Obj<RawEvent<'_>>>(text) {
+        Ok(Obj(raw)) => Ok(raw.into()),
+        Err(e) => Err(rejection_of(text, &e)),
+    }
+}
+
+/// Why serde_json refused an event, naming the field (`data.name`) where
+/// the value had the wrong type. Rare, so the event is read a second time
+/// to find the field.
+fn rejection_of(text: &str, e: &serde_json::Error) -> Rejection {
+    if text.trim().is_empty() {
+        return Rejection::InvalidJson("empty: no JSON value".into());
+    }
+    if e.classify() != serde_json::error::Category::Data {
+        return Rejection::InvalidJson(without_position(e));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let path = match serde_path_to_error::deserialize::<_, Obj<RawEvent<'_>>>(&mut de) {
+        Err(e) => e.path().to_string(),
+        Ok(_) => String::new(),
+    };
+    Rejection::InvalidField {
+        field: match path.as_str() {
+            "" | "." => "event".into(),
+            _ => path.into(),
         },
-        _ => Rejection::InvalidJson(e.to_string()),
-    })?;
-    Ok(raw.into())
+        why: without_position(e),
+    }
+}
+
+/// serde_json's message without its "at line 1 column 7": an event is one
+/// line (of a file whose own line number the dead letter gives), so only
+/// the column is kept.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let message = text.rsplit_once(" at line ").map_or(&*text, |(m, _)| m);
+    match (e.line(), e.column()) {
+        (0, _) => message.to_string(),
+        (1, column) => format!("{message} (column {column})"),
+        (line, column) => format!("{message} (line {line}, column {column})"),
+    }
+}
+
+/// A JSON object, nothing else: serde's derived structs also take an array
+/// (fields by position), which DESIGN §2 does not allow.
+struct Obj<T>(T);
+
+impl<T> std::ops::Deref for Obj<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData)).map(Obj)
+    }
 }
 
 /// An optional string that borrows from the input when it has no escapes.
@@ -292,7 +357,7 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
     )?;
     if timestamp > MAX_TIMESTAMP {
         return Err(Rejection::InvalidField {
-            field: "timestamp",
+            field: "timestamp".into(),
             why: "too large".into(),
         });
     }
@@ -306,7 +371,7 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
         .ok_or(Rejection::MissingField("data.sellerId"))?;
     if seller.is_empty() {
         return Err(Rejection::InvalidField {
-            field: "data.sellerId",
+            field: "data.sellerId".into(),
             why: "empty".into(),
         });
     }
@@ -363,7 +428,7 @@ pub const MAX_NAME_BYTES: usize = 16 * 1024;
 fn check_lengths(event: &Event<'_>) -> Result<(), Rejection> {
     let too_long = |field: &'static str, len: usize, max: usize| {
         Err(Rejection::InvalidField {
-            field,
+            field: field.into(),
             why: format!("{len} bytes, above the limit of {max}"),
         })
     };
@@ -405,7 +470,7 @@ fn numeric_text<'a>(raw: &'a str, field: &'static str) -> Result<&'a str, Reject
             .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
     {
         return Err(Rejection::InvalidField {
-            field,
+            field: field.into(),
             why: format!("not a number: {raw}"),
         });
     }
@@ -419,7 +484,7 @@ fn scaled_decimal(text: &str, scale: u32, field: &'static str) -> Result<i64, Re
         return Ok(v);
     }
     let invalid = |why: &str| Rejection::InvalidField {
-        field,
+        field: field.into(),
         why: format!("{why}: {text}"),
     };
     let (negative, rest) = match text.as_bytes().first() {
@@ -526,7 +591,7 @@ fn quantity(raw: &str, field: &'static str) -> Result<i64, Rejection> {
 fn at_most(value: i64, max: i64, field: &'static str, shown: &str) -> Result<i64, Rejection> {
     if value > max {
         return Err(Rejection::InvalidField {
-            field,
+            field: field.into(),
             why: format!("above the limit of {shown}"),
         });
     }
@@ -544,14 +609,14 @@ fn product_id(raw: &str) -> Result<ProductId, Rejection> {
             Some(inner) if raw.len() >= 2 && !inner.contains('\\') => Cow::Borrowed(inner),
             _ => Cow::Owned(
                 serde_json::from_str(raw).map_err(|e| Rejection::InvalidField {
-                    field: FIELD,
+                    field: FIELD.into(),
                     why: e.to_string(),
                 })?,
             ),
         };
         if s.is_empty() {
             return Err(Rejection::InvalidField {
-                field: FIELD,
+                field: FIELD.into(),
                 why: "empty".into(),
             });
         }
@@ -763,6 +828,53 @@ mod tests {
         assert_eq!(e.name.as_deref(), Some("Mo\"use"));
         let not_utf8 = decode(b"{\"eventType\":\"ProductCreated\",\"x\":\"\xff\"}", MAX);
         assert_eq!(not_utf8.err().map(|r| r.reason()), Some("invalid_json"));
+    }
+
+    /// DESIGN §2: every value is a JSON object. serde's derived structs
+    /// also take arrays (fields by position): an array event was applied.
+    #[test]
+    fn only_objects_are_events_and_rejections_name_the_field() {
+        let rejected = |text: &str| {
+            decode(text.as_bytes(), 1 << 20)
+                .err()
+                .map(|r| r.to_string())
+        };
+        let array_event = r#"["ProductCreated",1,[50,"s9","n","c",5,1,null,null]]"#;
+        assert_eq!(
+            rejected(array_event).as_deref(),
+            Some(
+                "field event is invalid: invalid type: sequence, expected a JSON object (column 0)"
+            )
+        );
+        let data = r#"{"eventType":"ProductCreated","timestamp":1,"data":[50,"s9","n","c",5,1,null,null]}"#;
+        assert!(
+            rejected(data)
+                .is_some_and(|r| r.starts_with("field data is invalid: invalid type: sequence"))
+        );
+        let changes = r#"{"eventType":"ProductUpdated","timestamp":1,"data":{"productId":1,"sellerId":"s","changes":{"price":[1,2]}}}"#;
+        assert!(
+            rejected(changes).is_some_and(|r| r.starts_with("field data.changes.price is invalid"))
+        );
+        let previous = r#"{"eventType":"ProductUpdated","timestamp":1,"data":{"productId":1,"sellerId":"s","previousData":["s0","Books"]}}"#;
+        assert!(
+            rejected(previous).is_some_and(|r| r.starts_with("field data.previousData is invalid"))
+        );
+        let name = r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","name":123}}"#;
+        assert_eq!(
+            rejected(name).as_deref(),
+            Some(
+                "field data.name is invalid: invalid type: integer `123`, expected a string or null (column 91)"
+            )
+        );
+        assert_eq!(
+            rejected("  ").as_deref(),
+            Some("not valid JSON: empty: no JSON value")
+        );
+        let cut = r#"{"eventType":"ProductCreated","#;
+        assert_eq!(
+            rejected(cut).as_deref(),
+            Some("not valid JSON: EOF while parsing a value (column 30)")
+        );
     }
 
     #[test]
