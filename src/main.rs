@@ -62,14 +62,21 @@ struct Cli {
     config: Option<PathBuf>,
 }
 
+/// Global: `analytics query seller ID --data-dir D` works as well as
+/// `analytics query --data-dir D seller ID`.
 #[derive(Args, Clone)]
 struct StoreArgs {
     /// Where metrics and the service's state live: `embedded` (a redb file
     /// and an archive directory in --data-dir) or `aws` (DynamoDB and S3).
-    #[arg(long, env = "ANALYTICS_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    #[arg(long, global = true, env = "ANALYTICS_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
     /// Directory of the embedded store, dead letters and archive.
-    #[arg(long, env = "ANALYTICS_DATA_DIR", default_value = "./analytics-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "ANALYTICS_DATA_DIR",
+        default_value = "./analytics-data"
+    )]
     data_dir: PathBuf,
     #[command(flatten)]
     aws: AwsArgs,
@@ -88,22 +95,33 @@ enum StoreKind {
 struct AwsArgs {
     /// Endpoint override for a local stack (e.g. moto on
     /// http://127.0.0.1:5000); S3 then uses path-style addressing.
-    #[arg(long, env = "ANALYTICS_AWS_ENDPOINT")]
+    #[arg(long, global = true, env = "ANALYTICS_AWS_ENDPOINT")]
     aws_endpoint: Option<String>,
-    #[arg(long, env = "ANALYTICS_AWS_REGION")]
+    #[arg(long, global = true, env = "ANALYTICS_AWS_REGION")]
     aws_region: Option<String>,
     /// DynamoDB table of the metric items (DESIGN §6).
     #[arg(
         long,
+        global = true,
         env = "ANALYTICS_DYNAMODB_TABLE",
         default_value = "analytics-metrics"
     )]
     dynamodb_table: String,
     /// DynamoDB table of the service's own state (never expires).
-    #[arg(long, env = "ANALYTICS_STATE_TABLE", default_value = "analytics-state")]
+    #[arg(
+        long,
+        global = true,
+        env = "ANALYTICS_STATE_TABLE",
+        default_value = "analytics-state"
+    )]
     state_table: String,
     /// S3 bucket of the archive and the state checkpoints.
-    #[arg(long, env = "ANALYTICS_S3_BUCKET", default_value = "analytics-archive")]
+    #[arg(
+        long,
+        global = true,
+        env = "ANALYTICS_S3_BUCKET",
+        default_value = "analytics-archive"
+    )]
     s3_bucket: String,
 }
 
@@ -546,6 +564,27 @@ fn run_tree(
             "reading the input named by --input; the Kafka brokers setting is ignored"
         );
     }
+    // Before the data directory is made: a mistyped --input must not
+    // leave an empty store behind.
+    let source = match kafka {
+        Some(settings) => Source::Kafka(settings),
+        None => {
+            let input = match &args.input {
+                Some(p) if p.as_os_str() != "-" => Input::File(p.clone()),
+                _ => Input::Stdin,
+            };
+            let stream = stream_name(&input).with_context(|| match &args.input {
+                Some(path) => format!("cannot read the input {}", path.display()),
+                None => "cannot read the input".to_string(),
+            })?;
+            Source::File(FileSource {
+                input,
+                stream,
+                shards: FILE_SHARDS,
+                max_event_bytes: args.max_event_bytes as usize,
+            })
+        }
+    };
     std::fs::create_dir_all(&args.store.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -555,9 +594,9 @@ fn run_tree(
     let data_dir = std::fs::canonicalize(&args.store.data_dir)?;
     // Shards mean different things to a file (16 virtual partitions) and to
     // Kafka (partitions): one store must never mix the two.
-    let scheme = match &kafka {
-        Some(_) => "kafka-partitions".to_string(),
-        None => format!("file-{FILE_SHARDS}-virtual-partitions"),
+    let scheme = match &source {
+        Source::Kafka(_) => "kafka-partitions".to_string(),
+        Source::File(_) => format!("file-{FILE_SHARDS}-virtual-partitions"),
     };
     // A previous instance's storage process may still be exiting (it dies
     // with its supervisor, a moment later): wait for its lock a little.
@@ -598,7 +637,7 @@ fn run_tree(
     storage_args.extend(args.store.to_args(&data_dir));
     storage_args.extend(["--ttl-days".into(), args.ttl_days.to_string().into()]);
     let mut storage_env = Vec::new();
-    if let Some(k) = &kafka {
+    if let Source::Kafka(k) = &source {
         storage_args.extend(["--dlq-topic".into(), args.kafka.dlq_topic.clone().into()]);
         let properties: Vec<String> = k
             .properties
@@ -637,23 +676,6 @@ fn run_tree(
         child_env,
         snapshot_interval: (args.archive_interval_secs > 0)
             .then(|| Duration::from_secs(args.archive_interval_secs)),
-    };
-    let source = match kafka {
-        Some(settings) => Source::Kafka(settings),
-        None => {
-            let input = match &args.input {
-                Some(p) if p.as_os_str() != "-" => Input::File(p.clone()),
-                _ => Input::Stdin,
-            };
-            let stream = stream_name(&input)
-                .with_context(|| format!("cannot read the input {:?}", args.input))?;
-            Source::File(FileSource {
-                input,
-                stream,
-                shards: FILE_SHARDS,
-                max_event_bytes: args.max_event_bytes as usize,
-            })
-        }
     };
     let is_kafka = matches!(source, Source::Kafka(_));
     // A taken port is an error before anything starts.
@@ -835,7 +857,13 @@ fn query_cmd(store: &StoreArgs, json: bool, what: QueryWhat) -> ExitCode {
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) if e.is_not_found() => ExitCode::FAILURE,
+        Ok(Err(e)) if e.is_not_found() => {
+            // The table said so on stdout; JSON lines keep stdout for records.
+            if json {
+                eprintln!("analytics: {e}");
+            }
+            ExitCode::FAILURE
+        }
         Ok(Err(query::QueryError::Output(e))) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
         }

@@ -82,6 +82,12 @@ const MS_PER_DAY: i64 = 86_400_000;
 pub enum StoreError {
     #[error("creating the data directory {path}: {source}")]
     CreateDir { path: PathBuf, source: io::Error },
+    /// redb's lock: another process has the store open.
+    #[error(
+        "{path} is in use by another process (a running `analytics run`): \
+         stop it first, or read its latest metric snapshot in the archive directory"
+    )]
+    InUse { path: PathBuf },
     #[error("opening the database {path}: {source}")]
     OpenDatabase {
         path: PathBuf,
@@ -123,9 +129,10 @@ impl StoreError {
             matches!(e, redb::StorageError::Io(_))
         }
         match self {
-            StoreError::CreateDir { .. } | StoreError::DeadLetterFile { .. } => true,
+            StoreError::CreateDir { .. }
+            | StoreError::DeadLetterFile { .. }
+            | StoreError::InUse { .. } => true,
             StoreError::OpenDatabase { source, .. } => match source {
-                redb::DatabaseError::DatabaseAlreadyOpen => true,
                 redb::DatabaseError::Storage(e) => io(e),
                 _ => false,
             },
@@ -187,9 +194,12 @@ impl EmbeddedStore {
             source,
         })?;
         let db_path = data_dir.join(DB_FILE);
-        let db = Database::create(&db_path).map_err(|source| StoreError::OpenDatabase {
-            path: db_path,
-            source,
+        let db = Database::create(&db_path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: db_path },
+            source => StoreError::OpenDatabase {
+                path: db_path,
+                source,
+            },
         })?;
         let store = EmbeddedStore {
             db,

@@ -413,6 +413,50 @@ fn query_prints_a_known_seller_and_fails_on_an_unknown_one() {
     let unknown = query(&["seller", "nobody"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stdout).contains("nobody"));
+    // JSON lines keep stdout for records: the miss is said on stderr.
+    let unknown = query(&["--json", "seller", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(unknown.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no seller named \"nobody\""));
+    // The store's flags may follow the subcommand too.
+    let after = Command::new(ANALYTICS)
+        .args(["query", "seller", "seller-1", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("run query");
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    assert_eq!(after.stdout, known.stdout);
+    // A running service holds the store: a read says so, once.
+    let busy = Command::new(ANALYTICS)
+        .args(["run", "--input", "-", "--data-dir"])
+        .arg(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start run");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let out = query(&["seller", "seller-1"]);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running service never took the store"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    finish(busy); // stdin closed: the run ends
+    assert!(
+        refused.contains("is in use by another process"),
+        "{refused}"
+    );
+    assert_eq!(refused.matches("in use").count(), 1, "{refused}");
 }
 
 #[test]
@@ -814,4 +858,29 @@ fn output_closed_by_its_reader_is_not_an_error() {
             "{args:?}: {stderr}"
         );
     }
+}
+
+/// A mistyped --input is an error that names the path, and leaves no empty
+/// store behind (`export` would then print nothing and exit 0).
+#[test]
+fn a_missing_input_is_an_error_before_the_data_directory_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let missing = dir.path().join("no-such-events.jsonl");
+    let out = Command::new(ANALYTICS)
+        .arg("run")
+        .arg("--input")
+        .arg(&missing)
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("ANALYTICS_KAFKA_BROKERS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot read the input {}", missing.display())),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "the data directory was made");
 }
