@@ -724,17 +724,25 @@ fn run_tree(
             "kafka: stopped; every acknowledged offset was committed"
         )?;
     } else {
-        let lines = summary.lines.map_or("?".to_string(), |n| n.to_string());
-        writeln!(
-            out,
-            "input: {lines} lines, read from line {}{}",
-            summary.resumed_from + 1,
-            if summary.interrupted {
-                " (interrupted: a re-run resumes)"
-            } else {
-                ""
-            }
-        )?;
+        let from = summary.resumed_from + 1;
+        let is_stdin = !matches!(&args.input, Some(p) if p.as_os_str() != "-");
+        match summary.lines {
+            _ if summary.interrupted && is_stdin => writeln!(
+                out,
+                "input: stdin from line {from}, interrupted (stdin cannot be resumed)"
+            )?,
+            _ if summary.interrupted => writeln!(
+                out,
+                "input: read from line {from}, interrupted: a re-run resumes after the last \
+                 acknowledged line"
+            )?,
+            Some(lines) if i128::from(lines) < i128::from(from) => writeln!(
+                out,
+                "input: {lines} lines, all read by an earlier run: nothing new"
+            )?,
+            Some(lines) => writeln!(out, "input: {lines} lines, read from line {from}")?,
+            None => writeln!(out, "input: read from line {from}")?,
+        }
     }
     let dead_letters = if is_kafka {
         format!("topic {}", args.kafka.dlq_topic)

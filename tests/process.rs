@@ -124,7 +124,7 @@ fn embedded_run_equals_the_straight_fold_and_a_rerun_changes_nothing() {
     let again = run_file(&data, &input);
     assert_eq!(
         summary_line(&again, "input:"),
-        "input: 20000 lines, read from line 20001"
+        "input: 20000 lines, all read by an earlier run: nothing new"
     );
     assert_eq!(
         export(&data),
