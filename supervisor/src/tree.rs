@@ -1146,7 +1146,7 @@ impl Tree {
             Peer::Worker(_) => self.service.telemetry().worker_restarted(),
             Peer::Storage => self.service.telemetry().storage_restarted(),
         }
-        tracing::warn!(child = %peer, pid, reason = why, restart_in_ms = delay.as_millis() as u64, "child lost");
+        tracing::warn!(peer = %peer, pid, reason = why, restart_in_ms = delay.as_millis() as u64, "child lost");
         Ok(())
     }
 
@@ -1274,7 +1274,7 @@ impl Tree {
             };
             let _ = incoming.send((peer, generation, Incoming::Lost(why)));
         });
-        tracing::info!(child = %peer, pid, "child started");
+        tracing::info!(peer = %peer, pid, "child started");
         self.service
             .telemetry()
             .child_started(peer.process_name(), pid);
