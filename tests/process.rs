@@ -337,7 +337,7 @@ fn a_second_sigint_exits_at_once() {
     let mut stdin = run.stdin.take().expect("piped stdin");
     writeln!(
         stdin,
-        r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"s"}}}}"#
+        r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}}}"#
     )
     .expect("write");
     // Workers stopped: the graceful shutdown the first SIGINT starts cannot

@@ -409,6 +409,21 @@ pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejecti
     if let Some(new) = data.new_seller_id.filter(|s| !s.is_empty()) {
         event.seller = new;
     }
+    // A created product is a whole product (DESIGN §2). Without a price it
+    // would count as 0.00 in its category's averagePrice; without a
+    // category it would be listed on low stock with none. (Updates and
+    // deletes may carry part of a product: they change what they name.)
+    if kind == EventKind::Created {
+        if event.price_cents.is_none() {
+            return Err(Rejection::MissingField("data.price"));
+        }
+        if event.quantity.is_none() {
+            return Err(Rejection::MissingField("data.quantity"));
+        }
+        if event.category.is_none() {
+            return Err(Rejection::MissingField("data.category"));
+        }
+    }
     check_lengths(&event)?;
     Ok(event)
 }
@@ -700,7 +715,7 @@ mod tests {
     fn prices_and_quantities_beyond_their_limits_are_rejected() {
         let created = |price: &str, quantity: &str| {
             format!(
-                r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"s","price":{price},"quantity":{quantity}}}}}"#
+                r#"{{"eventType":"ProductCreated","timestamp":1,"data":{{"productId":1,"sellerId":"s","category":"c","price":{price},"quantity":{quantity}}}}}"#
             )
         };
         let at_limit = created("1000000000000.00", "1000000000000");
@@ -821,7 +836,7 @@ mod tests {
     #[test]
     fn strings_borrow_unless_escaped() {
         let e = ok(
-            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","name":"Mo\"use","category":"Books"}}"#,
+            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","name":"Mo\"use","category":"Books","price":1,"quantity":1}}"#,
         );
         assert!(matches!(e.category, Some(Cow::Borrowed("Books"))));
         assert!(matches!(e.seller, Cow::Borrowed("s")));
@@ -875,6 +890,32 @@ mod tests {
             rejected(cut).as_deref(),
             Some("not valid JSON: EOF while parsing a value (column 30)")
         );
+    }
+
+    /// A create must carry a whole product; null is no value.
+    #[test]
+    fn a_create_without_price_quantity_or_category_is_rejected() {
+        let whole = r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}"#;
+        assert!(decode(whole.as_bytes(), MAX).is_ok());
+        for (field, without) in [
+            (
+                "data.price",
+                whole.replace(r#""price":1"#, r#""price":null"#),
+            ),
+            ("data.quantity", whole.replace(r#","quantity":1"#, "")),
+            ("data.category", whole.replace(r#""category":"c","#, "")),
+        ] {
+            assert_eq!(
+                decode(without.as_bytes(), MAX).err(),
+                Some(Rejection::MissingField(field)),
+                "{without}"
+            );
+        }
+        // Updates and deletes change what they name.
+        let update = whole
+            .replace("ProductCreated", "ProductUpdated")
+            .replace(r#""price":1"#, r#""price":null"#);
+        assert!(decode(update.as_bytes(), MAX).is_ok());
     }
 
     #[test]

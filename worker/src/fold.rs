@@ -994,7 +994,7 @@ mod tests {
         let mut fold = Fold::new(10, 1 << 20);
         let stats = fold.apply_batch(&batch(&[
             "nope",
-            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s"}}"#,
+            r#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}"#,
         ]));
         assert_eq!(
             stats,
@@ -1064,7 +1064,7 @@ mod tests {
         let mut fold = Fold::new(10, 1 << 20);
         let created = |id: u32, name: &str| {
             format!(
-                r#"{{"eventType":"ProductCreated","timestamp":{id},"data":{{"productId":{id},"sellerId":"s","name":"{name}","price":1,"quantity":50}}}}"#
+                r#"{{"eventType":"ProductCreated","timestamp":{id},"data":{{"productId":{id},"sellerId":"s","name":"{name}","category":"c","price":1,"quantity":50}}}}"#
             )
         };
         let updated = |id: u32, ts: u32, name: &str| {
