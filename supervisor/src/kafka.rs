@@ -22,6 +22,7 @@
 //!   for what storage holds.
 
 use crate::source::SourceMsg;
+use crate::throttle::LogThrottle;
 use proto::{EventBatch, NO_TIMESTAMP, Offset, Position, Shard};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -47,6 +48,9 @@ const BATCH_BYTES: usize = 8 << 20;
 const BATCH_RESERVE_BYTES: usize = 1 << 20;
 /// A partly filled batch is handed over after this long.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
+
+/// The same Kafka error is logged at most once per this window.
+const ERROR_LOG_WINDOW: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {
@@ -132,6 +136,9 @@ struct Hooks {
     tree_gone: AtomicBool,
     lag: Arc<Mutex<BTreeMap<(String, i32), i64>>>,
     revoke_timeout: Duration,
+    /// Client and consume errors repeat many times a second while the
+    /// cluster is unreachable.
+    errors: LogThrottle,
 }
 
 #[derive(Default)]
@@ -144,18 +151,35 @@ struct Held {
 
 impl ClientContext for Hooks {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let loud = (level as i32) <= RDKafkaLogLevel::Warning as i32;
+        let held_back = match loud {
+            true => match self.errors.admit(message, Instant::now()) {
+                Some(held_back) => held_back,
+                None => return,
+            },
+            false => 0,
+        };
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
-            _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(facility = fac, held_back, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(facility = fac, held_back, "librdkafka: {message}")
+            }
+            _ => tracing::debug!(facility = fac, held_back, "librdkafka: {message}"),
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "Kafka client error");
+        if let Some(held_back) = self
+            .errors
+            .admit(&format!("{error}: {reason}"), Instant::now())
+        {
+            tracing::warn!(%error, reason, held_back, "Kafka client error");
+        }
     }
 
     fn stats(&self, stats: Statistics) {
@@ -342,6 +366,7 @@ pub fn start(
         tree_gone: AtomicBool::new(false),
         lag: lag.clone(),
         revoke_timeout: settings.revoke_timeout,
+        errors: LogThrottle::new(ERROR_LOG_WINDOW),
     };
     let consumer: BaseConsumer<Hooks> = settings
         .client_config()
@@ -423,7 +448,11 @@ fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
                     break;
                 }
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consume error"),
+            Some(Err(e)) => {
+                if let Some(held_back) = hooks.errors.admit(&e.to_string(), Instant::now()) {
+                    tracing::warn!(error = %e, held_back, "Kafka consume error");
+                }
+            }
             None => {}
         }
         let due = hooks

@@ -13,6 +13,7 @@
 //! - [`service`]: readiness, watchdog and status for the service manager;
 //! - [`notify`]: the systemd notify protocol (`NOTIFY_SOCKET`);
 //! - [`telemetry`]: the metrics and their Prometheus text format;
+//! - [`throttle`]: a repeated log line at most once per window;
 //! - [`endpoint`]: the HTTP endpoint serving `/metrics`, `/health`, `/ready`.
 
 pub mod endpoint;
@@ -26,4 +27,5 @@ pub mod shutdown;
 pub mod source;
 pub mod spawn;
 pub mod telemetry;
+pub mod throttle;
 pub mod tree;
