@@ -356,6 +356,104 @@ pub fn is_secret_property(name: &str) -> bool {
 /// The printed stand-in for a secret.
 pub const REDACTED: &str = "<redacted>";
 
+/// `ANALYTICS_*` variables that are not settings: the service's plumbing
+/// between its own processes, and the project's scripts and tests.
+const NOT_ENV_SETTINGS: [&str; 3] = [
+    "ANALYTICS_WORKER_BIN",
+    "ANALYTICS_DLQ_BROKERS",
+    "ANALYTICS_DLQ_KAFKA_PROPERTIES",
+];
+const NOT_ENV_SETTING_PREFIXES: [&str; 2] = ["ANALYTICS_TEST_", "ANALYTICS_STACK_"];
+
+/// The `ANALYTICS_*` names among `vars` that no option of `cmd` (or of its
+/// subcommands) reads: a typo in `analytics.env` would otherwise be
+/// ignored without a word, as an unknown setting in the file is not.
+pub fn unknown_env_settings(
+    cmd: &Command,
+    vars: impl IntoIterator<Item = OsString>,
+) -> Vec<String> {
+    fn known(cmd: &Command, into: &mut Vec<OsString>) {
+        into.extend(
+            cmd.get_arguments()
+                .filter_map(|a| a.get_env())
+                .map(|e| e.to_owned()),
+        );
+        for sub in cmd.get_subcommands() {
+            known(sub, into);
+        }
+    }
+    let mut names = Vec::new();
+    known(cmd, &mut names);
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .filter_map(|v| v.into_string().ok())
+        .filter(|v| v.starts_with("ANALYTICS_"))
+        .filter(|v| !NOT_ENV_SETTINGS.contains(&v.as_str()))
+        .filter(|v| !NOT_ENV_SETTING_PREFIXES.iter().any(|p| v.starts_with(p)))
+        .filter(|v| !names.iter().any(|n| n == v.as_str()))
+        .collect();
+    unknown.sort();
+    unknown.dedup();
+    unknown
+}
+
+/// A bad value that came from an `ANALYTICS_*` variable, said with the
+/// variable's name: clap names only the flag (`invalid value 'x' for
+/// '--workers <WORKERS>'`), which the operator never typed. `None` when
+/// the error is not about a value, or the flag was on the command line.
+/// `is_set` says whether a variable is set (the environment, in `main`).
+pub fn env_value_error(
+    err: &clap::Error,
+    cmd: &Command,
+    argv: &[OsString],
+    is_set: impl Fn(&str) -> bool,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    fn env_of(cmd: &Command, long: &str) -> Option<String> {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env())
+            .and_then(|e| e.to_str())
+            .map(str::to_string)
+            .or_else(|| cmd.get_subcommands().find_map(|sub| env_of(sub, long)))
+    }
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    let flag = format!("--{long}");
+    let typed = argv.iter().filter_map(|a| a.to_str()).any(|a| {
+        a == flag
+            || a.strip_prefix(flag.as_str())
+                .is_some_and(|rest| rest.starts_with('='))
+    });
+    let env = env_of(cmd, long)?;
+    if typed || !is_set(&env) {
+        return None;
+    }
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let why = match (
+        std::error::Error::source(err),
+        err.get(ContextKind::ValidValue),
+    ) {
+        (Some(source), _) => format!(": {source}"),
+        (None, Some(ContextValue::Strings(valid))) => format!(" (one of: {})", valid.join(", ")),
+        _ => String::new(),
+    };
+    Some(format!(
+        "environment variable {env}: {value:?} is not a valid --{long}{why}"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +480,65 @@ mod tests {
                     .arg(Arg::new("json").long("json").action(ArgAction::SetTrue)),
             )
             .subcommand(Command::new("storage").arg(Arg::new("secret_only").long("secret-only")))
+    }
+
+    fn with_env() -> Command {
+        Command::new("analytics").subcommand(
+            Command::new("run").arg(
+                Arg::new("workers")
+                    .long("workers")
+                    .env("ANALYTICS_WORKERS")
+                    .value_parser(clap::value_parser!(u32)),
+            ),
+        )
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_variable() {
+        let argv = |args: &[&str]| -> Vec<OsString> { args.iter().map(OsString::from).collect() };
+        // As clap sees ANALYTICS_WORKERS=x: the same error as `--workers x`.
+        let err = with_env()
+            .try_get_matches_from(["analytics", "run", "--workers", "x"])
+            .expect_err("x is no number");
+        assert_eq!(
+            env_value_error(&err, &with_env(), &argv(&["analytics", "run"]), |v| v
+                == "ANALYTICS_WORKERS")
+            .as_deref(),
+            Some(
+                "environment variable ANALYTICS_WORKERS: \"x\" is not a valid --workers: invalid digit found in string"
+            )
+        );
+        // Typed on the command line: clap's own message says it well.
+        for typed in [
+            ["analytics", "run", "--workers", "x"],
+            ["analytics", "run", "--workers=x", ""],
+        ] {
+            assert_eq!(
+                env_value_error(&err, &with_env(), &argv(&typed), |_| true),
+                None
+            );
+        }
+        assert_eq!(
+            env_value_error(&err, &with_env(), &argv(&["analytics", "run"]), |_| false),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_analytics_variables_are_found() {
+        let vars = [
+            "ANALYTICS_WORKRS",
+            "ANALYTICS_WORKERS",
+            "ANALYTICS_TEST_X",
+            "ANALYTICS_STACK_DIR",
+            "ANALYTICS_WORKER_BIN",
+            "PATH",
+            "ANALYTICS_WORKRS",
+        ];
+        assert_eq!(
+            unknown_env_settings(&with_env(), vars.map(OsString::from)),
+            vec!["ANALYTICS_WORKRS".to_string()]
+        );
     }
 
     fn parse(text: &str) -> Result<ConfigFile, ConfigError> {

@@ -397,13 +397,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cmd = file.apply(Cli::command());
+    let mut cmd = file.apply(Cli::command());
     let cli = match cmd
-        .try_get_matches_from(&argv)
+        .try_get_matches_from_mut(&argv)
         .and_then(|m| Cli::from_arg_matches(&m))
     {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) => match config::env_value_error(&e, &cmd, &argv, is_env_set) {
+            Some(message) => {
+                eprintln!("analytics: {message}");
+                return ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
     };
     let role = match cli.command {
         Command::Storage { .. } => Role::Child("storage"),
@@ -416,6 +422,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(role, Role::Main) {
+        let unknown = config::unknown_env_settings(&cmd, std::env::vars_os().map(|(k, _)| k));
+        if !unknown.is_empty() {
+            tracing::warn!(
+                variables = unknown.join(", "),
+                "ANALYTICS_* variables that are not settings (a typo?) are ignored"
+            );
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run_tree(*args, &file, child_env),
         Command::Config {
@@ -449,6 +464,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("analytics: {e}");
+            ExitCode::from(2)
+        }
         // A child's last words go through the log, so they name the child.
         Err(e) if matches!(role, Role::Child(_)) => {
             tracing::error!(error = format!("{e:#}"), "exiting on an error");
@@ -459,6 +478,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A setting the operator gave is wrong: exit 2, as for a bad flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn is_env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some()
 }
 
 /// Output piped into `head` and closed early is not a failure.
@@ -519,7 +547,12 @@ fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
     if let Some(path) = &file.path {
         run_argv.extend(["--config".into(), path.into()]);
     }
-    let matches = cmd.clone().try_get_matches_from(run_argv)?;
+    let matches = cmd.clone().try_get_matches_from(&run_argv).map_err(|e| {
+        match config::env_value_error(&e, &cmd, &run_argv, is_env_set) {
+            Some(message) => anyhow::Error::new(UsageError(message)),
+            None => e.into(),
+        }
+    })?;
     let run_matches = matches
         .subcommand_matches("run")
         .context("no run subcommand")?;

@@ -261,6 +261,36 @@ fn a_bad_setting_is_an_error_naming_it_before_anything_starts() {
     );
 }
 
+/// clap names only the flag of a bad value; the operator set a variable.
+/// And a variable that is no setting is a warning, as an unknown setting in
+/// the file is an error: a typo in `analytics.env` must not pass unseen.
+#[test]
+fn a_bad_or_unknown_environment_variable_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    for args in [vec!["run", "--input", "/dev/null"], vec!["config", "check"]] {
+        let o = output(
+            analytics(&args)
+                .env("ANALYTICS_WORKERS", "x")
+                .env("ANALYTICS_DATA_DIR", &data),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("environment variable ANALYTICS_WORKERS: \"x\" is not a valid --workers"),
+            "{args:?}: {err}"
+        );
+        assert!(!data.exists(), "{args:?}: something started");
+    }
+    let o = output(analytics(&["config", "check"]).env("ANALYTICS_WORKRS", "3"));
+    stdout(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not settings") && err.contains("ANALYTICS_WORKRS"),
+        "{err}"
+    );
+}
+
 #[test]
 fn secret_kafka_properties_are_never_printed() {
     let dir = tempfile::tempdir().expect("tempdir");
