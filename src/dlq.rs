@@ -21,7 +21,7 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
-    #[error("creating the dead-letter producer: {0}")]
+    #[error("creating the dead-letter producer: {}", supervisor::kafka::shown(.0))]
     Create(KafkaError),
     #[error("queueing a dead letter for {topic}: {source}")]
     Enqueue { topic: String, source: KafkaError },

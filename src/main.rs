@@ -557,7 +557,16 @@ fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
         .subcommand_matches("run")
         .context("no run subcommand")?;
     let args = RunArgs::from_arg_matches(run_matches)?;
-    args.kafka_settings(file)?;
+    // librdkafka checks each property as it is set (names, values, what
+    // this build supports, e.g. no TLS/SASL): `run` would fail on it at once.
+    if let Some(kafka) = args.kafka_settings(file)? {
+        kafka.client_config().create_native_config().map_err(|e| {
+            UsageError(format!(
+                "Kafka client properties: {}",
+                supervisor::kafka::shown(&e)
+            ))
+        })?;
+    }
     // The options in their declared order (a file's settings moved theirs).
     let mut pristine = Cli::command();
     pristine.build();

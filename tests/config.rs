@@ -322,6 +322,38 @@ fn secret_kafka_properties_are_never_printed() {
             .collect()
     };
     assert_eq!(values(&stdout(&check(&printed))), values(&out));
+
+    // With brokers set, `config check` builds the client configuration,
+    // and this build refuses ssl.key.password (no TLS): the error names the
+    // property, never its value; `run` fails the same way.
+    let data = dir.path().join("data");
+    std::fs::write(
+        &file,
+        "kafka_brokers = \"127.0.0.1:1\"\n[kafka_properties]\n\"ssl.key.password\" = \"k3y-in-file\"\n",
+    )
+    .expect("write");
+    let o = check(&file);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("ssl.key.password") && !err.contains("k3y-in-file"),
+        "{err}"
+    );
+    let o = output(
+        analytics(&["run", "--data-dir"])
+            .arg(&data)
+            .env("ANALYTICS_CONFIG", &file),
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "{all}");
+    assert!(
+        all.contains("ssl.key.password") && !all.contains("k3y-in-file"),
+        "{all}"
+    );
 }
 
 #[test]

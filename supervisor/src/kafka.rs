@@ -71,7 +71,7 @@ pub struct KafkaSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSourceError {
-    #[error("creating the Kafka consumer: {0}")]
+    #[error("creating the Kafka consumer: {}", shown(.0))]
     Create(KafkaError),
     #[error("subscribing to {topics:?}: {source}")]
     Subscribe {
@@ -80,6 +80,23 @@ pub enum KafkaSourceError {
     },
     #[error("starting the consumer thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// A Kafka error as it may be printed or logged. librdkafka's
+/// configuration errors carry the property's value (rdkafka's Display
+/// prints it), and that may be a password: `ssl.key.password` is refused
+/// by this build, value and all.
+pub fn shown(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let description = match value.is_empty() {
+                true => description.clone(),
+                false => description.replace(value.as_str(), "<redacted>"),
+            };
+            format!("Client config error: {description} (property {key})")
+        }
+        e => e.to_string(),
+    }
 }
 
 /// Commands from the tree to the consumer thread.
@@ -489,4 +506,35 @@ fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
     // Dropping the consumer leaves the group; its revoke finds the tree gone.
     hooks.tree_gone.store(true, Ordering::Relaxed);
     tracing::info!("Kafka consumer closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaConfRes;
+
+    #[test]
+    fn a_configuration_error_never_shows_the_value() {
+        let refused = KafkaError::ClientConfig(
+            RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Configuration property \"ssl.key.password\" not supported in this build".into(),
+            "ssl.key.password".into(),
+            "k3y-s3cret".into(),
+        );
+        assert!(
+            refused.to_string().contains("k3y-s3cret"),
+            "rdkafka prints it"
+        );
+        let text = shown(&refused);
+        assert!(!text.contains("k3y-s3cret"), "{text}");
+        assert!(text.contains("(property ssl.key.password)"), "{text}");
+        // librdkafka quotes the value of some properties in its description.
+        let quoted = KafkaError::ClientConfig(
+            RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"s3cret\" for configuration property \"sasl.password\"".into(),
+            "sasl.password".into(),
+            "s3cret".into(),
+        );
+        assert!(!shown(&quoted).contains("s3cret"), "{}", shown(&quoted));
+    }
 }
