@@ -876,9 +876,9 @@ async fn open_backend(config: BackendConfig) -> anyhow::Result<Backend> {
             }
         }
         BackendConfig::Aws(cfg) => Backend::Aws(Box::new(
-            AwsStore::connect(cfg)
+            AwsStore::open_existing(cfg)
                 .await
-                .context("cannot reach the AWS store")?,
+                .context("cannot read the AWS store")?,
         )),
     })
 }

@@ -800,3 +800,66 @@ async fn measure_a_large_flush_and_a_restore() {
         (stats.entities * 3 + stats.low_stock_puts) as f64 / first.as_secs_f64()
     );
 }
+
+/// Reading (`query`, `export`) creates nothing: a mistyped table name is an
+/// error, not a new empty table and no output. `connect` (for `run`) does
+/// create them, and reading then works.
+#[tokio::test]
+async fn reading_a_store_that_does_not_exist_creates_nothing() {
+    let cfg = config("read-only");
+    let err = match AwsStore::open_existing(cfg.clone()).await {
+        Ok(_) => panic!("opened a store whose tables do not exist"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("no DynamoDB table {}", cfg.metrics_table)),
+        "{err}"
+    );
+    let store = connect(&cfg).await;
+    let (ddb, _) = store.clients();
+    assert!(
+        ddb.describe_table()
+            .table_name(&cfg.metrics_table)
+            .send()
+            .await
+            .is_ok()
+    );
+    // Both tables are there now (connect made them): a read opens them.
+    AwsStore::open_existing(cfg.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn export_with_a_mistyped_table_fails_and_creates_nothing() {
+    let cfg = config("typo");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_analytics"))
+        .args([
+            "export",
+            "--store",
+            "aws",
+            "--aws-region",
+            "us-east-1",
+            "--aws-endpoint",
+        ])
+        .arg(cfg.endpoint.as_deref().unwrap_or_default())
+        .args([
+            "--dynamodb-table",
+            &cfg.metrics_table,
+            "--state-table",
+            &cfg.state_table,
+        ])
+        .args(["--s3-bucket", &cfg.bucket])
+        .output()
+        .expect("run analytics export");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no DynamoDB table"), "{stderr}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let still_missing = rt.block_on(AwsStore::open_existing(cfg.clone()));
+    assert!(
+        still_missing.is_err_and(|e| e.to_string().contains("no DynamoDB table")),
+        "export created {}",
+        cfg.metrics_table
+    );
+}

@@ -190,6 +190,30 @@ impl AwsStore {
     /// Builds the clients from the standard provider chain and creates the
     /// tables, TTL setting and bucket when missing.
     pub async fn connect(cfg: AwsConfig) -> Result<AwsStore, AwsStoreError> {
+        let store = AwsStore::clients_for(cfg).await?;
+        store.ensure_table(&store.cfg.metrics_table).await?;
+        store.ensure_table(&store.cfg.state_table).await?;
+        store.ensure_ttl().await?;
+        store.ensure_bucket().await?;
+        Ok(store)
+    }
+
+    /// For reading (`query`, `export`): creates nothing. A missing table is
+    /// an error, as a missing embedded store is: a mistyped table name must
+    /// not leave an empty table behind and print nothing.
+    pub async fn open_existing(cfg: AwsConfig) -> Result<AwsStore, AwsStoreError> {
+        let store = AwsStore::clients_for(cfg).await?;
+        for table in [&store.cfg.metrics_table, &store.cfg.state_table] {
+            if !store.table_exists(table).await? {
+                return Err(AwsStoreError::Config(format!(
+                    "no DynamoDB table {table} (run `analytics run --store aws` first)"
+                )));
+            }
+        }
+        Ok(store)
+    }
+
+    async fn clients_for(cfg: AwsConfig) -> Result<AwsStore, AwsStoreError> {
         use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(Provider::Rustls(CryptoMode::Ring))
@@ -235,10 +259,6 @@ impl AwsStore {
             shards: Mutex::new(HashMap::new()),
             fail_after_commit: false,
         };
-        store.ensure_table(&store.cfg.metrics_table).await?;
-        store.ensure_table(&store.cfg.state_table).await?;
-        store.ensure_ttl().await?;
-        store.ensure_bucket().await?;
         Ok(store)
     }
 
@@ -262,13 +282,13 @@ impl AwsStore {
 
     // ---- set-up ---------------------------------------------------------
 
-    async fn ensure_table(&self, name: &str) -> Result<(), AwsStoreError> {
+    async fn table_exists(&self, name: &str) -> Result<bool, AwsStoreError> {
         let setup = |detail: String, retryable| AwsStoreError::Setup {
             what: format!("table {name}"),
             detail,
             retryable,
         };
-        let exists = retry(
+        retry(
             &self.cfg.backoff,
             "describe_table",
             AwsStoreError::is_retryable,
@@ -288,8 +308,16 @@ impl AwsStore {
                 }
             },
         )
-        .await?;
-        if !exists {
+        .await
+    }
+
+    async fn ensure_table(&self, name: &str) -> Result<(), AwsStoreError> {
+        let setup = |detail: String, retryable| AwsStoreError::Setup {
+            what: format!("table {name}"),
+            detail,
+            retryable,
+        };
+        if !self.table_exists(name).await? {
             let key = |n: &str, t| {
                 KeySchemaElement::builder()
                     .attribute_name(n)
