@@ -522,10 +522,10 @@ fn terminal_style_logs_name_the_child_on_every_line() {
     );
     let log = stderr_of(dir.path());
     assert!(!log.lines().any(|l| l.starts_with('{')), "{log}");
-    // "… child started child=worker 0 pid=123" from the supervisor.
+    // "… child started peer=worker 0 pid=123" from the supervisor.
     let started: Vec<(String, String)> = log
         .lines()
-        .filter_map(|l| l.split_once("child started child=")?.1.split_once(" pid="))
+        .filter_map(|l| l.split_once("child started peer=")?.1.split_once(" pid="))
         .map(|(who, pid)| {
             let role = who.split(' ').next().unwrap_or_default().to_string();
             (role, pid.trim().to_string())
