@@ -15,6 +15,7 @@ use analytics::store::{EmbeddedStore, StoreOptions};
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ use supervisor::kafka::KafkaSettings;
 use supervisor::notify::Notifier;
 use supervisor::restart::RestartPolicy;
 use supervisor::service::Service;
-use supervisor::source::{FileSource, Input, stream_name};
+use supervisor::source::{FileSource, Input, is_resumable, stream_name};
 use supervisor::telemetry::Telemetry;
 use supervisor::tree::{Source, TreeConfig, run};
 
@@ -146,10 +147,20 @@ impl StoreArgs {
     /// The same settings as command-line arguments, for the storage
     /// process (none of them is a secret).
     fn to_args(&self, data_dir: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["--data-dir".into(), data_dir.into()];
+        // Always the store kind: the child inherits the environment, and an
+        // ANALYTICS_STORE there must not override `run --store embedded`.
+        let kind = match self.store {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Aws => "aws",
+        };
+        let mut args: Vec<OsString> = vec![
+            "--data-dir".into(),
+            data_dir.into(),
+            "--store".into(),
+            kind.into(),
+        ];
         if self.store == StoreKind::Aws {
             let aws = &self.aws;
-            args.extend(["--store".into(), "aws".into()]);
             for (flag, value) in [
                 ("--aws-endpoint", &aws.aws_endpoint),
                 ("--aws-region", &aws.aws_region),
@@ -480,6 +491,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// librdkafka checks each property as it is set (names, values, what this
+/// build supports, e.g. no TLS): the consumer would refuse it at once.
+fn check_kafka_properties(kafka: &KafkaSettings) -> Result<(), UsageError> {
+    match kafka.client_config().create_native_config() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(UsageError(format!(
+            "Kafka client properties: {}",
+            supervisor::kafka::shown(&e)
+        ))),
+    }
+}
+
 /// A setting the operator gave is wrong: exit 2, as for a bad flag.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -490,11 +513,22 @@ fn is_env_set(name: &str) -> bool {
 }
 
 /// Output piped into `head` and closed early is not a failure.
+/// Only stdout's: a broken pipe to a child (a handshake, say) is a failure.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    e.downcast_ref::<StdoutError>()
+        .is_some_and(|StdoutError(io)| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Writing what a command prints failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing to stdout: {0}")]
+struct StdoutError(std::io::Error);
+
+fn to_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| StdoutError(e).into())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -557,15 +591,8 @@ fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
         .subcommand_matches("run")
         .context("no run subcommand")?;
     let args = RunArgs::from_arg_matches(run_matches)?;
-    // librdkafka checks each property as it is set (names, values, what
-    // this build supports, e.g. no TLS/SASL): `run` would fail on it at once.
     if let Some(kafka) = args.kafka_settings(file)? {
-        kafka.client_config().create_native_config().map_err(|e| {
-            UsageError(format!(
-                "Kafka client properties: {}",
-                supervisor::kafka::shown(&e)
-            ))
-        })?;
+        check_kafka_properties(&kafka)?;
     }
     // The options in their declared order (a file's settings moved theirs).
     let mut pristine = Cli::command();
@@ -577,7 +604,7 @@ fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
         Some(path) => format!("file {}", path.display()),
         None => format!("no file ({} does not exist)", config::DEFAULT_PATH),
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = String::new();
     writeln!(
         out,
         "# The effective configuration of `analytics run`: {source},"
@@ -591,7 +618,7 @@ fn config_check(file: &ConfigFile, argv: &[OsString]) -> anyhow::Result<()> {
         "{}",
         config::render_effective(run_cmd, run_matches, file, &args.kafka.kafka_properties)
     )?;
-    Ok(())
+    to_stdout(out.as_bytes())
 }
 
 fn run_tree(
@@ -606,10 +633,13 @@ fn run_tree(
             "reading the input named by --input; the Kafka brokers setting is ignored"
         );
     }
-    // Before the data directory is made: a mistyped --input must not
-    // leave an empty store behind.
+    // Before the data directory is made: a mistyped --input, or a Kafka
+    // property this build refuses, must not leave a store behind.
     let source = match kafka {
-        Some(settings) => Source::Kafka(settings),
+        Some(settings) => {
+            check_kafka_properties(&settings)?;
+            Source::Kafka(settings)
+        }
         None => {
             let input = match &args.input {
                 Some(p) if p.as_os_str() != "-" => Input::File(p.clone()),
@@ -720,6 +750,7 @@ fn run_tree(
             .then(|| Duration::from_secs(args.archive_interval_secs)),
     };
     let is_kafka = matches!(source, Source::Kafka(_));
+    let resumable = matches!(&source, Source::File(f) if is_resumable(&f.stream));
     // A taken port is an error before anything starts.
     let metrics = args.metrics_addr.map(endpoint::bind).transpose()?;
     let notifier = Notifier::from_env().unwrap_or_else(|e| {
@@ -757,8 +788,9 @@ fn run_tree(
         anyhow::Ok(result?)
     })?;
 
-    // Written, not printed: a closed stdout (`| head`) is not a panic.
-    let mut out = std::io::stdout().lock();
+    // Written whole at the end: a closed stdout (`| head`) is then one
+    // error of its own kind, not a panic of println!.
+    let mut out = String::new();
     let rejected: u64 = summary.rejected.values().sum();
     if is_kafka {
         writeln!(
@@ -767,21 +799,22 @@ fn run_tree(
         )?;
     } else {
         let from = summary.resumed_from + 1;
-        let is_stdin = !matches!(&args.input, Some(p) if p.as_os_str() != "-");
         match summary.lines {
-            _ if summary.interrupted && is_stdin => writeln!(
+            _ if summary.interrupted && !resumable => writeln!(
                 out,
-                "input: stdin from line {from}, interrupted (stdin cannot be resumed)"
+                "input: read from line {from}, interrupted (stdin or a pipe cannot be resumed)"
             )?,
             _ if summary.interrupted => writeln!(
                 out,
                 "input: read from line {from}, interrupted: a re-run resumes after the last \
                  acknowledged line"
             )?,
-            Some(lines) if i128::from(lines) < i128::from(from) => writeln!(
-                out,
-                "input: {lines} lines, all read by an earlier run: nothing new"
-            )?,
+            Some(lines) if summary.resumed_from > 0 && i128::from(lines) < i128::from(from) => {
+                writeln!(
+                    out,
+                    "input: {lines} lines, all read by an earlier run: nothing new"
+                )?
+            }
             Some(lines) => writeln!(out, "input: {lines} lines, read from line {from}")?,
             None => writeln!(out, "input: read from line {from}")?,
         }
@@ -835,7 +868,7 @@ fn run_tree(
             StoreKind::Aws => writeln!(out, "snapshot: s3://{}/{key}", args.store.aws.s3_bucket)?,
         }
     }
-    Ok(())
+    to_stdout(out.as_bytes())
 }
 
 /// One page for `analytics` and one per visible subcommand (nested ones
@@ -934,7 +967,9 @@ fn export_cmd(store: &StoreArgs) -> anyhow::Result<()> {
         anyhow::Ok(backend.current_records(now_ms()).await?)
     })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    query::export(&records, &mut out)?;
+    query::export(&records, &mut out)
+        .and_then(|()| out.flush())
+        .map_err(StdoutError)?;
     Ok(())
 }
 

@@ -84,8 +84,9 @@ pub enum StoreError {
     CreateDir { path: PathBuf, source: io::Error },
     /// redb's lock: another process has the store open.
     #[error(
-        "{path} is in use by another process (a running `analytics run`): \
-         stop it first, or read its latest metric snapshot in the archive directory"
+        "{path} is in use by another process (a running `analytics run`, or a \
+         `query` or `export` reading it): wait for it or stop it; a running \
+         service's latest metric snapshot is in the archive directory"
     )]
     InUse { path: PathBuf },
     #[error("opening the database {path}: {source}")]

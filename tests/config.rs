@@ -349,7 +349,11 @@ fn secret_kafka_properties_are_never_printed() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(!o.status.success(), "{all}");
+    assert_eq!(o.status.code(), Some(2), "{all}");
+    assert!(
+        !data.exists(),
+        "run made its data directory before checking"
+    );
     assert!(
         all.contains("ssl.key.password") && !all.contains("k3y-in-file"),
         "{all}"

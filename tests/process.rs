@@ -884,3 +884,48 @@ fn a_missing_input_is_an_error_before_the_data_directory_is_made() {
     );
     assert!(!data.exists(), "the data directory was made");
 }
+
+/// A pipe as --input (`<(zcat …)`) is read whole: naming the stream used
+/// to hash its first 4 KiB, which the source then never saw.
+#[test]
+fn a_pipe_as_input_is_read_from_its_first_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 3_000, 0);
+    let fifo = dir.path().join("events.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let data = dir.path().join("data");
+    let run = run_cmd(&data)
+        .arg("--input")
+        .arg(&fifo)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let bytes = std::fs::read(&input).unwrap();
+    // Opening for writing waits for the reader, the run's source.
+    std::fs::write(&fifo, bytes).unwrap();
+    let out = finish(run);
+    assert_eq!(
+        summary_line(&out, "input:"),
+        "input: 3000 lines, read from line 1"
+    );
+    assert_same_records(&export(&data), &fold(&input), "a pipe's export");
+}
+
+/// The storage process inherits the environment: an ANALYTICS_STORE there
+/// must not override `run --store embedded` (storage went to AWS).
+#[test]
+fn the_store_given_to_run_is_the_one_its_storage_process_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 2_000, 0);
+    let data = dir.path().join("data");
+    finish(
+        run_cmd(&data)
+            .args(["--store", "embedded", "--input"])
+            .arg(&input)
+            .env("ANALYTICS_STORE", "aws")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    assert_same_records(&export(&data), &fold(&input), "the embedded store");
+}

@@ -61,6 +61,12 @@ const ANNOUNCE_LINES: Offset = 4096;
 /// every run: it cannot be resumed.
 pub fn stream_name(input: &Input) -> std::io::Result<String> {
     match input {
+        // A pipe (`--input <(zcat …)`) cannot be read twice: hashing its
+        // head here would lose those bytes for the source. Like stdin, it
+        // is a stream of its own each run.
+        Input::File(path) if !std::fs::metadata(path)?.is_file() => {
+            Ok(format!("pipe:{}:{}", path.display(), unique_suffix()))
+        }
         Input::File(path) => {
             let canonical = std::fs::canonicalize(path)?;
             let mut head = Vec::with_capacity(4096);
@@ -73,13 +79,21 @@ pub fn stream_name(input: &Input) -> std::io::Result<String> {
                 fnv1a(&head)
             ))
         }
-        Input::Stdin => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            Ok(format!("stdin:{}-{}", now.as_millis(), std::process::id()))
-        }
+        Input::Stdin => Ok(format!("stdin:{}", unique_suffix())),
     }
+}
+
+/// Whether a re-run can resume the stream: only a regular file is named
+/// by its content, stdin and pipes are new streams every run.
+pub fn is_resumable(stream: &str) -> bool {
+    stream.starts_with("file:")
+}
+
+fn unique_suffix() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}-{}", now.as_millis(), std::process::id())
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -338,6 +352,19 @@ mod tests {
         assert_eq!(events_left(1000, 1001, 100), None);
         assert_eq!(events_left(1000, 0, 0), None);
         assert_eq!(events_left(u64::MAX, 1, u64::MAX), Some(u64::MAX));
+    }
+
+    /// A pipe is not read to name it: its first bytes would be lost.
+    #[test]
+    fn a_pipe_is_named_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("events.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Opening a FIFO to read would block without a writer: naming it
+        // returns at once, so nothing opened it.
+        let name = stream_name(&Input::File(fifo)).unwrap();
+        assert!(name.starts_with("pipe:") && !is_resumable(&name), "{name}");
+        assert!(!is_resumable(&stream_name(&Input::Stdin).unwrap()));
     }
 
     #[test]
