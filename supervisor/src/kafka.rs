@@ -170,7 +170,10 @@ impl ClientContext for Hooks {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         let loud = (level as i32) <= RDKafkaLogLevel::Warning as i32;
         let held_back = match loud {
-            true => match self.errors.admit(message, Instant::now()) {
+            true => match self
+                .errors
+                .admit(&format!("{level:?} {fac} {message}"), Instant::now())
+            {
                 Some(held_back) => held_back,
                 None => return,
             },
