@@ -48,10 +48,10 @@ pub struct Event<'a> {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
-    /// `len` is what the source read of it: a file source stops reading a
-    /// line one byte past the limit, so the message does not quote it.
+    /// No length: a file source stops reading a line one byte past the
+    /// limit, so the length it has is not the event's.
     #[error("event is larger than the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge { max: usize },
     #[error("not valid JSON: {0}")]
     InvalidJson(String),
     #[error("missing field {0}")]
@@ -332,7 +332,6 @@ fn opt_cow<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str
 pub fn decode(bytes: &[u8], max_event_bytes: usize) -> Result<Event<'_>, Rejection> {
     if bytes.len() > max_event_bytes {
         return Err(Rejection::TooLarge {
-            len: bytes.len(),
             max: max_event_bytes,
         });
     }
