@@ -168,16 +168,14 @@ struct Held {
 
 impl ClientContext for Hooks {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Warnings and worse repeat while the cluster is unreachable.
         let loud = (level as i32) <= RDKafkaLogLevel::Warning as i32;
-        let held_back = match loud {
-            true => match self
-                .errors
-                .admit(&format!("{level:?} {fac} {message}"), Instant::now())
-            {
-                Some(held_back) => held_back,
-                None => return,
-            },
-            false => 0,
+        let admitted = match loud {
+            true => self.throttled(&format!("{level:?} {fac} {message}")),
+            false => Some(0),
+        };
+        let Some(held_back) = admitted else {
+            return;
         };
         match level {
             RDKafkaLogLevel::Emerg
@@ -194,10 +192,7 @@ impl ClientContext for Hooks {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(held_back) = self
-            .errors
-            .admit(&format!("{error}: {reason}"), Instant::now())
-        {
+        if let Some(held_back) = self.throttled(&format!("{error}: {reason}")) {
             tracing::warn!(%error, reason, held_back, "Kafka client error");
         }
     }
@@ -295,6 +290,12 @@ impl ConsumerContext for Hooks {
 }
 
 impl Hooks {
+    /// `Some(repeats held back)` when a warning of this text may be logged
+    /// now (see [`LogThrottle`]).
+    fn throttled(&self, line: &str) -> Option<u64> {
+        self.errors.admit(line, Instant::now())
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -469,7 +470,7 @@ fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
                 }
             }
             Some(Err(e)) => {
-                if let Some(held_back) = hooks.errors.admit(&e.to_string(), Instant::now()) {
+                if let Some(held_back) = hooks.throttled(&e.to_string()) {
                     tracing::warn!(error = %e, held_back, "Kafka consume error");
                 }
             }
