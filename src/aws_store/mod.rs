@@ -186,6 +186,15 @@ enum Transact {
     Cancelled(String),
 }
 
+/// A table's set-up (describe, create, wait) failed.
+fn table_setup_error(name: &str, detail: String, retryable: bool) -> AwsStoreError {
+    AwsStoreError::Setup {
+        what: format!("table {name}"),
+        detail,
+        retryable,
+    }
+}
+
 impl AwsStore {
     /// Builds the clients from the standard provider chain and creates the
     /// tables, TTL setting and bucket when missing.
@@ -283,11 +292,7 @@ impl AwsStore {
     // ---- set-up ---------------------------------------------------------
 
     async fn table_exists(&self, name: &str) -> Result<bool, AwsStoreError> {
-        let setup = |detail: String, retryable| AwsStoreError::Setup {
-            what: format!("table {name}"),
-            detail,
-            retryable,
-        };
+        let setup = |detail, retryable| table_setup_error(name, detail, retryable);
         retry(
             &self.cfg.backoff,
             "describe_table",
@@ -312,11 +317,7 @@ impl AwsStore {
     }
 
     async fn ensure_table(&self, name: &str) -> Result<(), AwsStoreError> {
-        let setup = |detail: String, retryable| AwsStoreError::Setup {
-            what: format!("table {name}"),
-            detail,
-            retryable,
-        };
+        let setup = |detail, retryable| table_setup_error(name, detail, retryable);
         if !self.table_exists(name).await? {
             let key = |n: &str, t| {
                 KeySchemaElement::builder()
