@@ -431,9 +431,8 @@ fn query_prints_a_known_seller_and_fails_on_an_unknown_one() {
     );
     assert_eq!(after.stdout, known.stdout);
     // A running service holds the store: a read says so, once.
-    let busy = Command::new(ANALYTICS)
-        .args(["run", "--input", "-", "--data-dir"])
-        .arg(&data)
+    let busy = run_cmd(&data)
+        .args(["--input", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
