@@ -679,6 +679,65 @@ async fn a_stale_owner_loses_the_shard_and_cannot_clobber_it() {
     assert_eq!(b.load_shard(7, 10).await.unwrap()[0].positions, pos(3));
 }
 
+/// The stale owner's storage process has no checkpoint cached (it was
+/// restarted, or its last attempt failed), so its commit is conditioned on
+/// the seq it reads now: the positions must give it away.
+#[tokio::test]
+async fn a_stale_owner_that_reads_the_checkpoint_afresh_cannot_clobber_the_shard() {
+    let cfg = config("afresh");
+    let w = |created, updated, value| {
+        let mut c = changes(
+            7,
+            0,
+            vec![],
+            vec![(cat("Books"), totals(1, 1, 0, value, value, 0, T0))],
+        );
+        c.positions = ["created", "updated"]
+            .into_iter()
+            .zip([created, updated])
+            .map(|(stream, offset)| Position {
+                stream: stream.into(),
+                offset,
+            })
+            .collect();
+        c
+    };
+    connect(&cfg)
+        .await
+        .write(&[w(100, 500, 100)], T0)
+        .await
+        .unwrap();
+    // B takes the shard over and folds further on `updated`.
+    let mut b = connect(&cfg).await;
+    b.load_shard(7, 10).await.unwrap();
+    b.write(&[w(105, 900, 200)], T0).await.unwrap();
+    // A went on from its own state (created 130, but updated only 520).
+    let mut a = connect(&cfg).await;
+    let err = a.write(&[w(130, 520, 300)], T0).await.unwrap_err();
+    assert!(
+        matches!(err, AwsStoreError::LostOwnership { shard: 7, .. }),
+        "{err}"
+    );
+    // A replay of what A wrote before B took over is skipped, not refused.
+    let replay = a.write(&[w(100, 500, 100)], T0).await.unwrap();
+    assert_eq!((replay.shards_applied, replay.shards_skipped), (0, 1));
+    let restored = b.load_shard(7, 10).await.unwrap();
+    let mut positions: Vec<_> = restored[0]
+        .positions
+        .iter()
+        .map(|p| (p.stream.to_string(), p.offset))
+        .collect();
+    positions.sort();
+    assert_eq!(
+        positions,
+        [("created".to_string(), 105), ("updated".to_string(), 900)]
+    );
+    match &b.current_records(T0).await.unwrap()[..] {
+        [MetricRecord::Category(c)] => assert_eq!(c.total_value.0, 200),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn metric_snapshots_go_to_s3_as_gzip_json_lines_and_ttl_is_refreshed() {
     let mut cfg = config("archive");

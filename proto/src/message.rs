@@ -244,7 +244,9 @@ fn encoded_size_hint(id: &ProductId, state: &ProductState) -> usize {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardChanges {
     pub shard: Shard,
-    /// Last applied offset per stream, after these changes.
+    /// Last applied offset of every stream the shard has seen, after these
+    /// changes: all of them, so that a store can tell a stale owner's write
+    /// (ahead on one stream, behind on another) from a replay.
     pub positions: Vec<Position>,
     pub products: EncodedProducts,
     /// What these product changes do to the low-stock list.

@@ -29,7 +29,12 @@
 //!
 //! # A write, per shard
 //!
-//! 1. **Skip replays**: a change whose positions are all committed is skipped.
+//! 1. **Skip replays, refuse a stale owner**: a change whose positions are
+//!    all committed is skipped. One ahead on a stream but behind on another
+//!    (writes carry every stream's position) was folded by an owner that
+//!    lost the shard meanwhile: [`AwsStoreError::LostOwnership`]. The
+//!    conditional commit alone does not catch it when this storage process
+//!    reads the checkpoint afresh (after a restart, or a failed attempt).
 //! 2. **Delta**: put the delta object; every `compact_after` deltas, or once
 //!    the deltas outweigh the base, also a new base (base + deltas merged).
 //!    Cost grows with the products changed; a restore reads one base and at
@@ -111,7 +116,7 @@ use proto::{
     ShardState,
 };
 use retry::{Backoff, retry};
-use state::{Checkpoint, Delta, Image, Parts};
+use state::{Checkpoint, Delta, Image, Parts, Succession};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -520,7 +525,16 @@ impl AwsStore {
         for sc in round {
             let mut cache = self.touch(sc.shard, now_ms).await?;
             let newer = match &cache.cp {
-                Some(cp) => cp.is_newer(&sc.positions),
+                Some(cp) => match cp.succession(&sc.positions) {
+                    Succession::Newer => true,
+                    Succession::Replay => false,
+                    Succession::Diverged => {
+                        return Err(AwsStoreError::LostOwnership {
+                            shard: sc.shard,
+                            seq: cp.seq,
+                        });
+                    }
+                },
                 None => !sc.positions.is_empty(),
             };
             if !newer {

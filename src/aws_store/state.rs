@@ -246,6 +246,22 @@ pub fn decode_delta(bytes: &[u8]) -> Result<Delta, AwsStoreError> {
     Ok(d)
 }
 
+/// Whether a write follows what a shard's checkpoint holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Succession {
+    /// Ahead on some stream, behind on none: it applies.
+    Newer,
+    /// Ahead on no stream: an earlier write sent again (after a restart of
+    /// the storage process, say); skipped.
+    Replay,
+    /// Ahead on one stream and behind on another: it was folded from a
+    /// state that another owner has moved on from since (it lost the shard
+    /// in a rebalance and does not know yet). Applying it would put back
+    /// the other owner's folded events as unapplied, under positions that
+    /// say they are.
+    Diverged,
+}
+
 /// The commit pointer of a shard: item `PK=SHARD#<p>, SK=CHECKPOINT` in the
 /// state table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -349,12 +365,23 @@ impl Checkpoint {
         })
     }
 
-    /// Whether `positions` carry anything newer than what is committed (the
-    /// embedded store's rule: no positions at all is nothing new).
-    pub fn is_newer(&self, positions: &[Position]) -> bool {
-        positions
+    /// How a write's positions (all of its shard's streams, see
+    /// [`proto::ShardChanges::positions`]) stand to what is committed.
+    pub fn succession(&self, positions: &[Position]) -> Succession {
+        let ahead = positions
             .iter()
-            .any(|p| self.positions.get(&*p.stream).is_none_or(|&s| p.offset > s))
+            .any(|p| self.positions.get(&*p.stream).is_none_or(|&s| p.offset > s));
+        let behind = self.positions.iter().any(|(stream, &committed)| {
+            positions
+                .iter()
+                .find(|p| *p.stream == **stream)
+                .is_none_or(|p| p.offset < committed)
+        });
+        match (ahead, behind) {
+            (true, false) => Succession::Newer,
+            (true, true) => Succession::Diverged,
+            (false, _) => Succession::Replay,
+        }
     }
 
     /// Each stream keeps its largest offset.
@@ -600,11 +627,21 @@ mod tests {
             stream: s.into(),
             offset: o,
         };
-        assert!(!cp.is_newer(&[pos("a", 10)]));
-        assert!(!cp.is_newer(&[]));
-        assert!(cp.is_newer(&[pos("a", 11)]));
-        assert!(cp.is_newer(&[pos("a", 3), pos("b", 0)]));
-        cp.merge_positions(&[pos("a", 3), pos("b", 0)]);
+        assert_eq!(cp.succession(&[pos("a", 10)]), Succession::Replay);
+        assert_eq!(cp.succession(&[]), Succession::Replay);
+        assert_eq!(cp.succession(&[pos("a", 9)]), Succession::Replay);
+        assert_eq!(cp.succession(&[pos("a", 11)]), Succession::Newer);
+        assert_eq!(
+            cp.succession(&[pos("a", 10), pos("b", 0)]),
+            Succession::Newer
+        );
+        // Ahead on b, behind on a (or silent about it): another owner's past.
+        assert_eq!(
+            cp.succession(&[pos("a", 3), pos("b", 0)]),
+            Succession::Diverged
+        );
+        assert_eq!(cp.succession(&[pos("b", 0)]), Succession::Diverged);
+        cp.merge_positions(&[pos("a", 10), pos("b", 0)]);
         assert_eq!(cp.position_list(), vec![pos("a", 10), pos("b", 0)]);
         assert!(!cp.should_compact(16));
         assert!(cp.should_compact(2));

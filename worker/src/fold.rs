@@ -213,8 +213,12 @@ impl Fold {
                 shard,
                 ..ShardChanges::default()
             };
-            for (stream, offset, dirty) in &mut s.positions {
-                if std::mem::take(dirty) {
+            // Every stream's position once any moved: a store tells a
+            // replay (behind or equal on every stream) from a stale owner's
+            // write (ahead on one, behind on another) only with all of them.
+            if s.positions.iter().any(|(_, _, dirty)| *dirty) {
+                for (stream, offset, dirty) in &mut s.positions {
+                    *dirty = false;
                     changes.positions.push(Position {
                         stream: stream.clone(),
                         offset: *offset,
