@@ -840,15 +840,17 @@ impl Tree {
         }
     }
 
-    /// Drops a shard here and in its worker.
+    /// Drops a shard here and in its worker, with its frames still queued
+    /// for the worker: sent after a later restore of the shard, they would
+    /// move its position past events the restore does not hold.
     fn release(&mut self, shard: Shard) {
         self.owned.remove(&shard);
         self.ledger.forget(shard);
         let frame = self.encode(&ToWorker::Release { shard });
-        if let Some(l) = &self.workers[worker_for_shard(shard, self.cfg.workers)]
-            .slot
-            .link
-        {
+        let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
+        w.replay.retain(|(s, _, _)| *s != shard);
+        w.unflushed_bytes.remove(&shard);
+        if let Some(l) = &w.slot.link {
             l.send(frame);
         }
     }
