@@ -757,6 +757,9 @@ async fn metric_snapshots_go_to_s3_as_gzip_json_lines_and_ttl_is_refreshed() {
         .send()
         .await
         .unwrap();
+    // A gzip file as such: no `Content-Encoding` for HTTP clients to undo.
+    assert_eq!(body.content_type(), Some("application/gzip"));
+    assert_eq!(body.content_encoding(), None);
     let bytes = body.body.collect().await.unwrap().into_bytes();
     let mut text = String::new();
     flate2::read::GzDecoder::new(&bytes[..])

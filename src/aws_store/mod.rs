@@ -1645,8 +1645,10 @@ impl AwsStore {
                     .put_object()
                     .bucket(&self.cfg.bucket)
                     .key(key)
-                    .content_type("application/x-ndjson")
-                    .content_encoding("gzip")
+                    // A gzip file, as the key says: with `Content-Encoding:
+                    // gzip` HTTP clients (browsers, presigned downloads)
+                    // would unpack it on the way and save plain text as `.gz`.
+                    .content_type("application/gzip")
                     .body(bytes.clone().into())
                     .send()
                     .await
