@@ -239,7 +239,7 @@ enum Command {
     Storage {
         #[command(flatten)]
         store: StoreArgs,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500))]
         ttl_days: u64,
         /// Publish dead letters to this Kafka topic instead of the local file
         /// (brokers and client properties come from the environment).
@@ -308,8 +308,10 @@ struct RunArgs {
     /// Larger events are dead-lettered as `too_large`.
     #[arg(long, env = "ANALYTICS_MAX_EVENT_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(64..=16 << 20))]
     max_event_bytes: u32,
-    /// Lifetime of metric items after their last write.
-    #[arg(long, env = "ANALYTICS_TTL_DAYS", default_value_t = 30)]
+    /// Lifetime of metric items after their last write (1 to 36,500 days:
+    /// current items are refreshed daily, so less than a day would expire
+    /// live ones).
+    #[arg(long, env = "ANALYTICS_TTL_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500))]
     ttl_days: u64,
     /// Pause reading while this much unacknowledged input is buffered.
     #[arg(long, env = "ANALYTICS_MAX_BUFFERED_MB", default_value_t = 256)]

@@ -207,6 +207,8 @@ fn a_bad_setting_is_an_error_naming_it_before_anything_starts() {
             "setting `flush_interval_ms`",
         ),
         ("workers = 0\n", "setting `workers`"),
+        // Current items would expire before their daily refresh.
+        ("ttl_days = 0\n", "setting `ttl_days`"),
         ("store = \"s3\"\n", "setting `store`"),
         ("metrics_addr = \"localhost\"\n", "setting `metrics_addr`"),
         (
