@@ -19,9 +19,17 @@ use proto::{ArchivedEvents, NO_TIMESTAMP, Offset, Shard};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::thread::{self, JoinHandle};
 
 /// Lines are handed to the compressor in blocks of about this size.
 const BLOCK_BYTES: usize = 64 << 10;
+
+/// Blocks waiting for a range's compressor thread at most: when it falls
+/// behind, the fold waits rather than holding the range uncompressed.
+const QUEUED_BLOCKS: usize = 8;
 
 /// One topic-partition's events since the last take, compressed as they
 /// come.
@@ -30,10 +38,86 @@ pub struct RangeWriter {
     /// `{"topic":…,"partition":…,"offset":`, the start of every line.
     prefix: Vec<u8>,
     block: Vec<u8>,
-    gz: GzEncoder<Vec<u8>>,
+    /// Started at the first full block: a range smaller than a block (most
+    /// ranges of a small flush) is compressed at the end, on the caller's
+    /// thread.
+    gz: Option<GzipThread>,
     /// Compressing failed (into memory: not expected); [`Self::finish`]
     /// reports it.
     error: Option<io::Error>,
+}
+
+/// A gzip stream at the fast level: JSON lines still shrink several times,
+/// at a fraction of the default level's instructions.
+fn encoder() -> GzEncoder<Vec<u8>> {
+    GzEncoder::new(Vec::new(), Compression::fast())
+}
+
+/// A thread compressing one range's blocks in order. gzip costs about as
+/// much as the fold, and a worker is one thread: this way the fold goes on
+/// meanwhile, on a core the worker would otherwise leave to others.
+struct GzipThread {
+    blocks: SyncSender<Vec<u8>>,
+    done: JoinHandle<io::Result<Vec<u8>>>,
+    /// Compressed so far, and uncompressed bytes still queued: what
+    /// [`RangeWriter::bytes`] counts.
+    compressed: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl GzipThread {
+    fn spawn() -> io::Result<GzipThread> {
+        let (blocks, received) = mpsc::sync_channel::<Vec<u8>>(QUEUED_BLOCKS);
+        let compressed = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (so_far, waiting) = (compressed.clone(), queued.clone());
+        let done = thread::Builder::new()
+            .name("archive-gzip".into())
+            .spawn(move || {
+                let mut gz = encoder();
+                // Ends when the writer finishes (or is dropped).
+                for block in received {
+                    gz.write_all(&block)?;
+                    so_far.store(gz.get_ref().len(), Ordering::Relaxed);
+                    waiting.fetch_sub(block.len(), Ordering::Relaxed);
+                }
+                gz.finish()
+            })?;
+        Ok(GzipThread {
+            blocks,
+            done,
+            compressed,
+            queued,
+        })
+    }
+
+    /// Queues `block`; waits while [`QUEUED_BLOCKS`] are queued already.
+    fn send(&self, block: Vec<u8>) -> io::Result<()> {
+        self.queued.fetch_add(block.len(), Ordering::Relaxed);
+        self.blocks.send(block).map_err(|_| stopped())
+    }
+
+    fn bytes(&self) -> usize {
+        self.compressed.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The gzip stream, once `last` and every block before it are in.
+    fn finish(self, last: Vec<u8>) -> io::Result<Vec<u8>> {
+        let sent = self.send(last);
+        drop(self.blocks);
+        let gzip = self
+            .done
+            .join()
+            .map_err(|_| io::Error::other("the archive's gzip thread panicked"))?;
+        // A failed send means the thread stopped on an error: that one.
+        let gzip = gzip?;
+        sent?;
+        Ok(gzip)
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the archive's gzip thread stopped")
 }
 
 impl RangeWriter {
@@ -45,10 +129,8 @@ impl RangeWriter {
                 ..ArchivedEvents::default()
             },
             prefix: line_prefix(stream, shard),
-            block: Vec::with_capacity(BLOCK_BYTES + (4 << 10)),
-            // The fast level: JSON lines still shrink several times, at a
-            // fraction of the default level's instructions.
-            gz: GzEncoder::new(Vec::new(), Compression::fast()),
+            block: new_block(),
+            gz: None,
             error: None,
         }
     }
@@ -89,8 +171,12 @@ impl RangeWriter {
         };
         archived_line(&mut self.block, &self.prefix, &event)?;
         if self.block.len() >= BLOCK_BYTES {
-            self.gz.write_all(&self.block)?;
-            self.block.clear();
+            let full = std::mem::replace(&mut self.block, new_block());
+            let gz = match &mut self.gz {
+                Some(gz) => gz,
+                None => self.gz.insert(GzipThread::spawn()?),
+            };
+            gz.send(full)?;
         }
         Ok(())
     }
@@ -102,18 +188,29 @@ impl RangeWriter {
     /// About what the object takes so far (compressed, plus the lines not
     /// yet compressed): what a frame's limit counts.
     pub fn bytes(&self) -> usize {
-        self.gz.get_ref().len() + self.block.len()
+        self.gz.as_ref().map_or(0, GzipThread::bytes) + self.block.len()
     }
 
     /// The finished object, or the first failure.
-    pub fn finish(mut self) -> io::Result<ArchivedEvents> {
+    pub fn finish(self) -> io::Result<ArchivedEvents> {
         if let Some(e) = self.error {
             return Err(e);
         }
-        self.gz.write_all(&self.block)?;
-        self.range.gzip = self.gz.finish()?;
-        Ok(self.range)
+        let mut range = self.range;
+        range.gzip = match self.gz {
+            Some(gz) => gz.finish(self.block)?,
+            None => {
+                let mut gz = encoder();
+                gz.write_all(&self.block)?;
+                gz.finish()?
+            }
+        };
+        Ok(range)
     }
+}
+
+fn new_block() -> Vec<u8> {
+    Vec::with_capacity(BLOCK_BYTES + (4 << 10))
 }
 
 /// One event and where it came from.
