@@ -5,17 +5,19 @@
 //! - `metrics/dt=YYYY-MM-DD/snapshot-<epochMillis>.jsonl.gz`: every metric
 //!   record;
 //! - `events/dt=YYYY-MM-DD/hour=HH/<topic>-<partition>-<firstOffset>-<lastOffset>.jsonl.gz`:
-//!   the consumed events of one topic-partition that one write covered, one
-//!   line each, as the worker built the object (`analytics_worker::archive`,
-//!   which describes the lines). The date is the first event's broker
-//!   timestamp, so a retried upload of the same range lands on the same key.
+//!   the consumed events of one topic-partition that one write covered
+//!   from one hour on, one line each, as the worker built the object
+//!   (`analytics_worker::archive`, which describes the lines). The date is
+//!   the first event's broker timestamp, so a retried upload of the same
+//!   range lands on the same key.
 //!
 //! An event range is uploaded before the write that covers it commits. A
 //! crash in between can leave an object whose range never committed; the
 //! range retried after it starts at the same first offset (the first event
-//! after the durable position) and may end elsewhere. So the first upload
-//! of a topic-partition after a (re)start removes any other object with the
-//! same first offset: [`event_range_prefix`].
+//! after the durable position, or the first of a later hour in that write)
+//! and may end elsewhere. So the first upload of a topic-partition after a
+//! (re)start, and its first of a later hour, removes any other object with
+//! the same first offset: [`event_range_prefix`].
 
 use crate::store::utc_day;
 use analytics_worker::records::MetricRecord;

@@ -21,8 +21,10 @@ use crate::aws_store::{AwsConfig, AwsStore, AwsStoreError};
 use crate::backend::{Backend, BackendError};
 use crate::dlq::KafkaDlq;
 use anyhow::Context;
-use proto::{FrameError, FromStorage, Role, Shard, ShardChanges, ToStorage, WriteReport};
-use std::collections::HashSet;
+use proto::{
+    ArchivedEvents, FrameError, FromStorage, Role, Shard, ShardChanges, ToStorage, WriteReport,
+};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -164,8 +166,27 @@ async fn until_done<I: ?Sized + Sync, T>(
 #[derive(Default)]
 struct ArchiveState {
     /// Topic-partitions archived since this process started, or since their
-    /// shard was last loaded: their next range needs no clean-up.
-    continued: HashSet<(Box<str>, Shard)>,
+    /// shard was last loaded, with the hour of their last range.
+    continued: HashMap<(Box<str>, Shard), i64>,
+}
+
+impl ArchiveState {
+    /// Whether other objects with `range`'s first offset must go before it
+    /// is stored. A range that never committed (a crash between upload and
+    /// commit) started at the first offset after the durable position, or
+    /// at the first event of a later hour within its write: the ranges
+    /// that replace it start there too. So: the first range of a
+    /// topic-partition since a (re)start or load, and a range of a later
+    /// hour than the one before.
+    fn needs_clean(&self, range: &ArchivedEvents) -> bool {
+        let partition = (range.stream.clone(), range.shard);
+        self.continued.get(&partition) != Some(&range.hour())
+    }
+
+    fn archived(&mut self, range: &ArchivedEvents) {
+        self.continued
+            .insert((range.stream.clone(), range.shard), range.hour());
+    }
 }
 
 /// Stores the archive objects a write carries, waiting out outages like a
@@ -176,14 +197,13 @@ async fn archive_ranges(
     changes: &[ShardChanges],
 ) -> Result<(), BackendError> {
     for range in changes.iter().flat_map(|c| &c.archive) {
-        let partition: (Box<str>, Shard) = (range.stream.clone(), range.shard);
-        let clean = !state.continued.contains(&partition);
+        let clean = state.needs_clean(range);
         let key = until_done(store, "archive events", range, |s, r| {
             Box::pin(s.archive_events(r, clean))
         })
         .await?;
         tracing::debug!(key, events = range.events, "events archived");
-        state.continued.insert(partition);
+        state.archived(range);
     }
     Ok(())
 }
@@ -198,7 +218,7 @@ async fn handle(
     match request {
         ToStorage::Load { id, shard } => {
             // Whoever owned the shard before may have left an uncommitted range.
-            archive.continued.retain(|(_, s)| *s != shard);
+            archive.continued.retain(|(_, s), _| *s != shard);
             let loaded = until_done(store, "load", &(), |s, _| {
                 Box::pin(s.load_shard(shard, LOAD_CHUNK_PRODUCTS))
             })
@@ -328,6 +348,83 @@ mod tests {
     use super::*;
     use crate::store::{EmbeddedStore, StoreOptions};
     use proto::{EntityKey, EntityTotals, Position, ProductId, ShardChanges};
+
+    /// Offsets `offsets` of stream `t`, shard 0, one a minute from 16:50 UTC.
+    fn range(offsets: std::ops::RangeInclusive<i64>) -> ArchivedEvents {
+        let mut w = analytics_worker::archive::RangeWriter::new("t", 0);
+        for o in offsets {
+            w.push(o, 1_696_179_000_000 + o * 60_000, b"{}", true);
+        }
+        w.finish().unwrap()
+    }
+
+    /// A write that never committed (a crash between upload and commit)
+    /// left an object at its first offset and one at the first event of
+    /// the next hour; the write that replaces it ends elsewhere.
+    #[tokio::test]
+    async fn a_write_replacing_an_uncommitted_one_removes_its_objects_of_every_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let archive = dir.path().join("archive");
+        let stale = [range(0..=9), range(10..=25)];
+        for r in &stale {
+            crate::archive::write_event_range(&archive, r, false).unwrap();
+        }
+        assert_ne!(stale[0].hour(), stale[1].hour());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = tokio::spawn(serve(
+            theirs,
+            Backend::Embedded {
+                store,
+                archive_dir: archive.clone(),
+            },
+            None,
+        ));
+        let (mut tx, mut rx, _) =
+            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
+                .await
+                .unwrap();
+        let replacing = [range(0..=9), range(10..=20)];
+        tx.send(&ToStorage::Write {
+            id: 1,
+            changes: vec![ShardChanges {
+                shard: 0,
+                positions: vec![Position {
+                    stream: "t".into(),
+                    offset: 20,
+                }],
+                archive: replacing.to_vec(),
+                ..ShardChanges::default()
+            }],
+        })
+        .await
+        .unwrap();
+        let FromStorage::Written { id: 1, .. } = rx.recv().await.unwrap() else {
+            panic!("expected Written")
+        };
+        let key = |r: &ArchivedEvents| crate::archive::event_range_key(r).unwrap();
+        assert!(!archive.join(key(&stale[1])).exists(), "{}", key(&stale[1]));
+        for r in &replacing {
+            assert!(archive.join(key(r)).is_file(), "{}", key(r));
+        }
+        drop(tx);
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_range_is_cleaned_up_first_after_a_start_or_at_a_later_hour() {
+        let mut state = ArchiveState::default();
+        let first = range(0..=3);
+        assert!(state.needs_clean(&first));
+        state.archived(&first);
+        assert!(!state.needs_clean(&range(4..=6)));
+        assert!(state.needs_clean(&range(10..=12)));
+        let other = ArchivedEvents {
+            shard: 1,
+            ..first.clone()
+        };
+        assert!(state.needs_clean(&other));
+    }
 
     #[tokio::test]
     async fn write_then_load_round_trip() {

@@ -254,7 +254,8 @@ pub struct ShardChanges {
     pub entities: Vec<(EntityKey, EntityTotals)>,
     pub dead_letters: Vec<DeadLetter>,
     /// The archive objects of the events these changes newly cover, one
-    /// per stream (when the worker archives events).
+    /// per stream and hour (when the worker archives events), in offset
+    /// order.
     pub archive: Vec<ArchivedEvents>,
     /// Applied events among these that moved a product this shard never
     /// held from another seller, whose shard may still count it (README,
@@ -290,6 +291,22 @@ pub struct ArchivedEvents {
     pub events: u64,
     #[serde(with = "crate::model::bytes")]
     pub gzip: Vec<u8>,
+}
+
+impl ArchivedEvents {
+    /// The hour its object is filed under (`dt=…/hour=…`), in hours since
+    /// the epoch.
+    pub fn hour(&self) -> i64 {
+        archive_hour(self.time_ms)
+    }
+}
+
+/// The hour since the epoch that an event at `ms` is archived under: a
+/// range of events starts a new object when an event's hour is later than
+/// its first event's, so that each object sits under the hour of its
+/// events (late ones aside).
+pub fn archive_hour(ms: i64) -> i64 {
+    ms.div_euclid(3_600_000)
 }
 
 /// Product states, encoded once by the worker: the bytes of a

@@ -1557,7 +1557,7 @@ impl AwsStore {
     /// `clean`, other objects of ranges with the same first offset (left by
     /// a write that never committed) are deleted first: one
     /// `ListObjectsV2`, on the first range of a partition after a (re)start
-    /// only.
+    /// and its first of each later hour only.
     pub async fn put_event_range(
         &self,
         events: &proto::ArchivedEvents,

@@ -1,6 +1,7 @@
 //! The raw event archive's objects (DESIGN §6), built as the events are
 //! folded. An object holds the consumed events of one topic-partition that
-//! one write covers, one JSON line each:
+//! one write covers, from one hour on (an event of a later hour starts the
+//! next object, see [`RangeWriter::takes`]), one JSON line each:
 //! `{"topic","partition","offset","timestamp","value"}` with the event as it
 //! was received (`value` when it is one line of valid JSON, else `raw`, a
 //! string, or `rawHex` when it is not UTF-8), gzipped. Storage names it
@@ -15,7 +16,7 @@
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use proto::{ArchivedEvents, NO_TIMESTAMP, Offset, Shard};
+use proto::{ArchivedEvents, NO_TIMESTAMP, Offset, Shard, archive_hour};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::io::{self, Write};
@@ -183,6 +184,15 @@ impl RangeWriter {
 
     pub fn stream(&self) -> &str {
         &self.range.stream
+    }
+
+    /// Whether an event at `timestamp` belongs in this object: not when
+    /// its hour is later than the first event's (it starts the next
+    /// object). A late event, or one without a timestamp, stays.
+    pub fn takes(&self, timestamp: i64) -> bool {
+        self.range.events == 0
+            || timestamp == NO_TIMESTAMP
+            || archive_hour(timestamp) <= self.range.hour()
     }
 
     /// About what the object takes so far (compressed, plus the lines not

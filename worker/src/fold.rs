@@ -136,8 +136,8 @@ impl Fold {
         let mut stats = BatchStats::default();
         let shard = self.shards.entry(batch.shard).or_default();
         let pos = position_slot(&mut shard.positions, &batch.stream);
-        // The stream's archive object, started at its first event.
-        let mut archive = None;
+        // The archive object the stream's events go to now.
+        let mut archive: Option<usize> = None;
         for (i, (offset, bytes)) in batch.iter().enumerate() {
             if offset <= shard.positions[pos].1 {
                 stats.skipped += 1;
@@ -163,10 +163,16 @@ impl Fold {
                 }
             };
             if self.archive_events {
-                let slot = *archive.get_or_insert_with(|| {
-                    archive_slot(&mut shard.archive, &batch.stream, batch.shard)
-                });
-                shard.archive[slot].push(offset, batch.timestamp(i), bytes, applied);
+                let timestamp = batch.timestamp(i);
+                let slot = match archive {
+                    Some(slot) if shard.archive[slot].takes(timestamp) => slot,
+                    _ => {
+                        let slot =
+                            archive_slot(&mut shard.archive, &batch.stream, batch.shard, timestamp);
+                        *archive.insert(slot)
+                    }
+                };
+                shard.archive[slot].push(offset, timestamp, bytes, applied);
             }
         }
         if batch.upto > shard.positions[pos].1 {
@@ -376,11 +382,18 @@ fn empty_totals() -> EntityTotals {
     }
 }
 
-/// The index of `stream`'s archive object in `archive`, started if needed.
-fn archive_slot(archive: &mut Vec<RangeWriter>, stream: &str, shard: Shard) -> usize {
-    match archive.iter().position(|w| w.stream() == stream) {
-        Some(i) => i,
-        None => {
+/// The index in `archive` of `stream`'s object for an event at
+/// `timestamp`: its latest one, or a new one when there is none or the
+/// event is of a later hour.
+fn archive_slot(
+    archive: &mut Vec<RangeWriter>,
+    stream: &str,
+    shard: Shard,
+    timestamp: i64,
+) -> usize {
+    match archive.iter().rposition(|w| w.stream() == stream) {
+        Some(i) if archive[i].takes(timestamp) => i,
+        _ => {
             archive.push(RangeWriter::new(stream, shard));
             archive.len() - 1
         }
@@ -1210,6 +1223,43 @@ mod tests {
         let mut plain = Fold::new(10, 1 << 20);
         plain.apply_batch(&at(0..3, -1));
         assert!(plain.take_changes().unwrap()[0].archive.is_empty());
+    }
+
+    #[test]
+    fn an_archive_object_holds_one_hour_of_its_stream() {
+        const HOUR: i64 = 3_600_000;
+        let t0 = 1_696_176_000_000 - 1_696_176_000_000 % HOUR; // 16:00 UTC
+        let event = br#"{"eventType":"ProductCreated","timestamp":1,"data":{"productId":1,"sellerId":"s","category":"c","price":1,"quantity":1}}"#;
+        let mut b = EventBatch::new(0, "test".into());
+        let mut other = EventBatch::new(0, "other".into());
+        // 16:59, 17:00, a late 16:59, one without a timestamp, 19:30, and
+        // another stream's 16:10 after them all.
+        for (o, at) in [(0, t0 + HOUR - 1), (1, t0 + HOUR), (2, t0 + HOUR - 5)]
+            .into_iter()
+            .chain([(3, proto::NO_TIMESTAMP), (4, t0 + 3 * HOUR + HOUR / 2)])
+        {
+            b.push_at(o, at, event);
+        }
+        other.push_at(7, t0 + HOUR / 6, event);
+        let mut fold = Fold::new(10, 1 << 20);
+        fold.archive_events();
+        fold.apply_batch(&b);
+        fold.apply_batch(&other);
+        let changes = fold.take_changes().unwrap();
+        let objects: Vec<_> = changes[0]
+            .archive
+            .iter()
+            .map(|a| (&*a.stream, a.hour() - t0 / HOUR, archived_offsets(a)))
+            .collect();
+        assert_eq!(
+            objects,
+            vec![
+                ("test", 0, vec![0]),
+                ("test", 1, vec![1, 2, 3]),
+                ("test", 3, vec![4]),
+                ("other", 0, vec![7]),
+            ]
+        );
     }
 
     #[test]
