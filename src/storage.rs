@@ -65,7 +65,8 @@ pub async fn serve(
         aws = store.is_aws(),
         "storage connected to the supervisor"
     );
-    let mut last_refresh = refresh(&mut store, now_ms()).await;
+    let mut ttl = TtlRefresh::default();
+    ttl.tick(&mut store, now_ms()).await;
     let mut archive = ArchiveState::default();
     loop {
         let request = match rx.recv().await {
@@ -77,9 +78,7 @@ pub async fn serve(
             Err(e) => return Err(e).context("receiving a request from the supervisor"),
         };
         let now = now_ms();
-        if now.saturating_sub(last_refresh) >= TTL_REFRESH_MS {
-            last_refresh = refresh(&mut store, now).await;
-        }
+        ttl.tick(&mut store, now).await;
         let write = match &request {
             ToStorage::Write { id, .. } => Some(*id),
             _ => None,
@@ -104,17 +103,53 @@ pub async fn serve(
     }
 }
 
-/// Refreshes the TTL of current items; a failure is logged and retried on
-/// the next request. Returns the time of the last successful refresh.
-async fn refresh(store: &mut Backend, now: i64) -> i64 {
-    match store.refresh_ttl(now).await {
-        Ok(items) => {
-            tracing::info!(items, "refreshed the TTL of current items");
-            now
+/// The refreshes of current items' TTL: at start and daily, checked as
+/// requests come. The AWS store's refresh (an `UpdateItem` per due item)
+/// runs in a task of its own, so that a large table does not hold requests
+/// up: waiting for it, the supervisor would take storage for stalled.
+#[derive(Default)]
+struct TtlRefresh {
+    /// When the last refresh started (0: never).
+    last: i64,
+    running: Option<tokio::task::JoinHandle<Result<u64, AwsStoreError>>>,
+}
+
+impl TtlRefresh {
+    async fn tick(&mut self, store: &mut Backend, now: i64) {
+        if let Some(task) = self.running.take_if(|t| t.is_finished()) {
+            let result = task.await.unwrap_or_else(|e| {
+                Err(AwsStoreError::MetricWrite {
+                    detail: format!("the TTL refresh task failed: {e}"),
+                    retryable: true,
+                })
+            });
+            self.finished(result.map_err(BackendError::from), now);
         }
-        Err(error) => {
-            tracing::warn!(%error, "refreshing item TTLs failed");
-            now.saturating_sub(TTL_REFRESH_MS)
+        if self.running.is_some() || now.saturating_sub(self.last) < TTL_REFRESH_MS {
+            return;
+        }
+        self.last = now;
+        match store {
+            Backend::Aws(aws) => {
+                let refresher = aws.ttl_refresher();
+                self.running = Some(tokio::spawn(async move { refresher.refresh(now).await }));
+            }
+            Backend::Embedded { .. } => {
+                let result = store.refresh_ttl(now).await;
+                self.finished(result, now);
+            }
+        }
+    }
+
+    /// Logs a refresh's outcome; after a failure the next is due in a
+    /// minute.
+    fn finished(&mut self, result: Result<u64, BackendError>, now: i64) {
+        match result {
+            Ok(items) => tracing::info!(items, "refreshed the TTL of current items"),
+            Err(error) => {
+                tracing::warn!(%error, "refreshing item TTLs failed; retrying in a minute");
+                self.last = now.saturating_sub(TTL_REFRESH_MS - 60_000);
+            }
         }
     }
 }

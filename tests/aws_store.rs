@@ -774,6 +774,12 @@ async fn metric_snapshots_go_to_s3_as_gzip_json_lines_and_ttl_is_refreshed() {
     assert_eq!(aws.current_records(later).await.unwrap().len(), 1);
     assert_eq!(aws.refresh_ttl(later).await.unwrap(), 3);
     assert_eq!(aws.current_records(later).await.unwrap().len(), 4);
+    // Refreshed lately (less than half the lifetime ago): not again, so a
+    // restarted storage process does not redo a large table.
+    assert_eq!(aws.refresh_ttl(later + 1000).await.unwrap(), 0);
+    let much_later = later + 3600 * 1000;
+    assert_eq!(aws.refresh_ttl(much_later).await.unwrap(), 3);
+    assert_eq!(aws.current_records(much_later).await.unwrap().len(), 4);
     assert!(aws.seller("s1", later).await.unwrap().unwrap().1.is_empty());
 }
 

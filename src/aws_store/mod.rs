@@ -91,8 +91,10 @@ pub mod item;
 pub mod requests;
 pub mod retry;
 pub mod state;
+mod ttl;
 
 pub use error::AwsStoreError;
+pub use ttl::TtlRefresher;
 
 use crate::archive::{
     encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
@@ -1510,26 +1512,12 @@ impl AwsStore {
         .await
     }
 
-    /// Every item of a paged read: `page(start)` returns one page's items
-    /// and the key to go on from; each page is retried on its own.
-    async fn read_pages<F, Fut>(&self, what: &str, mut page: F) -> Result<Vec<Item>, AwsStoreError>
+    async fn read_pages<F, Fut>(&self, what: &str, page: F) -> Result<Vec<Item>, AwsStoreError>
     where
         F: FnMut(Option<Item>) -> Fut,
         Fut: std::future::Future<Output = Result<(Vec<Item>, Option<Item>), AwsStoreError>>,
     {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let (items, next) = retry(&self.cfg.backoff, what, AwsStoreError::is_retryable, || {
-                page(start.clone())
-            })
-            .await?;
-            out.extend(items);
-            match next {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(out),
-            }
-        }
+        read_pages(&self.cfg.backoff, what, page).await
     }
 
     // ---- archive and TTL ----------------------------------------------------
@@ -1659,56 +1647,47 @@ impl AwsStore {
         .await
     }
 
-    /// Sets `TTL` = now + ttl on every current item, so live entities never
-    /// expire (DESIGN §6). An update of `TTL` alone, so a concurrent write
-    /// of the item's values is never undone; expired daily items are left to
-    /// DynamoDB's TTL. Returns the items refreshed.
+    /// Sets `TTL` = now + ttl on the current items due for it; see
+    /// [`TtlRefresher::refresh`]. Returns the items refreshed.
     pub async fn refresh_ttl(&self, now_ms: i64) -> Result<u64, AwsStoreError> {
-        let ttl = now_ms.div_euclid(1000).saturating_add(self.ttl_secs);
-        let items = self
-            .scan_metrics("SK = :current", &[(":current", CURRENT)])
-            .await?;
-        let mut refreshed = 0;
-        for it in &items {
-            let (Some(pk), Some(sk)) = (item::s(it, "PK"), item::s(it, "SK")) else {
-                continue;
-            };
-            let updated = retry(
-                &self.cfg.backoff,
-                "refresh_ttl",
-                AwsStoreError::is_retryable,
-                || async {
-                    match self
-                        .ddb
-                        .update_item()
-                        .table_name(&self.cfg.metrics_table)
-                        .set_key(Some(item::key(pk, sk)))
-                        .update_expression("SET #ttl = :ttl")
-                        .condition_expression("attribute_exists(PK)")
-                        .expression_attribute_names("#ttl", "TTL")
-                        .expression_attribute_values(":ttl", item::n(ttl))
-                        .send()
-                        .await
-                    {
-                        Ok(_) => Ok(true),
-                        Err(e)
-                            if e.as_service_error()
-                                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                        {
-                            Ok(false)
-                        }
-                        Err(e) => {
-                            let (detail, retryable) = describe(&e);
-                            Err(AwsStoreError::MetricWrite { detail, retryable })
-                        }
-                    }
-                },
-            )
-            .await?;
-            refreshed += u64::from(updated);
+        self.ttl_refresher().refresh(now_ms).await
+    }
+
+    /// A handle that refreshes `TTL`s on its own, sharing this store's
+    /// client: a refresh can run beside the store's requests.
+    pub fn ttl_refresher(&self) -> TtlRefresher {
+        TtlRefresher {
+            ddb: self.ddb.clone(),
+            table: self.cfg.metrics_table.clone(),
+            backoff: self.cfg.backoff,
+            ttl_secs: self.ttl_secs,
         }
-        tracing::debug!(refreshed, "refreshed item TTLs");
-        Ok(refreshed)
+    }
+}
+
+/// Every item of a paged read: `page(start)` returns one page's items and
+/// the key to go on from; each page is retried on its own.
+async fn read_pages<F, Fut>(
+    backoff: &Backoff,
+    what: &str,
+    mut page: F,
+) -> Result<Vec<Item>, AwsStoreError>
+where
+    F: FnMut(Option<Item>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<Item>, Option<Item>), AwsStoreError>>,
+{
+    let mut out = Vec::new();
+    let mut start: Option<Item> = None;
+    loop {
+        let (items, next) = retry(backoff, what, AwsStoreError::is_retryable, || {
+            page(start.clone())
+        })
+        .await?;
+        out.extend(items);
+        match next {
+            Some(k) if !k.is_empty() => start = Some(k),
+            _ => return Ok(out),
+        }
     }
 }
 
