@@ -134,6 +134,14 @@ impl Backend {
         })
     }
 
+    /// How long items live after their last write.
+    pub fn ttl_secs(&self) -> i64 {
+        match self {
+            Backend::Embedded { store, .. } => store.ttl_secs(),
+            Backend::Aws(store) => store.ttl_secs(),
+        }
+    }
+
     /// Sets the TTL of every current item to now + ttl; returns how many.
     pub async fn refresh_ttl(&mut self, now_ms: i64) -> Result<u64, BackendError> {
         Ok(match self {

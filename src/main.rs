@@ -308,9 +308,9 @@ struct RunArgs {
     /// Larger events are dead-lettered as `too_large`.
     #[arg(long, env = "ANALYTICS_MAX_EVENT_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(64..=16 << 20))]
     max_event_bytes: u32,
-    /// Lifetime of metric items after their last write (1 to 36,500 days:
-    /// current items are refreshed daily, so less than a day would expire
-    /// live ones).
+    /// Lifetime of metric items after their last write (1 to 36,500 days;
+    /// current items are refreshed daily, or four times per lifetime when
+    /// that is more often).
     #[arg(long, env = "ANALYTICS_TTL_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500))]
     ttl_days: u64,
     /// Pause reading while this much unacknowledged input is buffered.

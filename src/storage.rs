@@ -32,8 +32,17 @@ use tokio::net::UnixStream;
 
 /// Products per `Loaded` chunk, well below the frame limit.
 pub const LOAD_CHUNK_PRODUCTS: usize = 50_000;
-/// Current items are refreshed at least this often (DESIGN §6).
+/// Current items are refreshed at least this often (DESIGN §6), and at
+/// least four times per lifetime: a refresh skips items with more than half
+/// of it left (see `aws_store::TtlRefresher`), which must then still live
+/// until the refresh after next.
 const TTL_REFRESH_MS: i64 = 24 * 3600 * 1000;
+
+fn ttl_refresh_ms(ttl_secs: i64) -> i64 {
+    TTL_REFRESH_MS
+        .min(ttl_secs.saturating_mul(1000) / 4)
+        .max(1000)
+}
 /// Backoff between attempts of a request while the AWS store is down.
 const OUTAGE_BACKOFF: Backoff = Backoff {
     base: Duration::from_millis(200),
@@ -116,6 +125,7 @@ struct TtlRefresh {
 
 impl TtlRefresh {
     async fn tick(&mut self, store: &mut Backend, now: i64) {
+        let every = ttl_refresh_ms(store.ttl_secs());
         if let Some(task) = self.running.take_if(|t| t.is_finished()) {
             let result = task.await.unwrap_or_else(|e| {
                 Err(AwsStoreError::MetricWrite {
@@ -123,9 +133,9 @@ impl TtlRefresh {
                     retryable: true,
                 })
             });
-            self.finished(result.map_err(BackendError::from), now);
+            self.finished(result.map_err(BackendError::from), now, every);
         }
-        if self.running.is_some() || now.saturating_sub(self.last) < TTL_REFRESH_MS {
+        if self.running.is_some() || now.saturating_sub(self.last) < every {
             return;
         }
         self.last = now;
@@ -136,19 +146,19 @@ impl TtlRefresh {
             }
             Backend::Embedded { .. } => {
                 let result = store.refresh_ttl(now).await;
-                self.finished(result, now);
+                self.finished(result, now, every);
             }
         }
     }
 
     /// Logs a refresh's outcome; after a failure the next is due in a
-    /// minute.
-    fn finished(&mut self, result: Result<u64, BackendError>, now: i64) {
+    /// minute (or sooner, when refreshes are that frequent).
+    fn finished(&mut self, result: Result<u64, BackendError>, now: i64, every: i64) {
         match result {
             Ok(items) => tracing::info!(items, "refreshed the TTL of current items"),
             Err(error) => {
                 tracing::warn!(%error, "refreshing item TTLs failed; retrying in a minute");
-                self.last = now.saturating_sub(TTL_REFRESH_MS - 60_000);
+                self.last = now.saturating_sub(every.saturating_sub(60_000).max(0));
             }
         }
     }
@@ -383,6 +393,38 @@ mod tests {
     use super::*;
     use crate::store::{EmbeddedStore, StoreOptions};
     use proto::{EntityKey, EntityTotals, Position, ProductId, ShardChanges};
+
+    #[tokio::test]
+    async fn current_items_are_refreshed_at_start_then_four_times_a_lifetime_at_most_daily() {
+        assert_eq!(ttl_refresh_ms(30 * 86_400), 86_400_000);
+        assert_eq!(ttl_refresh_ms(86_400), 21_600_000);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            ttl: Duration::from_secs(86_400),
+            ..StoreOptions::default()
+        };
+        let mut store = Backend::Embedded {
+            store: EmbeddedStore::open(dir.path(), opts).unwrap(),
+            archive_dir: dir.path().join("archive"),
+        };
+        let start = 1_696_176_060_000;
+        let mut ttl = TtlRefresh::default();
+        for (now, last) in [
+            (start, start),
+            (start + 21_599_999, start),
+            (start + 21_600_000, start + 21_600_000),
+        ] {
+            ttl.tick(&mut store, now).await;
+            assert_eq!(ttl.last, last, "at {now}");
+        }
+        // A failed refresh is due again a minute later.
+        ttl.finished(
+            Err(BackendError::Snapshot(std::io::Error::other("x"))),
+            start,
+            21_600_000,
+        );
+        assert_eq!(ttl.last, start - 21_600_000 + 60_000);
+    }
 
     /// Offsets `offsets` of stream `t`, shard 0, one a minute from 16:50 UTC.
     fn range(offsets: std::ops::RangeInclusive<i64>) -> ArchivedEvents {

@@ -584,6 +584,11 @@ impl EmbeddedStore {
         Ok(refreshed)
     }
 
+    /// How long items live after their last write.
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl_secs
+    }
+
     fn ttl_at(&self, now_ms: i64) -> i64 {
         now_ms.div_euclid(1000).saturating_add(self.ttl_secs)
     }

@@ -1653,6 +1653,11 @@ impl AwsStore {
         self.ttl_refresher().refresh(now_ms).await
     }
 
+    /// How long items live after their last write.
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl_secs
+    }
+
     /// A handle that refreshes `TTL`s on its own, sharing this store's
     /// client: a refresh can run beside the store's requests.
     pub fn ttl_refresher(&self) -> TtlRefresher {
