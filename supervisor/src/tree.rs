@@ -197,6 +197,10 @@ struct WorkerState {
     /// Shards whose restore is under way; their events wait in the ledger.
     restoring: BTreeSet<Shard>,
     flush_pending: bool,
+    /// Shards released while the pending flush was unanswered: its answer
+    /// may carry their changes from before the release, stale once the
+    /// shard is loaded again, so they are dropped from it.
+    released_in_flush: BTreeSet<Shard>,
     /// When the pending flush was asked for.
     flush_sent_at: Option<Instant>,
     /// A flush was asked for while one was pending: send it on the answer.
@@ -338,6 +342,7 @@ impl Tree {
                 answered_events: 0,
                 unflushed_bytes: BTreeMap::new(),
                 replay: VecDeque::new(),
+                released_in_flush: BTreeSet::new(),
             })
             .collect();
         Tree {
@@ -850,6 +855,9 @@ impl Tree {
         let w = &mut self.workers[worker_for_shard(shard, self.cfg.workers)];
         w.replay.retain(|(s, _, _)| *s != shard);
         w.unflushed_bytes.remove(&shard);
+        if w.flush_pending {
+            w.released_in_flush.insert(shard);
+        }
         if let Some(l) = &w.slot.link {
             l.send(frame);
         }
@@ -952,7 +960,12 @@ impl Tree {
         }
         match (peer, msg) {
             (_, Incoming::Lost(why)) => self.child_lost(peer, &why),
-            (Peer::Worker(i), Incoming::Worker(FromWorker::Changes { shards, more, .. })) => {
+            (
+                Peer::Worker(i),
+                Incoming::Worker(FromWorker::Changes {
+                    mut shards, more, ..
+                }),
+            ) => {
                 // The states travel on as bytes: malformed ones would reach
                 // the store and break every later restore of the shard.
                 if let Some(e) = shards.iter().find_map(|c| c.products.check().err()) {
@@ -961,11 +974,13 @@ impl Tree {
                 let w = &mut self.workers[i];
                 w.slot.failures = 0;
                 let started = w.flush_sent_at;
+                shards.retain(|c| !w.released_in_flush.contains(&c.shard));
                 // Each part is written on its own; the last ends the flush.
                 if !more {
                     w.flush_pending = false;
                     w.flush_sent_at = None;
                     w.answered_events = w.flush_mark;
+                    w.released_in_flush.clear();
                 }
                 self.write(i, shards, started);
                 if !more {
@@ -1208,6 +1223,7 @@ impl Tree {
         // are not counted; the ledger bounds them).
         (w.sent_events, w.flush_mark, w.answered_events) = (0, 0, 0);
         w.unflushed_bytes.clear();
+        w.released_in_flush.clear();
         w.replay.clear(); // queued again from the ledger after each restore
         let shards: Vec<Shard> = self
             .owned
