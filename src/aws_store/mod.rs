@@ -523,9 +523,11 @@ impl AwsStore {
         now_ms: i64,
         stats: &mut WriteStats,
     ) -> Result<(), AwsStoreError> {
-        let mut committed = Vec::new();
+        // Every shard is checked before any commits: a refusal after a
+        // commit would leave that commit's metric writes undone.
+        let mut checked = Vec::with_capacity(round.len());
         for sc in round {
-            let mut cache = self.touch(sc.shard, now_ms).await?;
+            let cache = self.touch(sc.shard, now_ms).await?;
             let newer = match &cache.cp {
                 Some(cp) => match cp.succession(&sc.positions) {
                     Succession::Newer => true,
@@ -539,6 +541,10 @@ impl AwsStore {
                 },
                 None => !sc.positions.is_empty(),
             };
+            checked.push((sc, cache, newer));
+        }
+        let mut committed = Vec::new();
+        for (sc, mut cache, newer) in checked {
             if !newer {
                 stats.shards_skipped += 1;
                 self.put_back(sc.shard, cache);
