@@ -219,6 +219,84 @@ impl RangeWriter {
     }
 }
 
+/// A shard's archive objects since the last take: the one being written of
+/// each stream, and the finished ones of earlier hours. (Finished at once,
+/// so that a backlog spanning many hours keeps one gzip thread per stream,
+/// not one per hour.)
+#[derive(Default)]
+pub struct ShardArchive {
+    writing: Vec<RangeWriter>,
+    finished: Vec<ArchivedEvents>,
+    finished_bytes: usize,
+    /// The first failure to finish an object; [`Self::take`] reports it.
+    error: Option<io::Error>,
+}
+
+impl ShardArchive {
+    /// The slot of the object an event of `stream` at `timestamp` goes to:
+    /// the stream's current one, or a new one when there is none or the
+    /// event is of a later hour (the current one is then finished).
+    pub fn slot(&mut self, stream: &str, shard: Shard, timestamp: i64) -> usize {
+        match self.writing.iter().position(|w| w.stream() == stream) {
+            Some(i) if self.writing[i].takes(timestamp) => i,
+            Some(i) => {
+                let done = std::mem::replace(&mut self.writing[i], RangeWriter::new(stream, shard));
+                match done.finish() {
+                    Ok(range) => {
+                        self.finished_bytes += range.gzip.len();
+                        self.finished.push(range);
+                    }
+                    Err(e) => {
+                        self.error.get_or_insert(e);
+                    }
+                }
+                i
+            }
+            None => {
+                self.writing.push(RangeWriter::new(stream, shard));
+                self.writing.len() - 1
+            }
+        }
+    }
+
+    /// Whether the object in `slot` takes an event at `timestamp`.
+    pub fn takes(&self, slot: usize, timestamp: i64) -> bool {
+        self.writing[slot].takes(timestamp)
+    }
+
+    /// Adds an event to the object in `slot` (see [`RangeWriter::push`]).
+    pub fn push(
+        &mut self,
+        slot: usize,
+        offset: Offset,
+        timestamp: i64,
+        bytes: &[u8],
+        applied: bool,
+    ) {
+        self.writing[slot].push(offset, timestamp, bytes, applied);
+    }
+
+    /// About what the objects take so far (see [`RangeWriter::bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.finished_bytes + self.writing.iter().map(RangeWriter::bytes).sum::<usize>()
+    }
+
+    /// Every object, finished, each stream's in offset order; or the first
+    /// failure.
+    pub fn take(&mut self) -> io::Result<Vec<ArchivedEvents>> {
+        let mut objects = std::mem::take(&mut self.finished);
+        self.finished_bytes = 0;
+        let writing = std::mem::take(&mut self.writing);
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        for w in writing {
+            objects.push(w.finish()?);
+        }
+        Ok(objects)
+    }
+}
+
 fn new_block() -> Vec<u8> {
     Vec::with_capacity(BLOCK_BYTES + (4 << 10))
 }
@@ -423,6 +501,50 @@ mod tests {
             .collect();
         assert_eq!(offsets, (0..1000).collect::<Vec<_>>());
         assert!(range.gzip.len() < 1000 * event.len() / 10, "compressed");
+    }
+
+    #[test]
+    fn a_shard_finishes_each_hour_as_the_next_begins() {
+        const HOUR: i64 = 3_600_000;
+        let t0 = 1_696_176_000_000 - 1_696_176_000_000 % HOUR;
+        let event = format!(r#"{{"pad":"{}"}}"#, "x".repeat(900));
+        let mut archive = ShardArchive::default();
+        // 300 events an hour, ~280 KiB: each hour's object has a gzip thread.
+        for o in 0..900 {
+            let at = t0 + (o / 300) * HOUR + o;
+            let slot = archive.slot("t", 2, at);
+            archive.push(slot, o, at, event.as_bytes(), true);
+            if o == 600 {
+                assert_eq!(archive.writing.len(), 1, "one object written at a time");
+                assert_eq!(archive.finished.len(), 2);
+            }
+        }
+        assert!(archive.bytes() > 0);
+        let objects = archive.take().unwrap();
+        assert_eq!(archive.bytes(), 0);
+        let ranges: Vec<_> = objects
+            .iter()
+            .map(|r| (r.hour() - t0 / HOUR, r.first_offset, r.last_offset))
+            .collect();
+        assert_eq!(ranges, [(0, 0, 299), (1, 300, 599), (2, 600, 899)]);
+        for r in &objects {
+            let offsets: Vec<i64> = lines_of(r)
+                .iter()
+                .map(|l| l["offset"].as_i64().unwrap())
+                .collect();
+            assert_eq!(
+                offsets,
+                (r.first_offset..=r.last_offset).collect::<Vec<_>>()
+            );
+        }
+        // A writer dropped unfinished (a restore drops what was not taken)
+        // lets its thread end; nothing waits on it.
+        let mut dropped = RangeWriter::new("t", 2);
+        for o in 0..300 {
+            dropped.push(o, t0, event.as_bytes(), true);
+        }
+        assert!(dropped.gz.is_some());
+        drop(dropped);
     }
 
     /// A line as serde writes a whole [`ArchivedLine`] after checking the

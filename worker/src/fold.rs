@@ -12,7 +12,7 @@
 //! A shard also remembers the last applied offset of each stream: events at
 //! or below it are skipped, which is how replays after a restore are absorbed.
 
-use crate::archive::RangeWriter;
+use crate::archive::ShardArchive;
 use crate::decode::{Event, EventKind, Rejection, decode};
 use crate::intern::{Interner, Sym};
 use crate::records::{LowStockRecord, MetricRecord, Money};
@@ -85,9 +85,9 @@ struct ShardFold {
     /// About what the states of `dirty_products` take encoded: each counted
     /// when it turns dirty, plus any string it takes on after that.
     dirty_state_bytes: usize,
-    /// The archive objects of the events applied since the last take, one
-    /// per stream (when the fold archives events).
-    archive: Vec<RangeWriter>,
+    /// The archive objects of the events applied since the last take (when
+    /// the fold archives events).
+    archive: ShardArchive,
     /// Events since the last take that moved a product in from another
     /// seller ([`BatchStats::moved_in`]).
     moved_in: u64,
@@ -165,14 +165,10 @@ impl Fold {
             if self.archive_events {
                 let timestamp = batch.timestamp(i);
                 let slot = match archive {
-                    Some(slot) if shard.archive[slot].takes(timestamp) => slot,
-                    _ => {
-                        let slot =
-                            archive_slot(&mut shard.archive, &batch.stream, batch.shard, timestamp);
-                        *archive.insert(slot)
-                    }
+                    Some(slot) if shard.archive.takes(slot, timestamp) => slot,
+                    _ => *archive.insert(shard.archive.slot(&batch.stream, batch.shard, timestamp)),
                 };
-                shard.archive[slot].push(offset, timestamp, bytes, applied);
+                shard.archive.push(slot, offset, timestamp, bytes, applied);
             }
         }
         if batch.upto > shard.positions[pos].1 {
@@ -192,10 +188,9 @@ impl Fold {
     /// small update within one flush, made 72 MB for one shard, more than a
     /// frame.
     pub fn changes_reach(&self, bytes: usize) -> bool {
-        self.shards.values().any(|s| {
-            let archive: usize = s.archive.iter().map(RangeWriter::bytes).sum();
-            s.dead_letter_bytes + s.dirty_state_bytes + archive >= bytes
-        })
+        self.shards
+            .values()
+            .any(|s| s.dead_letter_bytes + s.dirty_state_bytes + s.archive.bytes() >= bytes)
     }
 
     /// Applies one decoded event to a shard, ignoring positions.
@@ -272,10 +267,7 @@ impl Fold {
             changes.moved_in = std::mem::take(&mut s.moved_in);
             s.dead_letter_bytes = 0;
             s.dirty_state_bytes = 0;
-            changes.archive = std::mem::take(&mut s.archive)
-                .into_iter()
-                .map(RangeWriter::finish)
-                .collect::<Result<_, _>>()?;
+            changes.archive = s.archive.take()?;
             if !changes.is_empty() {
                 out.push(changes);
             }
@@ -379,24 +371,6 @@ fn empty_totals() -> EntityTotals {
     EntityTotals {
         last_event_at: -1,
         ..EntityTotals::default()
-    }
-}
-
-/// The index in `archive` of `stream`'s object for an event at
-/// `timestamp`: its latest one, or a new one when there is none or the
-/// event is of a later hour.
-fn archive_slot(
-    archive: &mut Vec<RangeWriter>,
-    stream: &str,
-    shard: Shard,
-    timestamp: i64,
-) -> usize {
-    match archive.iter().rposition(|w| w.stream() == stream) {
-        Some(i) if archive[i].takes(timestamp) => i,
-        _ => {
-            archive.push(RangeWriter::new(stream, shard));
-            archive.len() - 1
-        }
     }
 }
 
