@@ -131,6 +131,18 @@ pub fn event_range_prefix(events: &ArchivedEvents) -> Option<String> {
     ))
 }
 
+/// Whether `name` (a key, or a file name with the file part of `prefix`)
+/// is `<prefix><lastOffset>.jsonl.gz`: an object of the ranges that
+/// [`event_range_prefix`] gave `prefix`, not one of another topic whose
+/// name starts like this one's (`t` and `t-1`: `t-1-12-` begins the
+/// objects of topic `t`, partition 1, offset 12, and of topic `t-1`,
+/// partition 12).
+pub fn is_range_under(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(".jsonl.gz"))
+        .is_some_and(|last| !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The key of the object holding one topic-partition's range of events.
 pub fn event_range_key(events: &ArchivedEvents) -> Option<String> {
     Some(format!(
@@ -160,13 +172,13 @@ pub fn write_event_range(
                     let entry = entry?;
                     let name = entry.file_name();
                     let name = name.to_string_lossy();
-                    let stale_object =
-                        name.starts_with(name_prefix) && name.ends_with(".jsonl.gz") && name != own;
+                    let stale_object = is_range_under(&name, name_prefix) && name != own;
                     // A crash between writing a range and renaming it into
                     // place leaves its temporary file (see `write_file`).
-                    let stale_temporary = name.strip_prefix('.').is_some_and(|n| {
-                        n.starts_with(name_prefix) && n.ends_with(".jsonl.gz.tmp")
-                    });
+                    let stale_temporary = name
+                        .strip_prefix('.')
+                        .and_then(|n| n.strip_suffix(".tmp"))
+                        .is_some_and(|n| is_range_under(n, name_prefix));
                     if stale_object || stale_temporary {
                         tracing::info!(stale = %name, key, "removing an archived event range that never committed");
                         fs::remove_file(entry.path())?;
@@ -313,6 +325,8 @@ mod tests {
         let stale = write(dir.path(), &range("t", 0, 7..=12), false);
         let other_partition = write(dir.path(), &range("t", 1, 7..=9), false);
         let next = write(dir.path(), &range("t", 0, 70..=71), false);
+        // Another topic whose objects begin like these (`t-0` partition 7).
+        let lookalike = write(dir.path(), &range("t-0", 7, 15..=16), false);
         // A write killed before its rename left its temporary file.
         let hour = dir.path().join("events/dt=2023-10-01/hour=16");
         let temporary = hour.join(".t-0-7-15.jsonl.gz.tmp");
@@ -321,7 +335,7 @@ mod tests {
         let retried = write(dir.path(), &range("t", 0, 7..=9), true);
         assert!(!dir.path().join(&stale).exists(), "{stale}");
         assert!(!temporary.exists(), "{}", temporary.display());
-        for key in [&other_partition, &next, &retried] {
+        for key in [&other_partition, &next, &retried, &lookalike] {
             assert!(dir.path().join(key).is_file(), "{key}");
         }
         assert_eq!(lines_of(&dir.path().join(&retried)).len(), 3);
@@ -331,6 +345,6 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(names.len(), 3, "{names:?}");
     }
 }

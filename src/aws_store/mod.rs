@@ -97,7 +97,8 @@ pub use error::AwsStoreError;
 pub use ttl::TtlRefresher;
 
 use crate::archive::{
-    encode_metric_snapshot, event_range_key, event_range_prefix, metric_snapshot_key,
+    encode_metric_snapshot, event_range_key, event_range_prefix, is_range_under,
+    metric_snapshot_key,
 };
 use crate::store::{
     CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
@@ -1566,7 +1567,7 @@ impl AwsStore {
         };
         if clean {
             for stale in self.list_keys(&prefix).await? {
-                if stale != key && stale.ends_with(".jsonl.gz") {
+                if stale != key && is_range_under(&stale, &prefix) {
                     tracing::info!(stale = %stale, key = %key, "deleting an archived event range that never committed");
                     self.delete_archive_object(&stale).await?;
                 }
