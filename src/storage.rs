@@ -401,7 +401,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
             ttl: Duration::from_secs(86_400),
-            ..StoreOptions::default()
         };
         let mut store = Backend::Embedded {
             store: EmbeddedStore::open(dir.path(), opts).unwrap(),
