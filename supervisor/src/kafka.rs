@@ -433,10 +433,15 @@ fn poll_loop(consumer: BaseConsumer<Hooks>, stop: Arc<AtomicBool>) {
                 let Ok(shard) = Shard::try_from(msg.partition()) else {
                     continue;
                 };
-                let topic = topics
-                    .entry(msg.topic().to_string())
-                    .or_insert_with(|| Arc::from(msg.topic()))
-                    .clone();
+                // Looked up by `&str`: no allocation per message.
+                let topic = match topics.get(msg.topic()) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t: Arc<str> = Arc::from(msg.topic());
+                        topics.insert(msg.topic().to_string(), t.clone());
+                        t
+                    }
+                };
                 let full = {
                     let mut held = hooks.held();
                     held.since.get_or_insert_with(Instant::now);
