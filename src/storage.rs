@@ -78,7 +78,17 @@ pub async fn serve(
     ttl.tick(&mut store, now_ms()).await;
     let mut archive = ArchiveState::default();
     loop {
-        let request = match rx.recv().await {
+        // Refreshes come when due also while no request does (an idle
+        // source, no periodic snapshots); `recv` is cancel safe.
+        let wait = ttl.wait(now_ms(), ttl_refresh_ms(store.ttl_secs()));
+        let received = tokio::select! {
+            received = rx.recv() => received,
+            () = tokio::time::sleep(wait) => {
+                ttl.tick(&mut store, now_ms()).await;
+                continue;
+            }
+        };
+        let request = match received {
             Ok(request) => request,
             Err(FrameError::Closed) => {
                 tracing::info!("supervisor closed the connection; storage exits");
@@ -149,6 +159,17 @@ impl TtlRefresh {
                 self.finished(result, now, every);
             }
         }
+    }
+
+    /// How long until the next refresh is due (or, while one runs, until
+    /// it is looked at again).
+    fn wait(&self, now: i64, every: i64) -> Duration {
+        let due_in = if self.running.is_some() {
+            10_000
+        } else {
+            self.last.saturating_add(every).saturating_sub(now)
+        };
+        Duration::from_millis(due_in.clamp(0, every) as u64)
     }
 
     /// Logs a refresh's outcome; after a failure the next is due in a
@@ -416,6 +437,10 @@ mod tests {
             ttl.tick(&mut store, now).await;
             assert_eq!(ttl.last, last, "at {now}");
         }
+        assert_eq!(
+            ttl.wait(start + 21_600_001, 21_600_000),
+            Duration::from_millis(21_599_999)
+        );
         // A failed refresh is due again a minute later.
         ttl.finished(
             Err(BackendError::Snapshot(std::io::Error::other("x"))),
@@ -423,6 +448,7 @@ mod tests {
             21_600_000,
         );
         assert_eq!(ttl.last, start - 21_600_000 + 60_000);
+        assert_eq!(ttl.wait(start, 21_600_000), Duration::from_secs(60));
     }
 
     /// Offsets `offsets` of stream `t`, shard 0, one a minute from 16:50 UTC.

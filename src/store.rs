@@ -543,13 +543,15 @@ impl EmbeddedStore {
         Ok(out)
     }
 
-    /// Rewrites the TTL of every current item, so entities the store still
+    /// Rewrites the TTL of every current item with less than half its
+    /// lifetime left (as the AWS store does), so entities the store still
     /// holds contributions for never expire, and deletes expired daily items.
     /// Current items are refreshed even when already expired: they are derived
     /// from contributions, which never expire. Returns the items refreshed.
     pub fn refresh_ttl(&mut self, now_ms: i64) -> Result<u64, StoreError> {
         let ttl = self.ttl_at(now_ms);
         let now_s = now_ms.div_euclid(1000);
+        let due = now_s.saturating_add(self.ttl_secs / 2);
         let txn = self.db.begin_write()?;
         let mut refreshed = 0;
         {
@@ -560,14 +562,13 @@ impl EmbeddedStore {
                 let (k, v) = entry?;
                 let (pk, sk) = k.value();
                 let mut obj = parse_object(v.value())?;
+                let expires = obj.get("TTL").and_then(|t| t.as_i64());
                 if sk == CURRENT {
-                    obj.insert("TTL".into(), ttl.into());
-                    rewrite.push((pk.to_string(), json_string(&obj)?));
-                } else if obj
-                    .get("TTL")
-                    .and_then(|t| t.as_i64())
-                    .is_some_and(|t| t < now_s)
-                {
+                    if expires.is_none_or(|t| t < due) {
+                        obj.insert("TTL".into(), ttl.into());
+                        rewrite.push((pk.to_string(), json_string(&obj)?));
+                    }
+                } else if expires.is_some_and(|t| t < now_s) {
                     expired.push((pk.to_string(), sk.to_string()));
                 }
             }
@@ -1589,6 +1590,8 @@ pub(crate) mod tests {
         // A refresh brings current items back and purges expired daily ones.
         assert_eq!(store.refresh_ttl(later).unwrap(), 2);
         assert_eq!(store.current_records(later).unwrap().len(), 2);
+        // Refreshed lately: not rewritten again.
+        assert_eq!(store.refresh_ttl(later + 1000).unwrap(), 0);
         let (_, days) = store.seller("s1", later).unwrap().unwrap();
         assert!(days.is_empty());
         assert!(store.dump_items().iter().all(|(_, sk, _)| sk == CURRENT));
