@@ -679,6 +679,50 @@ async fn a_stale_owner_loses_the_shard_and_cannot_clobber_it() {
     assert_eq!(b.load_shard(7, 10).await.unwrap()[0].positions, pos(3));
 }
 
+/// A round of two shards, where the instance lost the second one: the
+/// first one's commit gets its metric items before the refusal.
+#[tokio::test]
+async fn a_round_refused_on_one_shard_still_writes_the_metrics_of_the_other() {
+    let cfg = config("round");
+    let mut a = connect(&cfg).await;
+    let mut b = connect(&cfg).await;
+    let w = |shard, offset, category, value| {
+        changes(
+            shard,
+            offset,
+            vec![],
+            vec![(cat(category), totals(1, 1, 0, value, value, 0, T0))],
+        )
+    };
+    a.write(&[w(7, 1, "Games", 100)], T0).await.unwrap();
+    b.load_shard(7, 10).await.unwrap();
+    b.write(&[w(7, 2, "Games", 200)], T0).await.unwrap();
+    // A's cached checkpoint of shard 7 is stale: its commit is refused.
+    let err = a
+        .write(&[w(3, 1, "Books", 50), w(7, 3, "Games", 300)], T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AwsStoreError::LostOwnership { shard: 7, .. }),
+        "{err}"
+    );
+    let mut values: Vec<_> = b
+        .current_records(T0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            MetricRecord::Category(c) => (c.category, c.total_value.0),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    values.sort();
+    assert_eq!(
+        values,
+        [("Books".to_string(), 50), ("Games".to_string(), 200)]
+    );
+}
+
 /// The stale owner's storage process has no checkpoint cached (it was
 /// restarted, or its last attempt failed), so its commit is conditioned on
 /// the seq it reads now: the positions must give it away.

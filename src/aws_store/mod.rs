@@ -552,7 +552,18 @@ impl AwsStore {
                 continue;
             }
             // On error the cache is dropped: the next touch reads the truth.
-            let delta = self.commit(sc, &mut cache, now_ms).await?;
+            let delta = match self.commit(sc, &mut cache, now_ms).await {
+                Ok(delta) => delta,
+                Err(e) => {
+                    // Another shard of the round may have committed: its
+                    // metric writes are done now rather than left to a
+                    // repair (a refusal here ends the service).
+                    if let Err(also) = self.apply_committed(&committed, now_ms).await {
+                        tracing::warn!(error = %also, "writing the metrics of a round's commits failed");
+                    }
+                    return Err(e);
+                }
+            };
             self.put_back(sc.shard, cache);
             stats.shards_applied += 1;
             stats.products += u64::from(sc.products.count);
@@ -565,14 +576,24 @@ impl AwsStore {
         {
             return Err(AwsStoreError::Injected { shard: d.shard });
         }
-        let applied = self.apply_metrics(&committed, now_ms).await?;
+        let applied = self.apply_committed(&committed, now_ms).await?;
         stats.entities += applied.entities;
         stats.low_stock_puts += applied.low_stock_puts;
         stats.low_stock_deletes += applied.low_stock_deletes;
-        for d in &committed {
+        Ok(())
+    }
+
+    /// Steps 4 and 5 for the commits of a round.
+    async fn apply_committed(
+        &self,
+        committed: &[Delta],
+        now_ms: i64,
+    ) -> Result<WriteStats, AwsStoreError> {
+        let applied = self.apply_metrics(committed, now_ms).await?;
+        for d in committed {
             self.mark_applied(d.shard, d.seq).await?;
         }
-        Ok(())
+        Ok(applied)
     }
 
     fn put_back(&self, shard: Shard, cache: ShardCache) {
