@@ -159,6 +159,25 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     (sdk_detail(err), sdk_retryable(err))
 }
 
+/// The outcome of a conditional write: `Ok(true)` when it was made,
+/// `Ok(false)` when its condition did not hold (`condition_failed` tells
+/// that service error), any other failure as `failed(detail, retryable)`
+/// words it.
+pub fn conditional<O, E: ProvideErrorMetadata + std::error::Error + 'static>(
+    result: Result<O, SdkError<E, HttpResponse>>,
+    condition_failed: impl Fn(&E) -> bool,
+    failed: impl FnOnce(String, bool) -> AwsStoreError,
+) -> Result<bool, AwsStoreError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.as_service_error().is_some_and(condition_failed) => Ok(false),
+        Err(e) => {
+            let (detail, retryable) = describe(&e);
+            Err(failed(detail, retryable))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,14 +105,16 @@ use crate::store::{
     parse_item_value, utc_day,
 };
 use analytics_worker::records::{MetricRecord, low_stock_key, sort_records};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
     KeysAndAttributes, Put, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
     TimeToLiveStatus, TransactWriteItem,
 };
-use error::describe;
+use error::{conditional, describe};
 use item::Item;
 use proto::{
     EntityKey, EntityTotals, LowStockChange, LowStockItem, ProductId, Shard, ShardChanges,
@@ -803,24 +805,16 @@ impl AwsStore {
                         .expression_attribute_values(":expected", item::n(seq)),
                     None => req.condition_expression("attribute_not_exists(PK)"),
                 };
-                match req.send().await {
-                    Ok(_) => Ok(true),
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                    {
-                        Ok(false)
-                    }
-                    Err(e) => {
-                        let (detail, retryable) = describe(&e);
-                        Err(AwsStoreError::Commit {
-                            shard,
-                            seq: cp.seq,
-                            detail,
-                            retryable,
-                        })
-                    }
-                }
+                conditional(
+                    req.send().await,
+                    PutItemError::is_conditional_check_failed_exception,
+                    |detail, retryable| AwsStoreError::Commit {
+                        shard,
+                        seq: cp.seq,
+                        detail,
+                        retryable,
+                    },
+                )
             },
         )
         .await?;
@@ -846,7 +840,7 @@ impl AwsStore {
             "mark_applied",
             AwsStoreError::is_retryable,
             || async {
-                match self
+                let result = self
                     .ddb
                     .update_item()
                     .table_name(&self.cfg.state_table)
@@ -858,25 +852,17 @@ impl AwsStore {
                     .condition_expression("seq = :seq")
                     .expression_attribute_values(":seq", item::n(seq))
                     .send()
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                    {
-                        Ok(false)
-                    }
-                    Err(e) => {
-                        let (detail, retryable) = describe(&e);
-                        Err(AwsStoreError::Commit {
-                            shard,
-                            seq,
-                            detail,
-                            retryable,
-                        })
-                    }
-                }
+                    .await;
+                conditional(
+                    result,
+                    UpdateItemError::is_conditional_check_failed_exception,
+                    |detail, retryable| AwsStoreError::Commit {
+                        shard,
+                        seq,
+                        detail,
+                        retryable,
+                    },
+                )
             },
         )
         .await?;

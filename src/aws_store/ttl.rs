@@ -7,9 +7,11 @@
 //! past half their lifetime, so that a restart of the storage process does
 //! not redo the items refreshed or written lately.
 
+use super::error::conditional;
 use super::item::{self, Item};
 use super::retry::{Backoff, retry};
 use super::{AwsStoreError, CURRENT, read_error, read_pages};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use tokio::task::JoinSet;
 
@@ -84,7 +86,7 @@ impl TtlRefresher {
             "refresh_ttl",
             AwsStoreError::is_retryable,
             || async {
-                match self
+                let result = self
                     .ddb
                     .update_item()
                     .table_name(&self.table)
@@ -94,20 +96,12 @@ impl TtlRefresher {
                     .expression_attribute_names("#ttl", "TTL")
                     .expression_attribute_values(":ttl", item::n(ttl))
                     .send()
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                    {
-                        Ok(false)
-                    }
-                    Err(e) => {
-                        let (detail, retryable) = super::error::describe(&e);
-                        Err(AwsStoreError::MetricWrite { detail, retryable })
-                    }
-                }
+                    .await;
+                conditional(
+                    result,
+                    UpdateItemError::is_conditional_check_failed_exception,
+                    |detail, retryable| AwsStoreError::MetricWrite { detail, retryable },
+                )
             },
         )
         .await
