@@ -451,6 +451,30 @@ mod tests {
         assert_eq!(ttl.wait(start, 21_600_000), Duration::from_secs(60));
     }
 
+    type Serving = (
+        proto::Sender<ToStorage>,
+        proto::Receiver<FromStorage>,
+        proto::Hello,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    );
+
+    /// A storage process's loop serving `store` (its archive in
+    /// `dir/archive`) on a socketpair, and the supervisor's end of it after
+    /// the handshake.
+    async fn serving(store: EmbeddedStore, dir: &std::path::Path) -> Serving {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let backend = Backend::Embedded {
+            store,
+            archive_dir: dir.join("archive"),
+        };
+        let server = tokio::spawn(serve(theirs, backend, None));
+        let (tx, rx, hello) =
+            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
+                .await
+                .unwrap();
+        (tx, rx, hello, server)
+    }
+
     /// Offsets `offsets` of stream `t`, shard 0, one a minute from 16:50 UTC.
     fn range(offsets: std::ops::RangeInclusive<i64>) -> ArchivedEvents {
         let mut w = analytics_worker::archive::RangeWriter::new("t", 0);
@@ -473,19 +497,7 @@ mod tests {
             crate::archive::write_event_range(&archive, r, false).unwrap();
         }
         assert_ne!(stale[0].hour(), stale[1].hour());
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(
-            theirs,
-            Backend::Embedded {
-                store,
-                archive_dir: archive.clone(),
-            },
-            None,
-        ));
-        let (mut tx, mut rx, _) =
-            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
-                .await
-                .unwrap();
+        let (mut tx, mut rx, _, server) = serving(store, dir.path()).await;
         let replacing = [range(0..=9), range(10..=20)];
         tx.send(&ToStorage::Write {
             id: 1,
@@ -533,20 +545,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let archive = dir.path().join("archive");
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(
-            theirs,
-            Backend::Embedded {
-                store,
-                archive_dir: archive.clone(),
-            },
-            None,
-        ));
-
-        let (mut tx, mut rx, hello) =
-            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
-                .await
-                .unwrap();
+        let (mut tx, mut rx, hello, server) = serving(store, dir.path()).await;
         assert_eq!(hello.role, Role::Storage);
 
         let changes = crate::store::tests::worked_check_changes();
@@ -615,13 +614,6 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
-    fn embedded(store: EmbeddedStore, dir: &std::path::Path) -> Backend {
-        Backend::Embedded {
-            store,
-            archive_dir: dir.join("archive"),
-        }
-    }
-
     #[tokio::test]
     async fn nothing_after_a_failed_write_is_committed() {
         let dir = tempfile::tempdir().unwrap();
@@ -630,12 +622,7 @@ mod tests {
         // where its directory would go.
         std::fs::create_dir_all(dir.path().join("archive")).unwrap();
         std::fs::write(dir.path().join("archive/events"), b"in the way").unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, embedded(store, dir.path()), None));
-        let (mut tx, mut rx, _) =
-            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
-                .await
-                .unwrap();
+        let (mut tx, mut rx, _, server) = serving(store, dir.path()).await;
         let mut changes = crate::store::tests::worked_check_changes();
         let mut range = analytics_worker::archive::RangeWriter::new("events", 0);
         range.push(1, 1_696_176_061_000, b"{}", true);
@@ -673,18 +660,17 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, embedded(store, dir.path()), None));
-        let (tx, rx, _) =
-            proto::handshake::<ToStorage, FromStorage>(ours, Role::Supervisor, Role::Storage)
-                .await
-                .unwrap();
+        let (tx, rx, _, server) = serving(store, dir.path()).await;
         drop((tx, rx));
         server.await.unwrap().unwrap();
 
         let store = EmbeddedStore::open(dir.path(), StoreOptions::default()).unwrap();
         let (mut ours, theirs) = UnixStream::pair().unwrap();
-        let server = tokio::spawn(serve(theirs, embedded(store, dir.path()), None));
+        let backend = Backend::Embedded {
+            store,
+            archive_dir: dir.path().join("archive"),
+        };
+        let server = tokio::spawn(serve(theirs, backend, None));
         // Not a hello at all: a frame claiming far too many bytes.
         ours.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
         assert!(server.await.unwrap().is_err());
