@@ -330,9 +330,12 @@ impl Hooks {
     }
 }
 
-/// Commits offset + 1 of the latest position per topic-partition. Offsets
-/// of partitions no longer assigned are still committed: the tree queued
-/// them while it owned them.
+/// Commits offset + 1 of the latest position per topic-partition, for
+/// partitions still assigned. A revoke that timed out released its
+/// partitions uncommitted, and the tree goes on writing them until they
+/// are durable: committing those afterwards would overwrite the new
+/// owner's commits, moving its offsets back (or past its restored state).
+/// A revoke's own commits run before librdkafka releases the partitions.
 fn commit(consumer: &BaseConsumer<Hooks>, cmds: Vec<SourceCmd>, mode: CommitMode) {
     let mut latest: BTreeMap<(Shard, Box<str>), Offset> = BTreeMap::new();
     for SourceCmd::Commit(positions) in cmds {
@@ -344,11 +347,25 @@ fn commit(consumer: &BaseConsumer<Hooks>, cmds: Vec<SourceCmd>, mode: CommitMode
     if latest.is_empty() {
         return;
     }
+    let assigned: BTreeSet<(String, i32)> = match consumer.assignment() {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the assignment; the next commit covers it");
+            return;
+        }
+    };
     let mut tpl = TopicPartitionList::new();
     for ((shard, topic), offset) in &latest {
         let Ok(partition) = i32::try_from(*shard) else {
             continue;
         };
+        if !assigned.contains(&(topic.to_string(), partition)) {
+            continue;
+        }
         if let Err(e) = tpl.add_partition_offset(
             topic,
             partition,
@@ -356,6 +373,9 @@ fn commit(consumer: &BaseConsumer<Hooks>, cmds: Vec<SourceCmd>, mode: CommitMode
         ) {
             tracing::warn!(error = %e, topic = &**topic, partition, "cannot queue an offset commit");
         }
+    }
+    if tpl.count() == 0 {
+        return;
     }
     if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::warn!(error = %e, "offset commit failed; the next one covers it");

@@ -273,6 +273,11 @@ pub async fn run(
     let mut tree = Tree::new(cfg, stream, owned, service);
     let result = tree.run(source, shutdown).await;
     tree.service.stopping();
+    // A revoke still waiting for durability is answered now (its reply
+    // channel closes, and the partitions go uncommitted): the consumer
+    // thread would otherwise wait out the revoke timeout (120 s) before it
+    // lets go, past the shutdown timeout and systemd's.
+    tree.revoking.clear();
     tree.stop_children().await;
     // The consumer commits what is still queued once the channel closes.
     if let Some(handle) = tree.kafka.take() {
