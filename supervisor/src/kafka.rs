@@ -331,7 +331,8 @@ impl Hooks {
 }
 
 /// Commits offset + 1 of the latest position per topic-partition, for
-/// partitions still assigned. A revoke that timed out released its
+/// partitions still assigned (so never for a topic no longer configured).
+/// A revoke that timed out released its
 /// partitions uncommitted, and the tree goes on writing them until they
 /// are durable: committing those afterwards would overwrite the new
 /// owner's commits, moving its offsets back (or past its restored state).
@@ -347,12 +348,8 @@ fn commit(consumer: &BaseConsumer<Hooks>, cmds: Vec<SourceCmd>, mode: CommitMode
     if latest.is_empty() {
         return;
     }
-    let assigned: BTreeSet<(String, i32)> = match consumer.assignment() {
-        Ok(tpl) => tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect(),
+    let assigned = match consumer.assignment() {
+        Ok(tpl) => tpl,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the assignment; the next commit covers it");
             return;
@@ -363,7 +360,7 @@ fn commit(consumer: &BaseConsumer<Hooks>, cmds: Vec<SourceCmd>, mode: CommitMode
         let Ok(partition) = i32::try_from(*shard) else {
             continue;
         };
-        if !assigned.contains(&(topic.to_string(), partition)) {
+        if assigned.find_partition(topic, partition).is_none() {
             continue;
         }
         if let Err(e) = tpl.add_partition_offset(

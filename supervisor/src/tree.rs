@@ -875,17 +875,15 @@ impl Tree {
         }
     }
 
-    /// Tells the Kafka consumer what storage now holds. Only topics read
-    /// in this run: a write carries every stream its shard ever saw, and a
-    /// topic no longer configured (perhaps deleted) would fail the commit
-    /// at every flush.
+    /// Tells the Kafka consumer what storage now holds (it commits only
+    /// what is assigned to it: not a topic no longer configured, which a
+    /// write still carries since it carries every stream its shard saw).
     fn queue_commits<'a>(&self, acked: impl Iterator<Item = (Shard, &'a [Position])>) {
         let Some(kafka) = &self.kafka else {
             return;
         };
         let positions: Vec<(Shard, Position)> = acked
             .flat_map(|(s, ps)| ps.iter().map(move |p| (s, p.clone())))
-            .filter(|(_, p)| self.streams.contains_key(&p.stream))
             .collect();
         if !positions.is_empty() {
             let _ = kafka.commands.send(SourceCmd::Commit(positions));
