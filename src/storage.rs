@@ -34,8 +34,8 @@ use tokio::net::UnixStream;
 pub const LOAD_CHUNK_PRODUCTS: usize = 50_000;
 /// Current items are refreshed at least this often (DESIGN §6), and at
 /// least four times per lifetime: a refresh skips items with more than half
-/// of it left (see `aws_store::TtlRefresher`), which must then still live
-/// until the refresh after next.
+/// of it left (`store::ttl_refresh_due`), which must then still live until
+/// the refresh after next.
 const TTL_REFRESH_MS: i64 = 24 * 3600 * 1000;
 
 fn ttl_refresh_ms(ttl_secs: i64) -> i64 {
@@ -74,13 +74,13 @@ pub async fn serve(
         aws = store.is_aws(),
         "storage connected to the supervisor"
     );
-    let mut ttl = TtlRefresh::default();
+    let mut ttl = TtlRefresh::every(ttl_refresh_ms(store.ttl_secs()));
     ttl.tick(&mut store, now_ms()).await;
     let mut archive = ArchiveState::default();
     loop {
         // Refreshes come when due also while no request does (an idle
         // source, no periodic snapshots); `recv` is cancel safe.
-        let wait = ttl.wait(now_ms(), ttl_refresh_ms(store.ttl_secs()));
+        let wait = ttl.wait(now_ms());
         let received = tokio::select! {
             received = rx.recv() => received,
             () = tokio::time::sleep(wait) => {
@@ -97,7 +97,6 @@ pub async fn serve(
             Err(e) => return Err(e).context("receiving a request from the supervisor"),
         };
         let now = now_ms();
-        ttl.tick(&mut store, now).await;
         let write = match &request {
             ToStorage::Write { id, .. } => Some(*id),
             _ => None,
@@ -122,20 +121,28 @@ pub async fn serve(
     }
 }
 
-/// The refreshes of current items' TTL: at start and daily, checked as
-/// requests come. The AWS store's refresh (an `UpdateItem` per due item)
-/// runs in a task of its own, so that a large table does not hold requests
-/// up: waiting for it, the supervisor would take storage for stalled.
-#[derive(Default)]
+/// The refreshes of current items' TTL: at start, then every `every` ms
+/// (the serve loop wakes for them). The AWS store's refresh (an
+/// `UpdateItem` per due item) runs in a task of its own, so that a large
+/// table does not hold requests up: waiting for it, the supervisor would
+/// take storage for stalled.
 struct TtlRefresh {
+    every: i64,
     /// When the last refresh started (0: never).
     last: i64,
     running: Option<tokio::task::JoinHandle<Result<u64, AwsStoreError>>>,
 }
 
 impl TtlRefresh {
+    fn every(every: i64) -> TtlRefresh {
+        TtlRefresh {
+            every,
+            last: 0,
+            running: None,
+        }
+    }
+
     async fn tick(&mut self, store: &mut Backend, now: i64) {
-        let every = ttl_refresh_ms(store.ttl_secs());
         if let Some(task) = self.running.take_if(|t| t.is_finished()) {
             let result = task.await.unwrap_or_else(|e| {
                 Err(AwsStoreError::MetricWrite {
@@ -143,9 +150,9 @@ impl TtlRefresh {
                     retryable: true,
                 })
             });
-            self.finished(result.map_err(BackendError::from), now, every);
+            self.finished(result.map_err(BackendError::from), now);
         }
-        if self.running.is_some() || now.saturating_sub(self.last) < every {
+        if self.running.is_some() || now.saturating_sub(self.last) < self.every {
             return;
         }
         self.last = now;
@@ -156,30 +163,30 @@ impl TtlRefresh {
             }
             Backend::Embedded { .. } => {
                 let result = store.refresh_ttl(now).await;
-                self.finished(result, now, every);
+                self.finished(result, now);
             }
         }
     }
 
     /// How long until the next refresh is due (or, while one runs, until
     /// it is looked at again).
-    fn wait(&self, now: i64, every: i64) -> Duration {
+    fn wait(&self, now: i64) -> Duration {
         let due_in = if self.running.is_some() {
             10_000
         } else {
-            self.last.saturating_add(every).saturating_sub(now)
+            self.last.saturating_add(self.every).saturating_sub(now)
         };
-        Duration::from_millis(due_in.clamp(0, every) as u64)
+        Duration::from_millis(due_in.clamp(0, self.every) as u64)
     }
 
     /// Logs a refresh's outcome; after a failure the next is due in a
     /// minute (or sooner, when refreshes are that frequent).
-    fn finished(&mut self, result: Result<u64, BackendError>, now: i64, every: i64) {
+    fn finished(&mut self, result: Result<u64, BackendError>, now: i64) {
         match result {
             Ok(items) => tracing::info!(items, "refreshed the TTL of current items"),
             Err(error) => {
                 tracing::warn!(%error, "refreshing item TTLs failed; retrying in a minute");
-                self.last = now.saturating_sub(every.saturating_sub(60_000).max(0));
+                self.last = now.saturating_sub(self.every.saturating_sub(60_000).max(0));
             }
         }
     }
@@ -428,7 +435,7 @@ mod tests {
             archive_dir: dir.path().join("archive"),
         };
         let start = 1_696_176_060_000;
-        let mut ttl = TtlRefresh::default();
+        let mut ttl = TtlRefresh::every(ttl_refresh_ms(86_400));
         for (now, last) in [
             (start, start),
             (start + 21_599_999, start),
@@ -438,17 +445,16 @@ mod tests {
             assert_eq!(ttl.last, last, "at {now}");
         }
         assert_eq!(
-            ttl.wait(start + 21_600_001, 21_600_000),
+            ttl.wait(start + 21_600_001),
             Duration::from_millis(21_599_999)
         );
         // A failed refresh is due again a minute later.
         ttl.finished(
             Err(BackendError::Snapshot(std::io::Error::other("x"))),
             start,
-            21_600_000,
         );
         assert_eq!(ttl.last, start - 21_600_000 + 60_000);
-        assert_eq!(ttl.wait(start, 21_600_000), Duration::from_secs(60));
+        assert_eq!(ttl.wait(start), Duration::from_secs(60));
     }
 
     type Serving = (

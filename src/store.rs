@@ -75,6 +75,15 @@ const SHARD_SCHEME: &str = "shard_scheme";
 pub const DB_FILE: &str = "analytics.redb";
 pub const DEAD_LETTER_FILE: &str = "dead-letters.jsonl";
 pub const CURRENT: &str = "CURRENT";
+
+/// A TTL refresh (both stores) rewrites only the current items whose `TTL`
+/// (epoch seconds) is before this: less than half their lifetime left, so a
+/// restart does not redo items written or refreshed lately. The storage
+/// process refreshes often enough that a skipped item lives until the
+/// refresh after next (`storage::ttl_refresh_ms`).
+pub fn ttl_refresh_due(now_s: i64, ttl_secs: i64) -> i64 {
+    now_s.saturating_add(ttl_secs / 2)
+}
 pub(crate) const LOW_STOCK_PREFIX: &str = "LOWSTOCK#";
 const MS_PER_DAY: i64 = 86_400_000;
 
@@ -551,7 +560,7 @@ impl EmbeddedStore {
     pub fn refresh_ttl(&mut self, now_ms: i64) -> Result<u64, StoreError> {
         let ttl = self.ttl_at(now_ms);
         let now_s = now_ms.div_euclid(1000);
-        let due = now_s.saturating_add(self.ttl_secs / 2);
+        let due = ttl_refresh_due(now_s, self.ttl_secs);
         let txn = self.db.begin_write()?;
         let mut refreshed = 0;
         {

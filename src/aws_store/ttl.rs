@@ -10,7 +10,8 @@
 use super::error::conditional;
 use super::item::{self, Item};
 use super::retry::{Backoff, retry};
-use super::{AwsStoreError, CURRENT, read_error, read_pages};
+use super::{AwsStoreError, read_error, read_pages};
+use crate::store::{CURRENT, ttl_refresh_due};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::AttributeValue;
 use tokio::task::JoinSet;
@@ -37,7 +38,7 @@ impl TtlRefresher {
     pub async fn refresh(&self, now_ms: i64) -> Result<u64, AwsStoreError> {
         let now = now_ms.div_euclid(1000);
         let ttl = now.saturating_add(self.ttl_secs);
-        let due = now.saturating_add(self.ttl_secs / 2);
+        let due = ttl_refresh_due(now, self.ttl_secs);
         let mut refreshed = 0;
         let mut updates = JoinSet::new();
         for it in self.due_items(due).await? {
