@@ -120,11 +120,11 @@ pub fn event_range_prefix(events: &ArchivedEvents) -> Option<String> {
     if events.events == 0 {
         return None;
     }
-    let ms = events.time_ms;
-    let hour = ms.div_euclid(3_600_000).rem_euclid(24);
+    // The same hour the worker cuts objects at.
+    let hour = events.hour().rem_euclid(24);
     Some(format!(
         "events/dt={}/hour={hour:02}/{}-{}-{}-",
-        utc_day(ms),
+        utc_day(events.time_ms),
         events.stream,
         events.shard,
         events.first_offset
