@@ -288,9 +288,14 @@ struct RunArgs {
     kafka: KafkaArgs,
     #[command(flatten)]
     store: StoreArgs,
-    /// Worker processes [default: cores - 1, at least 1].
+    /// Worker processes [default: one per core].
     #[arg(long, env = "ANALYTICS_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
+    /// Nice levels the workers run below the supervisor and storage (0 to
+    /// 19): when the cores are busy, the processes that feed the workers
+    /// and acknowledge their writes go first.
+    #[arg(long, env = "ANALYTICS_WORKER_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    worker_nice: i32,
     /// How often workers hand their changes to storage.
     #[arg(long, env = "ANALYTICS_FLUSH_INTERVAL_MS", default_value_t = 1000)]
     flush_interval_ms: u64,
@@ -702,11 +707,12 @@ fn run_tree(
         "the worker program {} is missing: build it with `cargo build --release --bins` (or set ANALYTICS_WORKER_BIN)",
         worker_program.display()
     );
-    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get().saturating_sub(1))
-            .max(1)
-    });
+    // One per core: the workers run below the supervisor and storage
+    // (`--worker-nice`), which take a core when they need one.
+    let workers = args
+        .workers
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
     let mut storage_args = vec![OsString::from("storage")];
     storage_args.extend(args.store.to_args(&data_dir));
     storage_args.extend(["--ttl-days".into(), args.ttl_days.to_string().into()]);
@@ -725,7 +731,11 @@ fn run_tree(
         workers,
         shards: FILE_SHARDS,
         worker_program,
-        worker_args: vec!["serve".into()],
+        worker_args: vec![
+            "serve".into(),
+            "--nice".into(),
+            args.worker_nice.to_string().into(),
+        ],
         storage_program: me,
         storage_args,
         storage_env,

@@ -268,6 +268,59 @@ fn sigkill_of_the_supervisor_leaves_no_orphans_and_a_rerun_completes() {
     assert_eq!(dead_letters(&data).len(), 150);
 }
 
+/// The nice value of a process (field 19 of `/proc/PID/stat`).
+fn niceness(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    let (_, after_name) = stat.rsplit_once(')').expect("stat has a name");
+    after_name
+        .split_whitespace()
+        .nth(16)
+        .and_then(|n| n.parse().ok())
+        .expect("stat has a nice value")
+}
+
+/// Workers run `--worker-nice` levels (default 10) below the supervisor,
+/// storage at the supervisor's own: when the cores are busy, the processes
+/// that feed the workers and acknowledge their writes go first.
+#[test]
+fn workers_run_below_the_supervisor_and_storage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (flag, lower) in [(None, 10), (Some("3"), 3)] {
+        let mut cmd = run_cmd(&dir.path().join("data"));
+        if let Some(n) = flag {
+            cmd.args(["--worker-nice", n]);
+        }
+        let mut run = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn run");
+        let sup = run.id() as i32;
+        let own = niceness(sup);
+        let storage = wait_for_children(run.id(), "storage", 1)[0];
+        assert_eq!(
+            niceness(storage),
+            own,
+            "storage runs at the supervisor's priority"
+        );
+        // A worker lowers its priority as it starts serving.
+        let want = (own + lower).min(19);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for worker in wait_for_children(run.id(), "serve", 2) {
+            while niceness(worker) != want {
+                assert!(
+                    Instant::now() < deadline,
+                    "worker {worker} at nice {}, not {want} (flag {flag:?})",
+                    niceness(worker)
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        drop(run.stdin.take());
+        finish(run);
+    }
+}
+
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
         s.rsplit_once(')')

@@ -36,6 +36,27 @@ pub fn die_with_parent(expected_parent: i32) -> Result<(), ChildError> {
     Ok(())
 }
 
+/// Lowers this process's CPU priority by `by` nice levels (the kernel caps
+/// the result at 19). Linux keeps niceness per thread and a new thread
+/// inherits its creator's: call it before starting any thread.
+pub fn lower_priority(by: i32) -> std::io::Result<()> {
+    if by == 0 {
+        return Ok(());
+    }
+    // SAFETY: errno is this thread's own; `nice` only changes this
+    // thread's scheduling priority. -1 is also a valid new niceness, so
+    // errno, cleared first, tells a failure apart.
+    let result = unsafe {
+        *libc::__errno_location() = 0;
+        libc::nice(by)
+    };
+    let error = std::io::Error::last_os_error();
+    if result == -1 && error.raw_os_error() != Some(0) {
+        return Err(error);
+    }
+    Ok(())
+}
+
 /// Takes ownership of the inherited socket `fd`. Must be called once, from
 /// within a tokio runtime.
 pub fn adopt_socket(fd: RawFd) -> Result<UnixStream, ChildError> {

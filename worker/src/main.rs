@@ -50,6 +50,9 @@ enum Command {
         ipc_fd: i32,
         #[arg(long)]
         parent_pid: i32,
+        /// Nice levels below the supervisor's CPU priority.
+        #[arg(long, default_value_t = 0)]
+        nice: i32,
     },
 }
 
@@ -73,7 +76,11 @@ fn main() -> ExitCode {
         Command::Generate(args) => {
             analytics_worker::generate::run_cli(args).map_err(anyhow::Error::from)
         }
-        Command::Serve { ipc_fd, parent_pid } => serve(ipc_fd, parent_pid),
+        Command::Serve {
+            ipc_fd,
+            parent_pid,
+            nice,
+        } => serve(ipc_fd, parent_pid, nice),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,8 +162,10 @@ fn trim_newline(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-fn serve(ipc_fd: i32, parent_pid: i32) -> anyhow::Result<()> {
+fn serve(ipc_fd: i32, parent_pid: i32, nice: i32) -> anyhow::Result<()> {
     proto::child::die_with_parent(parent_pid)?;
+    // Before any thread starts: the archive's gzip threads inherit it.
+    proto::child::lower_priority(nice)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
