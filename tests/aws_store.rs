@@ -181,6 +181,7 @@ fn changes(
         dead_letters: vec![],
         archive: vec![],
         moved_in: 0,
+        window_ms: None,
     }
 }
 
@@ -502,6 +503,71 @@ async fn a_replayed_write_changes_nothing() {
     let again = fresh.write(&wc[..1], T0 + 9000).await.unwrap();
     assert_eq!(again.shards_skipped, 1);
     assert_eq!(dump(&fresh).await, before);
+}
+
+/// A write files its entities' `DAY#` items under the day of its newest
+/// event when that is later than their `lastEventAt`: a contract-dialect
+/// price change names no category, so it leaves the category's
+/// `lastEventAt` on an earlier day, whose item must keep that day's values.
+/// The same when the metric writes are redone after a crash.
+#[tokio::test]
+async fn a_change_that_names_no_category_files_under_the_day_of_its_events() {
+    const DAY: i64 = 86_400_000;
+    let cfg = config("window-day");
+    let (_dir, mut emb) = oracle();
+    let write = |offset, price, window| ShardChanges {
+        window_ms: Some(window),
+        ..changes(
+            5,
+            offset,
+            vec![(
+                ProductId::Num(1),
+                product("s5", "Gardening", price, 2, false, None),
+            )],
+            vec![(
+                cat("Gardening"),
+                totals(1, 1, 0, 2 * i128::from(price), i128::from(price), 0, T0),
+            )],
+        )
+    };
+    let (first, second) = (write(1, 1000, T0), write(2, 1500, T0 + DAY + 5));
+
+    let mut aws = connect(&cfg).await;
+    aws.write(std::slice::from_ref(&first), T0).await.unwrap();
+    emb.write(std::slice::from_ref(&first), T0).unwrap();
+    // The second is committed, its metric items not written: a restarted
+    // storage process redoes them from the stored delta.
+    aws.fail_after_commit(true);
+    assert!(
+        aws.write(std::slice::from_ref(&second), T0 + DAY)
+            .await
+            .is_err()
+    );
+    drop(aws);
+    let aws = connect(&cfg).await;
+    aws.load_shard(5, 100).await.unwrap();
+    emb.write(std::slice::from_ref(&second), T0 + DAY).unwrap();
+
+    let now = T0 + DAY;
+    let (_, days) = aws.category("Gardening", now).await.unwrap().unwrap();
+    let values: Vec<(String, String)> = days
+        .iter()
+        .map(|(day, r)| match r {
+            MetricRecord::Category(c) => (day.clone(), c.total_value.to_string()),
+            other => panic!("not a category: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        values,
+        [
+            ("2023-10-01".to_string(), "20.00".to_string()),
+            ("2023-10-02".to_string(), "30.00".to_string())
+        ]
+    );
+    assert_eq!(
+        aws.category("Gardening", now).await.unwrap(),
+        emb.category("Gardening", now).unwrap()
+    );
 }
 
 #[tokio::test]

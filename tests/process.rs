@@ -628,6 +628,73 @@ fn run_with_defaults(data: &Path, input: &Path) -> Command {
     c
 }
 
+/// A run that reads two days of events in one flush window still files
+/// each seller's `DAY#` item of the first day with the seller's values at
+/// the end of that day: a worker takes a shard's changes where its events
+/// reach a new UTC day (by event time). Without that, the item of a
+/// seller with events on both days was missing.
+#[test]
+fn a_sellers_daily_item_holds_its_values_at_the_end_of_the_day() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let generated = generate(dir.path(), 3_000, 0);
+    // The events 1 s apart, crossing midnight half way.
+    let midnight: i64 = 1_696_204_800_000; // 2023-10-02T00:00:00Z
+    let (mut both_days, mut first_day) = (String::new(), String::new());
+    let text = std::fs::read_to_string(&generated).expect("read events");
+    for (i, line) in text.lines().enumerate() {
+        let mut event: serde_json::Value = serde_json::from_str(line).expect("generated JSON");
+        let at = midnight - 1_500_000 + 1000 * i as i64;
+        event["timestamp"] = at.into();
+        let line = event.to_string() + "\n";
+        both_days.push_str(&line);
+        if at < midnight {
+            first_day.push_str(&line);
+        }
+    }
+    let (both, first) = (
+        dir.path().join("both.jsonl"),
+        dir.path().join("first.jsonl"),
+    );
+    std::fs::write(&both, both_days).expect("write");
+    std::fs::write(&first, first_day).expect("write");
+    let data = dir.path().join("data");
+    finish(
+        run_with_defaults(&data, &both)
+            .args(["--flush-interval-ms", "600000"])
+            .spawn()
+            .expect("spawn run"),
+    );
+
+    let mut sellers = 0;
+    for record in fold(&first).lines() {
+        let want: serde_json::Value = serde_json::from_str(record).expect("fold JSON");
+        let Some(id) = want["sellerId"]
+            .as_str()
+            .filter(|_| want["type"] == "seller")
+        else {
+            continue;
+        };
+        let out = Command::new(ANALYTICS)
+            .args(["query", "--json", "seller", id, "--data-dir"])
+            .arg(&data)
+            .output()
+            .expect("run query");
+        let history = String::from_utf8_lossy(&out.stdout);
+        let mut day: serde_json::Value = history
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("query JSON"))
+            .find(|l| l["day"] == "2023-10-01")
+            .unwrap_or_else(|| panic!("no item of 2023-10-01 for {id}:\n{history}"));
+        day.as_object_mut().expect("an object").remove("day");
+        assert_eq!(day, want, "{id} at the end of 2023-10-01");
+        sellers += 1;
+    }
+    assert!(
+        sellers > 100,
+        "only {sellers} sellers had events on the first day"
+    );
+}
+
 /// `analytics run` with the default flush settings over `input` rejects
 /// nothing, restarts nothing, and stores the straight fold's records.
 fn assert_runs_cleanly(data: &Path, input: &Path) {

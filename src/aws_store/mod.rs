@@ -101,8 +101,8 @@ use crate::archive::{
     metric_snapshot_key,
 };
 use crate::store::{
-    CURRENT, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk, low_stock_value,
-    parse_item_value, utc_day,
+    CURRENT, History, LOW_STOCK_PREFIX, WriteStats, day_item_ms, entity_object, entity_pk,
+    low_stock_value, parse_item_value, utc_day,
 };
 use analytics_worker::records::{MetricRecord, low_stock_key, sort_records};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -697,6 +697,7 @@ impl AwsStore {
             products,
             entities: sc.entities.clone(),
             low_stock_deletes,
+            window_ms: sc.window_ms,
         };
         let mut superseded = Vec::new();
         if has_metrics {
@@ -958,14 +959,18 @@ impl AwsStore {
             }
         }
 
-        // Entities: every shard's update of each changed entity.
+        // Entities: every shard's update of each changed entity, and the
+        // newest event of those updates (`ShardChanges::window_ms`).
         let mut pending: BTreeMap<EntityKey, Vec<(Shard, u64, EntityTotals)>> = BTreeMap::new();
+        let mut windows: BTreeMap<EntityKey, Option<i64>> = BTreeMap::new();
         for d in deltas {
             for (key, totals) in &d.entities {
                 pending
                     .entry(key.clone())
                     .or_default()
                     .push((d.shard, d.seq, *totals));
+                let window = windows.entry(key.clone()).or_default();
+                *window = (*window).max(d.window_ms);
             }
         }
         stats.entities = pending.len() as u64;
@@ -996,9 +1001,10 @@ impl AwsStore {
                     done.push(key.clone());
                     continue;
                 }
+                let window_ms = windows.get(key).copied().flatten();
                 ops.push((
                     key.clone(),
-                    self.entity_items(key, &parts, version, now_ms, ttl)?,
+                    self.entity_items(key, &parts, version, window_ms, now_ms, ttl)?,
                     fences,
                 ));
             }
@@ -1053,6 +1059,7 @@ impl AwsStore {
         key: &EntityKey,
         parts: &Parts,
         version: u64,
+        window_ms: Option<i64>,
         now_ms: i64,
         ttl: i64,
     ) -> Result<Vec<TransactWriteItem>, AwsStoreError> {
@@ -1060,12 +1067,10 @@ impl AwsStore {
         let sum = parts.sum();
         let record = MetricRecord::entity(key, &sum);
         let obj = entity_object(&record, now_ms, ttl).map_err(store_err)?;
-        let day_ms = if sum.last_event_at >= 0 {
-            sum.last_event_at
-        } else {
-            now_ms
-        };
-        let day = format!("DAY#{}", utc_day(day_ms));
+        let day = format!(
+            "DAY#{}",
+            utc_day(day_item_ms(sum.last_event_at, window_ms, now_ms))
+        );
         let mut parts_item = item::key(state::parts_pk(key), state::PARTS_SK);
         parts_item.insert("parts".into(), AttributeValue::B(parts.encode()?.into()));
         parts_item.insert("version".into(), item::n(version + 1));
@@ -1276,7 +1281,7 @@ impl AwsStore {
         for key in keys {
             let bytes = self.get_object(key).await?;
             let mut contributions = Vec::new();
-            let (s, _, _) = state::decode_object(
+            let (s, _, _, _) = state::decode_object(
                 &bytes,
                 |id, st| {
                     image.products.insert(id, st);

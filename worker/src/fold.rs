@@ -91,6 +91,14 @@ struct ShardFold {
     /// Events since the last take that moved a product in from another
     /// seller ([`BatchStats::moved_in`]).
     moved_in: u64,
+    /// The largest timestamp of the events applied since the last take
+    /// ([`ShardChanges::window_ms`]); `None` before the first.
+    window_ms: Option<i64>,
+}
+
+/// The UTC day of an epoch-milliseconds timestamp, as days since 1970.
+fn utc_day(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
 }
 
 /// Counts of one `apply_batch`.
@@ -104,6 +112,10 @@ pub struct BatchStats {
     /// product moved from a seller whose events may be in another shard,
     /// which then still counts it (README, "Known limits").
     pub moved_in: u64,
+    /// [`Fold::apply_batch_within_day`] stopped before this event of the
+    /// batch, the first of a later UTC day than the shard's changes not yet
+    /// taken: take them, then apply the rest from here.
+    pub next_day_at: Option<usize>,
 }
 
 pub struct Fold {
@@ -133,24 +145,51 @@ impl Fold {
 
     /// Folds a batch of raw event values. Bad events become dead letters.
     pub fn apply_batch(&mut self, batch: &EventBatch) -> BatchStats {
+        self.apply_from(batch, 0, false)
+    }
+
+    /// Folds a batch from its event `from` on, stopping before an event of
+    /// a later UTC day than the shard's changes not yet taken
+    /// ([`BatchStats::next_day_at`]). Taking the changes there makes each
+    /// write hold one day of the shard, so the `DAY#` items it files hold
+    /// the values at the end of that day, also when a backlog is read at
+    /// full speed.
+    pub fn apply_batch_within_day(&mut self, batch: &EventBatch, from: usize) -> BatchStats {
+        self.apply_from(batch, from, true)
+    }
+
+    fn apply_from(&mut self, batch: &EventBatch, from: usize, within_day: bool) -> BatchStats {
         let mut stats = BatchStats::default();
         let shard = self.shards.entry(batch.shard).or_default();
         let pos = position_slot(&mut shard.positions, &batch.stream);
         // The archive object the stream's events go to now.
         let mut archive: Option<usize> = None;
-        for (i, (offset, bytes)) in batch.iter().enumerate() {
+        for (i, (offset, bytes)) in batch.iter().enumerate().skip(from) {
             if offset <= shard.positions[pos].1 {
                 stats.skipped += 1;
                 continue;
             }
+            let decoded = decode(bytes, self.max_event_bytes);
+            if let Ok(event) = &decoded
+                && within_day
+                && shard
+                    .window_ms
+                    .is_some_and(|w| utc_day(event.timestamp) > utc_day(w))
+            {
+                // Before its position moves: the rest of the batch, and
+                // `upto`, wait for the caller.
+                stats.next_day_at = Some(i);
+                return stats;
+            }
             shard.positions[pos].1 = offset;
             shard.positions[pos].2 = true;
-            let applied = match decode(bytes, self.max_event_bytes) {
+            let applied = match decoded {
                 Ok(event) => {
                     if shard.apply(&mut self.strings, &event, self.low_stock_threshold) {
                         stats.moved_in += 1;
                         shard.moved_in += 1;
                     }
+                    shard.window_ms = shard.window_ms.max(Some(event.timestamp));
                     stats.applied += 1;
                     true
                 }
@@ -265,6 +304,7 @@ impl Fold {
             }
             changes.dead_letters = std::mem::take(&mut s.dead_letters);
             changes.moved_in = std::mem::take(&mut s.moved_in);
+            changes.window_ms = s.window_ms.take();
             s.dead_letter_bytes = 0;
             s.dirty_state_bytes = 0;
             changes.archive = s.archive.take()?;
@@ -847,6 +887,61 @@ mod tests {
         b
     }
 
+    /// A worker takes a shard's changes where its events reach a new UTC
+    /// day (by event time), so each write holds one day of the shard and
+    /// its `DAY#` items hold that day's closing values. A late event of an
+    /// earlier day, or the first event after a take, starts no new window.
+    #[test]
+    fn a_batch_stops_where_its_shard_reaches_a_new_day() {
+        const DAY: i64 = 86_400_000;
+        let day1 = 20_000 * DAY; // 2024-10-04
+        let event = |id: u32, ts: i64, quantity: u32| {
+            format!(
+                r#"{{"eventType":"ProductCreated","timestamp":{ts},"data":{{"productId":{id},"sellerId":"s1","category":"Books","price":1,"quantity":{quantity}}}}}"#
+            )
+        };
+        let events = [
+            event(1, day1 + 5, 1),
+            event(2, day1 + DAY - 1, 2),
+            event(3, day1 + DAY, 3),     // the next day
+            event(4, day1 + 7, 4),       // late, of the first day
+            event(5, day1 + 2 * DAY, 5), // the day after
+        ];
+        let refs: Vec<&str> = events.iter().map(String::as_str).collect();
+        let b = batch(&refs);
+        let mut fold = Fold::new(10, 1 << 20);
+        let first = fold.apply_batch_within_day(&b, 0);
+        assert_eq!((first.applied, first.next_day_at), (2, Some(2)));
+        let window = fold.take_changes().unwrap();
+        assert_eq!(window[0].window_ms, Some(day1 + DAY - 1));
+        assert_eq!(window[0].positions[0].offset, 1, "nothing of the next day");
+        let seller_products = |changes: &[ShardChanges]| {
+            changes[0]
+                .entities
+                .iter()
+                .find(|(k, _)| *k == EntityKey::Seller("s1".into()))
+                .map(|(_, t)| t.products)
+        };
+        assert_eq!(seller_products(&window), Some(2));
+
+        let second = fold.apply_batch_within_day(&b, 2);
+        assert_eq!((second.applied, second.next_day_at), (2, Some(4)));
+        let window = fold.take_changes().unwrap();
+        assert_eq!(window[0].window_ms, Some(day1 + DAY));
+        assert_eq!(seller_products(&window), Some(4));
+
+        let third = fold.apply_batch_within_day(&b, 4);
+        assert_eq!((third.applied, third.next_day_at), (1, None));
+        assert_eq!(
+            fold.take_changes().unwrap()[0].window_ms,
+            Some(day1 + 2 * DAY)
+        );
+        // `apply_batch` applies it all, whatever the days.
+        let mut whole = Fold::new(10, 1 << 20);
+        assert_eq!(whole.apply_batch(&b).applied, 5);
+        assert_eq!(whole.records(), fold.records());
+    }
+
     /// The worked check of DESIGN §3, in the contract dialect and then in the
     /// backend dialect: both must give the same records.
     #[test]
@@ -882,7 +977,8 @@ mod tests {
                     applied: 4,
                     rejected: 0,
                     skipped: 0,
-                    moved_in: 0
+                    moved_in: 0,
+                    next_day_at: None,
                 }
             );
             let lines: Vec<String> = fold
@@ -993,7 +1089,8 @@ mod tests {
                 applied: 1,
                 rejected: 1,
                 skipped: 0,
-                moved_in: 0
+                moved_in: 0,
+                next_day_at: None,
             }
         );
         let changes = fold.take_changes().unwrap();
@@ -1114,7 +1211,8 @@ mod tests {
                 applied: 0,
                 rejected: 0,
                 skipped: 1,
-                moved_in: 0
+                moved_in: 0,
+                next_day_at: None,
             }
         );
     }

@@ -21,7 +21,8 @@ pub enum ServeError {
 struct Configured {
     fold: Fold,
     part_bytes: usize,
-    /// Changes taken early (see `SEAL_CHANGE_BYTES`), oldest first:
+    /// Changes taken early (see `SEAL_CHANGE_BYTES`, and where a shard's
+    /// events reach a new UTC day), oldest first:
     /// each is a consistent state of its shards, answered before the rest
     /// at the next flush, each in parts of its own.
     sealed: Vec<Vec<proto::ShardChanges>>,
@@ -84,8 +85,19 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
             }
             ToWorker::Events(batch) => {
                 let c = configured_for(&mut configured, "Events")?;
-                let stats = c.fold.apply_batch(&batch);
-                warn_of_moves(&mut moved_in, stats.moved_in);
+                let mut from = 0;
+                loop {
+                    let stats = c.fold.apply_batch_within_day(&batch, from);
+                    warn_of_moves(&mut moved_in, stats.moved_in);
+                    let Some(next_day) = stats.next_day_at else {
+                        break;
+                    };
+                    // A shard's events reach a new UTC day: what came
+                    // before is that shard's end of the previous day.
+                    let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
+                    c.sealed.push(changes);
+                    from = next_day;
+                }
                 if c.fold.changes_reach(SEAL_CHANGE_BYTES) {
                     let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
                     c.sealed.push(changes);
