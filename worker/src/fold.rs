@@ -96,6 +96,74 @@ struct ShardFold {
     window_ms: Option<i64>,
 }
 
+/// Takes what changed in shard `s` since its last take, as absolute values.
+fn take_shard(
+    strings: &Interner,
+    shard: Shard,
+    s: &mut ShardFold,
+) -> Result<ShardChanges, FrameError> {
+    let mut changes = ShardChanges {
+        shard,
+        ..ShardChanges::default()
+    };
+    // Every stream's position once any moved: a store tells a
+    // replay (behind or equal on every stream) from a stale owner's
+    // write (ahead on one, behind on another) only with all of them.
+    if s.positions.iter().any(|(_, _, dirty)| *dirty) {
+        for (stream, offset, dirty) in &mut s.positions {
+            *dirty = false;
+            changes.positions.push(Position {
+                stream: stream.clone(),
+                offset: *offset,
+            });
+        }
+    }
+    // First the marks and the low-stock list, then the states,
+    // encoded straight from the interned strings.
+    let dirty = std::mem::take(&mut s.dirty_products);
+    for &i in &dirty {
+        let (key, p) = &mut s.products[i as usize];
+        p.dirty = false;
+        let listed = if p.low_since != UNKNOWN {
+            p.seller
+        } else {
+            NO_SYM
+        };
+        if p.listed != NO_SYM && p.listed != listed {
+            changes.low_stock.push(LowStockChange::Delete {
+                seller_id: strings.name(p.listed).into(),
+                product_id: product_id(strings, *key),
+            });
+        }
+        if listed != NO_SYM {
+            changes
+                .low_stock
+                .push(LowStockChange::Put(low_stock_item(strings, *key, p)));
+        }
+        p.listed = listed;
+    }
+    let states: Vec<_> = dirty
+        .iter()
+        .map(|&i| {
+            let (key, p) = &s.products[i as usize];
+            (product_id(strings, *key), wire_state(strings, p))
+        })
+        .collect();
+    changes.products = EncodedProducts::encode(&states)?;
+    s.dirty_products = dirty;
+    s.dirty_products.clear();
+    for (e, totals) in s.entities.take_dirty() {
+        changes.entities.push((entity_key(strings, e), totals));
+    }
+    changes.dead_letters = std::mem::take(&mut s.dead_letters);
+    changes.moved_in = std::mem::take(&mut s.moved_in);
+    changes.window_ms = s.window_ms.take();
+    s.dead_letter_bytes = 0;
+    s.dirty_state_bytes = 0;
+    changes.archive = s.archive.take()?;
+    Ok(changes)
+}
+
 /// The UTC day of an epoch-milliseconds timestamp, as days since 1970.
 fn utc_day(ms: i64) -> i64 {
     ms.div_euclid(86_400_000)
@@ -246,73 +314,24 @@ impl Fold {
     /// marks are then gone, so the caller must give up this fold (a worker
     /// exits, and its replacement restores and replays).
     pub fn take_changes(&mut self) -> Result<Vec<ShardChanges>, FrameError> {
-        let strings = &self.strings;
         let mut out = Vec::new();
         for (&shard, s) in &mut self.shards {
-            let mut changes = ShardChanges {
-                shard,
-                ..ShardChanges::default()
-            };
-            // Every stream's position once any moved: a store tells a
-            // replay (behind or equal on every stream) from a stale owner's
-            // write (ahead on one, behind on another) only with all of them.
-            if s.positions.iter().any(|(_, _, dirty)| *dirty) {
-                for (stream, offset, dirty) in &mut s.positions {
-                    *dirty = false;
-                    changes.positions.push(Position {
-                        stream: stream.clone(),
-                        offset: *offset,
-                    });
-                }
-            }
-            // First the marks and the low-stock list, then the states,
-            // encoded straight from the interned strings.
-            let dirty = std::mem::take(&mut s.dirty_products);
-            for &i in &dirty {
-                let (key, p) = &mut s.products[i as usize];
-                p.dirty = false;
-                let listed = if p.low_since != UNKNOWN {
-                    p.seller
-                } else {
-                    NO_SYM
-                };
-                if p.listed != NO_SYM && p.listed != listed {
-                    changes.low_stock.push(LowStockChange::Delete {
-                        seller_id: strings.name(p.listed).into(),
-                        product_id: product_id(strings, *key),
-                    });
-                }
-                if listed != NO_SYM {
-                    changes
-                        .low_stock
-                        .push(LowStockChange::Put(low_stock_item(strings, *key, p)));
-                }
-                p.listed = listed;
-            }
-            let states: Vec<_> = dirty
-                .iter()
-                .map(|&i| {
-                    let (key, p) = &s.products[i as usize];
-                    (product_id(strings, *key), wire_state(strings, p))
-                })
-                .collect();
-            changes.products = EncodedProducts::encode(&states)?;
-            s.dirty_products = dirty;
-            s.dirty_products.clear();
-            for (e, totals) in s.entities.take_dirty() {
-                changes.entities.push((entity_key(strings, e), totals));
-            }
-            changes.dead_letters = std::mem::take(&mut s.dead_letters);
-            changes.moved_in = std::mem::take(&mut s.moved_in);
-            changes.window_ms = s.window_ms.take();
-            s.dead_letter_bytes = 0;
-            s.dirty_state_bytes = 0;
-            changes.archive = s.archive.take()?;
+            let changes = take_shard(&self.strings, shard, s)?;
             if !changes.is_empty() {
                 out.push(changes);
             }
         }
         Ok(out)
+    }
+
+    /// What changed in one shard since its changes were last taken (as
+    /// [`Fold::take_changes`] does for all), if anything did.
+    pub fn take_shard_changes(&mut self, shard: Shard) -> Result<Option<ShardChanges>, FrameError> {
+        let Some(s) = self.shards.get_mut(&shard) else {
+            return Ok(None);
+        };
+        let changes = take_shard(&self.strings, shard, s)?;
+        Ok((!changes.is_empty()).then_some(changes))
     }
 
     /// Rejected events not yet handed out (for callers that never flush).

