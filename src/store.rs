@@ -295,8 +295,8 @@ impl EmbeddedStore {
             let mut log = txn.open_table(PRODUCT_LOG)?;
             let mut contributions = txn.open_table(CONTRIBUTIONS)?;
             let mut positions = txn.open_table(POSITIONS)?;
-            // Changed entities, with the newest event of the changes that
-            // touched them (`ShardChanges::window_ms`).
+            // Changed entities, with the newest event that changed them
+            // (`ShardChanges::changed_at`).
             let mut changed: BTreeMap<String, (EntityKey, Option<i64>)> = BTreeMap::new();
             // Low-stock items to put (`Some`) or delete, of every shard.
             let mut low_stock: Vec<(&str, String, Option<Vec<u8>>)> = Vec::new();
@@ -342,14 +342,14 @@ impl EmbeddedStore {
                 }
                 compact_log(&mut log, sc.shard)?;
 
-                for (key, totals) in &sc.entities {
+                for (i, (key, totals)) in sc.entities.iter().enumerate() {
                     let pk = entity_pk(key);
                     contributions.insert(
                         (pk.as_str(), sc.shard),
                         encode("entity totals", totals)?.as_slice(),
                     )?;
-                    let window = &mut changed.entry(pk).or_insert((key.clone(), None)).1;
-                    *window = (*window).max(sc.window_ms);
+                    let at = &mut changed.entry(pk).or_insert((key.clone(), None)).1;
+                    *at = (*at).max(sc.changed_at.get(i).copied());
                 }
 
                 for dl in &sc.dead_letters {
@@ -383,7 +383,7 @@ impl EmbeddedStore {
                 }
             }
 
-            for (pk, (key, window_ms)) in &changed {
+            for (pk, (key, changed_at)) in &changed {
                 let mut sum = EntityTotals {
                     last_event_at: -1,
                     ..EntityTotals::default()
@@ -394,7 +394,7 @@ impl EmbeddedStore {
                 }
                 let record = MetricRecord::entity(key, &sum);
                 let item = entity_item(&record, now_ms, ttl)?;
-                let day_ms = day_item_ms(sum.last_event_at, *window_ms, now_ms);
+                let day_ms = day_item_ms(sum.last_event_at, *changed_at, now_ms);
                 let day = format!("DAY#{}", utc_day(day_ms));
                 items.insert((pk.as_str(), CURRENT), item.as_str())?;
                 items.insert((pk.as_str(), day.as_str()), item.as_str())?;
@@ -1024,11 +1024,12 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// The time whose UTC day files an entity's `DAY#` item: its
-/// `lastEventAt`, or the newest event of the write that changed it when
-/// that is later (an update that changes a category without naming it
-/// must not rewrite an earlier day's item), or, with neither, `now_ms`.
-pub fn day_item_ms(last_event_at: i64, window_ms: Option<i64>, now_ms: i64) -> i64 {
-    match window_ms.map_or(last_event_at, |w| w.max(last_event_at)) {
+/// `lastEventAt`, or the latest event that changed it
+/// (`ShardChanges::changed_at`) when that is later (an update that changes
+/// a category without naming it must not rewrite an earlier day's item),
+/// or, with neither, `now_ms`.
+pub fn day_item_ms(last_event_at: i64, changed_at: Option<i64>, now_ms: i64) -> i64 {
+    match changed_at.map_or(last_event_at, |c| c.max(last_event_at)) {
         ms if ms >= 0 => ms,
         _ => now_ms,
     }

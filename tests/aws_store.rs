@@ -181,7 +181,7 @@ fn changes(
         dead_letters: vec![],
         archive: vec![],
         moved_in: 0,
-        window_ms: None,
+        changed_at: vec![],
     }
 }
 
@@ -516,7 +516,7 @@ async fn a_change_that_names_no_category_files_under_the_day_of_its_events() {
     let cfg = config("window-day");
     let (_dir, mut emb) = oracle();
     let write = |offset, price, window| ShardChanges {
-        window_ms: Some(window),
+        changed_at: vec![window],
         ..changes(
             5,
             offset,

@@ -171,24 +171,29 @@ fn expand(item: &str, groups: &BTreeMap<String, Vec<String>>, out: &mut BTreeSet
 /// list, minus every `~` deny list after it.
 fn allowed_syscalls(unit: &str) -> BTreeSet<String> {
     let groups = syscall_groups();
+    // In order, as systemd merges them after an allow list: a `~` line
+    // takes calls out, a later plain line puts calls back.
     let mut allowed = BTreeSet::new();
-    let mut denied = BTreeSet::new();
     for (k, v) in settings(unit) {
         if k != "SystemCallFilter" {
             continue;
         }
-        match v.strip_prefix('~') {
-            Some(deny) => deny
-                .split_whitespace()
-                .for_each(|i| expand(i, &groups, &mut denied)),
-            None => v
-                .split_whitespace()
-                .for_each(|i| expand(i, &groups, &mut allowed)),
+        let mut calls = BTreeSet::new();
+        let (deny, list) = match v.strip_prefix('~') {
+            Some(list) => (true, list),
+            None => (false, v.as_str()),
+        };
+        list.split_whitespace()
+            .for_each(|i| expand(i, &groups, &mut calls));
+        if deny {
+            allowed = &allowed - &calls;
+        } else {
+            allowed.extend(calls);
         }
     }
     // @default is always allowed.
     expand("@default", &groups, &mut allowed);
-    &allowed - &denied
+    allowed
 }
 
 /// Runs `analytics args…` under `strace -f`, with a notify socket and a

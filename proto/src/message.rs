@@ -261,12 +261,13 @@ pub struct ShardChanges {
     /// held from another seller, whose shard may still count it (README,
     /// "Known limits"): reported, so operators see when totals are off.
     pub moved_in: u64,
-    /// The largest timestamp of the events these changes cover, if they
-    /// cover any. Their entities' `DAY#` items are filed under its UTC day
-    /// when it is later than their `lastEventAt`: an update that changes a
-    /// category without naming it (a contract-dialect price change) must not
-    /// rewrite the category's item of an earlier day.
-    pub window_ms: Option<i64>,
+    /// Per entry of `entities`, the largest timestamp of an event that
+    /// changed or named it (empty from a sender that does not know it).
+    /// Its `DAY#` item is filed under this UTC day when it is later than
+    /// its `lastEventAt`: an update that changes a category without naming
+    /// it (a contract-dialect price change) must not rewrite the category's
+    /// item of an earlier day.
+    pub changed_at: Vec<i64>,
 }
 
 impl ShardChanges {

@@ -307,7 +307,7 @@ fn shard_changes(shard: Shard) -> ShardChanges {
             gzip: vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
         }],
         moved_in: 3,
-        window_ms: Some(1_696_176_060_000),
+        changed_at: vec![1_696_176_060_000, 1_696_176_061_000],
     }
 }
 

@@ -697,7 +697,7 @@ impl AwsStore {
             products,
             entities: sc.entities.clone(),
             low_stock_deletes,
-            window_ms: sc.window_ms,
+            changed_at: sc.changed_at.clone(),
         };
         let mut superseded = Vec::new();
         if has_metrics {
@@ -960,17 +960,17 @@ impl AwsStore {
         }
 
         // Entities: every shard's update of each changed entity, and the
-        // newest event of those updates (`ShardChanges::window_ms`).
+        // newest event that changed it (`ShardChanges::changed_at`).
         let mut pending: BTreeMap<EntityKey, Vec<(Shard, u64, EntityTotals)>> = BTreeMap::new();
-        let mut windows: BTreeMap<EntityKey, Option<i64>> = BTreeMap::new();
+        let mut changed_at: BTreeMap<EntityKey, Option<i64>> = BTreeMap::new();
         for d in deltas {
-            for (key, totals) in &d.entities {
+            for (i, (key, totals)) in d.entities.iter().enumerate() {
                 pending
                     .entry(key.clone())
                     .or_default()
                     .push((d.shard, d.seq, *totals));
-                let window = windows.entry(key.clone()).or_default();
-                *window = (*window).max(d.window_ms);
+                let at = changed_at.entry(key.clone()).or_default();
+                *at = (*at).max(d.changed_at.get(i).copied());
             }
         }
         stats.entities = pending.len() as u64;
@@ -1001,10 +1001,10 @@ impl AwsStore {
                     done.push(key.clone());
                     continue;
                 }
-                let window_ms = windows.get(key).copied().flatten();
+                let at = changed_at.get(key).copied().flatten();
                 ops.push((
                     key.clone(),
-                    self.entity_items(key, &parts, version, window_ms, now_ms, ttl)?,
+                    self.entity_items(key, &parts, version, at, now_ms, ttl)?,
                     fences,
                 ));
             }
@@ -1059,7 +1059,7 @@ impl AwsStore {
         key: &EntityKey,
         parts: &Parts,
         version: u64,
-        window_ms: Option<i64>,
+        changed_at: Option<i64>,
         now_ms: i64,
         ttl: i64,
     ) -> Result<Vec<TransactWriteItem>, AwsStoreError> {
@@ -1069,7 +1069,7 @@ impl AwsStore {
         let obj = entity_object(&record, now_ms, ttl).map_err(store_err)?;
         let day = format!(
             "DAY#{}",
-            utc_day(day_item_ms(sum.last_event_at, window_ms, now_ms))
+            utc_day(day_item_ms(sum.last_event_at, changed_at, now_ms))
         );
         let mut parts_item = item::key(state::parts_pk(key), state::PARTS_SK);
         parts_item.insert("parts".into(), AttributeValue::B(parts.encode()?.into()));

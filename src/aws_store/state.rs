@@ -51,10 +51,10 @@ enum Record {
     End {
         records: u64,
     },
-    /// The newest event of a delta's write (`ShardChanges::window_ms`).
-    /// Added after the others, so objects written before it decode as
-    /// they did.
-    Window(i64),
+    /// Per entity record of the delta, in their order, the newest event
+    /// that changed it (`ShardChanges::changed_at`). Added after the
+    /// others, so objects written before it decode as they did.
+    ChangedAt(Vec<i64>),
 }
 
 /// The same records, borrowed, for encoding (same serde shape).
@@ -72,7 +72,7 @@ enum RecordRef<'a> {
     End {
         records: u64,
     },
-    Window(i64),
+    ChangedAt(&'a [i64]),
 }
 
 /// What one committed write changed in a shard: the delta object's content.
@@ -87,9 +87,10 @@ pub struct Delta {
     pub entities: Vec<(EntityKey, EntityTotals)>,
     /// Low-stock items to delete: (seller filed under, product).
     pub low_stock_deletes: Vec<(Box<str>, ProductId)>,
-    /// The newest event of the write (`ShardChanges::window_ms`): a repair
-    /// files `DAY#` items as the write would have.
-    pub window_ms: Option<i64>,
+    /// Per entry of `entities`, the newest event that changed it
+    /// (`ShardChanges::changed_at`): a repair files `DAY#` items as the
+    /// write would have.
+    pub changed_at: Vec<i64>,
 }
 
 /// A shard's whole state, rebuilt from its base and deltas.
@@ -147,8 +148,8 @@ pub fn encode_delta(d: &Delta) -> Result<Vec<u8>, AwsStoreError> {
         base: false,
         positions: &d.positions,
     })?;
-    if let Some(ms) = d.window_ms {
-        enc.push(&RecordRef::Window(ms))?;
+    if !d.changed_at.is_empty() {
+        enc.push(&RecordRef::ChangedAt(&d.changed_at))?;
     }
     for (id, state) in &d.products {
         enc.push(&RecordRef::Product(id, state))?;
@@ -198,10 +199,10 @@ pub fn decode_object(
     mut on_product: impl FnMut(ProductId, ProductState),
     mut on_entity: impl FnMut(EntityKey, EntityTotals),
     mut on_delete: impl FnMut(Box<str>, ProductId),
-) -> Result<(Shard, u64, Vec<Position>, Option<i64>), AwsStoreError> {
+) -> Result<(Shard, u64, Vec<Position>, Vec<i64>), AwsStoreError> {
     let mut gz = GzDecoder::new(bytes);
     let mut header = None;
-    let mut window = None;
+    let mut changed_at = Vec::new();
     let mut records = 0u64;
     let mut payload = Vec::new();
     loop {
@@ -226,14 +227,14 @@ pub fn decode_object(
             Record::Product(id, state) => on_product(id, state),
             Record::Entity(key, totals) => on_entity(key, totals),
             Record::LowStockDelete(seller, id) => on_delete(seller, id),
-            Record::Window(ms) => window = Some(ms),
+            Record::ChangedAt(times) => changed_at = times,
             Record::End { records: n } if n == records => {
                 let mut rest = [0u8; 1];
                 if gz.read(&mut rest).map_err(decode_err)? != 0 {
                     return Err(decode_err("bytes after the end record"));
                 }
                 let (shard, seq, positions) = header.ok_or_else(|| decode_err("no header"))?;
-                return Ok((shard, seq, positions, window));
+                return Ok((shard, seq, positions, changed_at));
             }
             Record::End { records: n } => {
                 return Err(decode_err(format!("{records} records, end says {n}")));
@@ -245,7 +246,7 @@ pub fn decode_object(
 pub fn decode_delta(bytes: &[u8]) -> Result<Delta, AwsStoreError> {
     let mut d = Delta::default();
     let (mut products, mut entities, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
-    let (shard, seq, positions, window_ms) = decode_object(
+    let (shard, seq, positions, changed_at) = decode_object(
         bytes,
         |id, s| products.push((id, s)),
         |k, t| entities.push((k, t)),
@@ -257,7 +258,7 @@ pub fn decode_delta(bytes: &[u8]) -> Result<Delta, AwsStoreError> {
     d.products = products;
     d.entities = entities;
     d.low_stock_deletes = deletes;
-    d.window_ms = window_ms;
+    d.changed_at = changed_at;
     Ok(d)
 }
 
@@ -583,7 +584,7 @@ mod tests {
             ],
             entities: vec![(EntityKey::Seller("s1".into()), totals(1, 1999, 5))],
             low_stock_deletes: vec![("s0".into(), ProductId::Num(1))],
-            window_ms: Some(1_700_000_000_123),
+            changed_at: vec![1_700_000_000_123],
         };
         let bytes = encode_delta(&d).unwrap();
         assert_eq!(decode_delta(&bytes).unwrap(), d);

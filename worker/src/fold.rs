@@ -91,9 +91,11 @@ struct ShardFold {
     /// Events since the last take that moved a product in from another
     /// seller ([`BatchStats::moved_in`]).
     moved_in: u64,
-    /// The largest timestamp of the events applied since the last take
-    /// ([`ShardChanges::window_ms`]); `None` before the first.
-    window_ms: Option<i64>,
+    /// The latest UTC day of the events applied to the shard (kept across
+    /// takes: a late event after a take starts no new day).
+    day: Option<i64>,
+    /// Events were applied since the last take.
+    applied_since_take: bool,
 }
 
 /// Takes what changed in shard `s` since its last take, as absolute values.
@@ -152,12 +154,13 @@ fn take_shard(
     changes.products = EncodedProducts::encode(&states)?;
     s.dirty_products = dirty;
     s.dirty_products.clear();
-    for (e, totals) in s.entities.take_dirty() {
+    for (e, totals, changed_at) in s.entities.take_dirty() {
         changes.entities.push((entity_key(strings, e), totals));
+        changes.changed_at.push(changed_at);
     }
     changes.dead_letters = std::mem::take(&mut s.dead_letters);
     changes.moved_in = std::mem::take(&mut s.moved_in);
-    changes.window_ms = s.window_ms.take();
+    s.applied_since_take = false;
     s.dead_letter_bytes = 0;
     s.dirty_state_bytes = 0;
     changes.archive = s.archive.take()?;
@@ -240,9 +243,8 @@ impl Fold {
             let decoded = decode(bytes, self.max_event_bytes);
             if let Ok(event) = &decoded
                 && within_day
-                && shard
-                    .window_ms
-                    .is_some_and(|w| utc_day(event.timestamp) > utc_day(w))
+                && shard.applied_since_take
+                && shard.day.is_some_and(|d| utc_day(event.timestamp) > d)
             {
                 // Before its position moves: the rest of the batch, and
                 // `upto`, wait for the caller.
@@ -257,7 +259,8 @@ impl Fold {
                         stats.moved_in += 1;
                         shard.moved_in += 1;
                     }
-                    shard.window_ms = shard.window_ms.max(Some(event.timestamp));
+                    shard.day = shard.day.max(Some(utc_day(event.timestamp)));
+                    shard.applied_since_take = true;
                     stats.applied += 1;
                     true
                 }
@@ -515,6 +518,7 @@ impl ShardFold {
     /// held from another seller (see [`BatchStats::moved_in`]).
     fn apply(&mut self, strings: &mut Interner, e: &Event<'_>, threshold: i64) -> bool {
         let version = Version(e.timestamp * 4 + e.kind as i64);
+        self.entities.now = e.timestamp;
         let key = product_key(strings, &e.product_id);
         let (i, is_new) = match self.index.get(&key) {
             Some(&i) => (i, false),
@@ -640,20 +644,34 @@ impl ShardFold {
 struct Entities {
     map: HashMap<Entity, EntityState>,
     dirty: Vec<Entity>,
+    /// The timestamp of the event being applied.
+    now: i64,
 }
 
 struct EntityState {
     totals: EntityTotals,
     dirty: bool,
+    /// The largest timestamp of an event that changed the totals or named
+    /// the entity ([`ShardChanges::changed_at`]); unlike `lastEventAt` it
+    /// follows updates that change a category without naming it.
+    changed_at: i64,
+}
+
+impl EntityState {
+    fn new() -> EntityState {
+        EntityState {
+            totals: empty_totals(),
+            dirty: false,
+            changed_at: -1,
+        }
+    }
 }
 
 impl Entities {
-    /// The totals of an entity, marked as changed.
+    /// The totals of an entity, marked as changed (by the event at `now`).
     fn changed(&mut self, e: Entity) -> &mut EntityTotals {
-        let st = self.map.entry(e).or_insert_with(|| EntityState {
-            totals: empty_totals(),
-            dirty: false,
-        });
+        let st = self.map.entry(e).or_insert_with(EntityState::new);
+        st.changed_at = st.changed_at.max(self.now);
         if !std::mem::replace(&mut st.dirty, true) {
             self.dirty.push(e);
         }
@@ -662,10 +680,8 @@ impl Entities {
 
     /// The entity was named by an event at `timestamp`.
     fn touch(&mut self, e: Entity, timestamp: i64) {
-        let st = self.map.entry(e).or_insert_with(|| EntityState {
-            totals: empty_totals(),
-            dirty: false,
-        });
+        let st = self.map.entry(e).or_insert_with(EntityState::new);
+        st.changed_at = st.changed_at.max(timestamp);
         if timestamp > st.totals.last_event_at {
             st.totals.last_event_at = timestamp;
             if !std::mem::replace(&mut st.dirty, true) {
@@ -701,13 +717,14 @@ impl Entities {
         }
     }
 
-    /// The changed entities with their totals; clears the marks.
-    fn take_dirty(&mut self) -> impl Iterator<Item = (Entity, EntityTotals)> + '_ {
+    /// The changed entities with their totals and change times; clears
+    /// the marks.
+    fn take_dirty(&mut self) -> impl Iterator<Item = (Entity, EntityTotals, i64)> + '_ {
         let map = &mut self.map;
         self.dirty.drain(..).filter_map(move |e| {
             let st = map.get_mut(&e)?;
             st.dirty = false;
-            Some((e, st.totals))
+            Some((e, st.totals, st.changed_at))
         })
     }
 }
@@ -909,55 +926,70 @@ mod tests {
     /// A worker takes a shard's changes where its events reach a new UTC
     /// day (by event time), so each write holds one day of the shard and
     /// its `DAY#` items hold that day's closing values. A late event of an
-    /// earlier day, or the first event after a take, starts no new window.
+    /// earlier day starts no new window, also when it is the first after a
+    /// take. Each changed entity carries the newest event that changed it.
     #[test]
     fn a_batch_stops_where_its_shard_reaches_a_new_day() {
         const DAY: i64 = 86_400_000;
         let day1 = 20_000 * DAY; // 2024-10-04
-        let event = |id: u32, ts: i64, quantity: u32| {
+        let created = |id: u32, ts: i64| {
             format!(
-                r#"{{"eventType":"ProductCreated","timestamp":{ts},"data":{{"productId":{id},"sellerId":"s1","category":"Books","price":1,"quantity":{quantity}}}}}"#
+                r#"{{"eventType":"ProductCreated","timestamp":{ts},"data":{{"productId":{id},"sellerId":"s1","category":"Books","price":1,"quantity":50}}}}"#
             )
         };
         let events = [
-            event(1, day1 + 5, 1),
-            event(2, day1 + DAY - 1, 2),
-            event(3, day1 + DAY, 3),     // the next day
-            event(4, day1 + 7, 4),       // late, of the first day
-            event(5, day1 + 2 * DAY, 5), // the day after
+            created(1, day1 + 5),
+            created(2, day1 + DAY - 1),
+            created(3, day1 + DAY),     // the next day
+            created(4, day1 + 7),       // late, of the first day
+            created(5, day1 + 2 * DAY), // the day after
+            created(6, day1 + DAY + 9), // late, and the first after a take
+            created(7, day1 + 2 * DAY + 3),
+            // A contract price change names no category: the category's
+            // lastEventAt stays, its change time moves.
+            format!(
+                r#"{{"eventType":"ProductUpdated","timestamp":{},"data":{{"productId":7,"sellerId":"s1","changes":{{"price":{{"old":1,"new":2}}}}}}}}"#,
+                day1 + 2 * DAY + 60
+            ),
         ];
         let refs: Vec<&str> = events.iter().map(String::as_str).collect();
-        let b = batch(&refs);
+        let mut b = batch(&refs);
+        b.upto = 20;
         let mut fold = Fold::new(10, 1 << 20);
+        // (products, lastEventAt, change time) of an entity in a window.
+        let of = |changes: &[ShardChanges], key: EntityKey| {
+            let c = &changes[0];
+            let i = c.entities.iter().position(|(k, _)| *k == key)?;
+            let t = c.entities[i].1;
+            Some((t.products, t.last_event_at, c.changed_at[i]))
+        };
+        let seller = || EntityKey::Seller("s1".into());
+        let books = || EntityKey::Category("Books".into());
+
         let first = fold.apply_batch_within_day(&b, 0);
         assert_eq!((first.applied, first.next_day_at), (2, Some(2)));
         let window = fold.take_changes().unwrap();
-        assert_eq!(window[0].window_ms, Some(day1 + DAY - 1));
         assert_eq!(window[0].positions[0].offset, 1, "nothing of the next day");
-        let seller_products = |changes: &[ShardChanges]| {
-            changes[0]
-                .entities
-                .iter()
-                .find(|(k, _)| *k == EntityKey::Seller("s1".into()))
-                .map(|(_, t)| t.products)
-        };
-        assert_eq!(seller_products(&window), Some(2));
+        let end_of_day1 = (2, day1 + DAY - 1, day1 + DAY - 1);
+        assert_eq!(of(&window, seller()), Some(end_of_day1));
 
         let second = fold.apply_batch_within_day(&b, 2);
         assert_eq!((second.applied, second.next_day_at), (2, Some(4)));
         let window = fold.take_changes().unwrap();
-        assert_eq!(window[0].window_ms, Some(day1 + DAY));
-        assert_eq!(seller_products(&window), Some(4));
+        assert_eq!(of(&window, seller()), Some((4, day1 + DAY, day1 + DAY)));
 
         let third = fold.apply_batch_within_day(&b, 4);
-        assert_eq!((third.applied, third.next_day_at), (1, None));
+        assert_eq!((third.applied, third.next_day_at), (4, None));
+        let window = fold.take_changes().unwrap();
         assert_eq!(
-            fold.take_changes().unwrap()[0].window_ms,
-            Some(day1 + 2 * DAY)
+            window[0].positions[0].offset, 20,
+            "upto, once the batch is done"
         );
+        let last = day1 + 2 * DAY + 60;
+        assert_eq!(of(&window, books()), Some((7, day1 + 2 * DAY + 3, last)));
         // `apply_batch` applies it all, whatever the days.
         let mut whole = Fold::new(10, 1 << 20);
-        assert_eq!(whole.apply_batch(&b).applied, 5);
+        assert_eq!(whole.apply_batch(&b).applied, 8);
         assert_eq!(whole.records(), fold.records());
     }
 
