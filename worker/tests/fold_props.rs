@@ -1,20 +1,25 @@
 //! Property tests of the fold (DESIGN §5, §11): for any generated trace, any
 //! split into batches, any replay of already-applied events, any crash that
 //! loses the unflushed work and restores from what was flushed, and any
-//! interleaving of the three topics, the metrics equal one straight pass.
+//! interleaving of the three topics, the metrics equal one straight pass;
+//! and what is stored for each UTC day is the straight pass up to that
+//! day's end.
 
 use analytics_worker::fold::Fold;
 use analytics_worker::records::{LowStockRecord, MetricRecord, Money};
 use proptest::prelude::*;
 use proto::{
-    EntityKey, EventBatch, LowStockChange, LowStockItem, Offset, Position, ProductId, ProductState,
-    Shard, ShardChanges, ShardState,
+    EntityKey, EntityTotals, EventBatch, LowStockChange, LowStockItem, Offset, Position, ProductId,
+    ProductState, Shard, ShardChanges, ShardState,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
 
 const SHARDS: u32 = 2;
 const MAX_EVENT: usize = 1 << 20;
+const DAY: i64 = 86_400_000;
+/// Between two events of a trace: a new UTC day every fifth event.
+const EVENT_GAP: i64 = DAY / 5;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -153,7 +158,7 @@ fn render_all(steps: &[Step]) -> Vec<Rendered> {
         .iter()
         .enumerate()
         .map(|(i, step)| {
-            let (bytes, topic) = render(step, 1_000 + 10 * i as i64);
+            let (bytes, topic) = render(step, day_start(i));
             Rendered {
                 bytes,
                 topic,
@@ -161,6 +166,11 @@ fn render_all(steps: &[Step]) -> Vec<Rendered> {
             }
         })
         .collect()
+}
+
+/// The timestamp of event `i` of a trace.
+fn day_start(i: usize) -> i64 {
+    1_000 + EVENT_GAP * i as i64
 }
 
 fn lines(records: &[MetricRecord]) -> Vec<String> {
@@ -182,6 +192,54 @@ fn feed(fold: &mut Fold, events: &[Rendered], range: std::ops::Range<usize>) {
     }
 }
 
+/// Folds events `range` as the worker does: each shard's changes are taken
+/// where its events reach a new UTC day, into `sealed`, which storage gets
+/// before the changes taken after them.
+fn feed_by_day(
+    fold: &mut Fold,
+    sealed: &mut Vec<ShardChanges>,
+    events: &[Rendered],
+    range: std::ops::Range<usize>,
+) {
+    let mut batches: BTreeMap<Shard, EventBatch> = BTreeMap::new();
+    for i in range {
+        let e = &events[i];
+        batches
+            .entry(e.shard)
+            .or_insert_with(|| EventBatch::new(e.shard, "file".into()))
+            .push(i as Offset, e.bytes.as_bytes());
+    }
+    for b in batches.values() {
+        let mut from = 0;
+        while let Some(next_day) = fold.apply_batch_within_day(b, from).next_day_at {
+            sealed.extend(fold.take_shard_changes(b.shard).expect("changes encode"));
+            from = next_day;
+        }
+    }
+}
+
+/// A shard's contribution to an entity at the end of UTC day `day`: the
+/// straight pass over the events up to then.
+fn at_end_of_day(
+    events: &[Rendered],
+    shard: Shard,
+    key: &EntityKey,
+    day: i64,
+) -> Option<EntityTotals> {
+    let end = (0..events.len())
+        .find(|&i| day_start(i).div_euclid(DAY) > day)
+        .unwrap_or(events.len());
+    let mut fold = Fold::new(10, MAX_EVENT);
+    feed(&mut fold, events, 0..end);
+    let changes = fold.take_changes().expect("changes encode");
+    let shard = changes.iter().find(|c| c.shard == shard)?;
+    shard
+        .entities
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, t)| *t)
+}
+
 fn straight(events: &[Rendered]) -> Vec<String> {
     let mut fold = Fold::new(10, MAX_EVENT);
     feed(&mut fold, events, 0..events.len());
@@ -199,6 +257,9 @@ struct StoreModel {
     positions: BTreeMap<(Shard, String), Offset>,
     dead_letters: Vec<(Shard, Offset)>,
     low_stock: BTreeMap<(String, ProductId), LowStockItem>,
+    /// The last contribution filed under each UTC day, as the stores file
+    /// `DAY#` items: under the later of `lastEventAt` and the change time.
+    daily: BTreeMap<(Shard, EntityKey, i64), EntityTotals>,
 }
 
 impl StoreModel {
@@ -229,7 +290,17 @@ impl StoreModel {
                     }
                 }
             }
-            for (k, t) in sc.entities {
+            for (i, (k, t)) in sc.entities.into_iter().enumerate() {
+                let at = sc
+                    .changed_at
+                    .get(i)
+                    .copied()
+                    .unwrap_or(-1)
+                    .max(t.last_event_at);
+                if at >= 0 {
+                    self.daily
+                        .insert((sc.shard, k.clone(), at.div_euclid(DAY)), t);
+                }
                 self.times.insert((sc.shard, k), t.last_event_at);
             }
             for p in sc.positions {
@@ -345,26 +416,43 @@ proptest! {
 
         let mut store = StoreModel::default();
         let mut fold = Fold::new(10, MAX_EVENT);
+        // Changes taken at day ends, written before those taken after.
+        let mut sealed = Vec::new();
+        let flush = |fold: &mut Fold, sealed: &mut Vec<ShardChanges>, store: &mut StoreModel| {
+            let mut changes = std::mem::take(sealed);
+            changes.extend(fold.take_changes().expect("changes encode"));
+            store.write(changes);
+        };
         let mut cursor = 0usize;
         for action in plan {
             match action {
                 Action::Feed(n) => {
                     let end = (cursor + n).min(events.len());
-                    feed(&mut fold, &events, cursor..end);
+                    feed_by_day(&mut fold, &mut sealed, &events, cursor..end);
                     cursor = end;
                 }
-                Action::Flush => store.write(fold.take_changes().expect("changes encode")),
-                Action::Replay(n) => feed(&mut fold, &events, cursor.saturating_sub(n)..cursor),
+                Action::Flush => flush(&mut fold, &mut sealed, &mut store),
+                Action::Replay(n) => {
+                    feed_by_day(&mut fold, &mut sealed, &events, cursor.saturating_sub(n)..cursor)
+                }
                 Action::Crash => {
                     fold = Fold::new(10, MAX_EVENT);
+                    sealed.clear();
                     store.restore_into(&mut fold);
                     cursor = store.resume_from();
                 }
             }
         }
-        feed(&mut fold, &events, cursor..events.len());
-        store.write(fold.take_changes().expect("changes encode"));
+        feed_by_day(&mut fold, &mut sealed, &events, cursor..events.len());
+        flush(&mut fold, &mut sealed, &mut store);
         prop_assert_eq!(&lines(&fold.records()), &expected);
+
+        // What each day's item holds is the shard's contribution at the
+        // end of that day.
+        for ((shard, key, day), stored) in &store.daily {
+            let want = at_end_of_day(&events, *shard, key, *day);
+            prop_assert_eq!(Some(*stored), want, "{:?} of shard {} at the end of day {}", key, shard, day);
+        }
 
         let mut restored = Fold::new(10, MAX_EVENT);
         store.restore_into(&mut restored);
