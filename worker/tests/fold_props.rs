@@ -177,8 +177,9 @@ fn lines(records: &[MetricRecord]) -> Vec<String> {
     records.iter().map(MetricRecord::to_json_line).collect()
 }
 
-/// Folds events `range` of the trace as one stream ("file"), offsets = index.
-fn feed(fold: &mut Fold, events: &[Rendered], range: std::ops::Range<usize>) {
+/// Events `range` of the trace as one stream ("file") per shard, offsets =
+/// index.
+fn batches(events: &[Rendered], range: std::ops::Range<usize>) -> BTreeMap<Shard, EventBatch> {
     let mut batches: BTreeMap<Shard, EventBatch> = BTreeMap::new();
     for i in range {
         let e = &events[i];
@@ -187,7 +188,12 @@ fn feed(fold: &mut Fold, events: &[Rendered], range: std::ops::Range<usize>) {
             .or_insert_with(|| EventBatch::new(e.shard, "file".into()))
             .push(i as Offset, e.bytes.as_bytes());
     }
-    for b in batches.values() {
+    batches
+}
+
+/// Folds events `range` of the trace.
+fn feed(fold: &mut Fold, events: &[Rendered], range: std::ops::Range<usize>) {
+    for b in batches(events, range).values() {
         fold.apply_batch(b);
     }
 }
@@ -201,15 +207,7 @@ fn feed_by_day(
     events: &[Rendered],
     range: std::ops::Range<usize>,
 ) {
-    let mut batches: BTreeMap<Shard, EventBatch> = BTreeMap::new();
-    for i in range {
-        let e = &events[i];
-        batches
-            .entry(e.shard)
-            .or_insert_with(|| EventBatch::new(e.shard, "file".into()))
-            .push(i as Offset, e.bytes.as_bytes());
-    }
-    for b in batches.values() {
+    for b in batches(events, range).values() {
         let mut from = 0;
         while let Some(next_day) = fold.apply_batch_within_day(b, from).next_day_at {
             sealed.extend(fold.take_shard_changes(b.shard).expect("changes encode"));
