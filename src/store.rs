@@ -36,7 +36,7 @@ use analytics_worker::records::{
 };
 use proto::{
     DeadLetter, EntityKey, EntityTotals, FrameError, LowStockChange, LowStockItem, Offset,
-    Position, ProductId, ProductState, Shard, ShardChanges, ShardState,
+    Position, ProductId, ProductState, Shard, ShardChanges, ShardState, utc_day_number,
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
@@ -85,7 +85,6 @@ pub fn ttl_refresh_due(now_s: i64, ttl_secs: i64) -> i64 {
     now_s.saturating_add(ttl_secs / 2)
 }
 pub(crate) const LOW_STOCK_PREFIX: &str = "LOWSTOCK#";
-const MS_PER_DAY: i64 = 86_400_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -1037,7 +1036,7 @@ pub fn day_item_ms(last_event_at: i64, changed_at: Option<i64>, now_ms: i64) -> 
 
 /// The UTC day (`YYYY-MM-DD`) of an epoch-millisecond time.
 pub fn utc_day(ms: i64) -> String {
-    let (y, m, d) = civil_from_days(ms.div_euclid(MS_PER_DAY));
+    let (y, m, d) = civil_from_days(utc_day_number(ms));
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -1047,7 +1046,7 @@ pub(crate) mod tests {
     use proto::{Field, Version};
 
     const T0: i64 = 1_696_176_060_000; // 2023-10-01T16:01:00Z
-    const DAY: i64 = MS_PER_DAY;
+    const DAY: i64 = 86_400_000;
 
     fn f<T>(v: T) -> Field<T> {
         Field {

@@ -316,6 +316,12 @@ pub fn archive_hour(ms: i64) -> i64 {
     ms.div_euclid(3_600_000)
 }
 
+/// The UTC day, in days since the epoch, of an event at `ms`: where a
+/// worker ends a shard's write, and under which `DAY#` items are filed.
+pub fn utc_day_number(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
+}
+
 /// Product states, encoded once by the worker: the bytes of a
 /// `Vec<(ProductId, ProductState)>` in the wire's encoding, which is also
 /// how the embedded store's product log keeps them. The supervisor passes

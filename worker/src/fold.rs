@@ -20,7 +20,7 @@ use foldhash::HashMap;
 use proto::{
     DeadLetter, EncodedProducts, EntityKey, EntityTotals, EventBatch, Field, FrameError,
     LowStockChange, LowStockItem, Offset, Position, ProductId, ProductState, ProductStateOf, Shard,
-    ShardChanges, ShardState, Version,
+    ShardChanges, ShardState, Version, utc_day_number,
 };
 use std::collections::BTreeMap;
 
@@ -94,8 +94,6 @@ struct ShardFold {
     /// The latest UTC day of the events applied to the shard (kept across
     /// takes: a late event after a take starts no new day).
     day: Option<i64>,
-    /// Events were applied since the last take.
-    applied_since_take: bool,
 }
 
 /// Takes what changed in shard `s` since its last take, as absolute values.
@@ -160,16 +158,10 @@ fn take_shard(
     }
     changes.dead_letters = std::mem::take(&mut s.dead_letters);
     changes.moved_in = std::mem::take(&mut s.moved_in);
-    s.applied_since_take = false;
     s.dead_letter_bytes = 0;
     s.dirty_state_bytes = 0;
     changes.archive = s.archive.take()?;
     Ok(changes)
-}
-
-/// The UTC day of an epoch-milliseconds timestamp, as days since 1970.
-fn utc_day(ms: i64) -> i64 {
-    ms.div_euclid(86_400_000)
 }
 
 /// Counts of one `apply_batch`.
@@ -183,10 +175,15 @@ pub struct BatchStats {
     /// product moved from a seller whose events may be in another shard,
     /// which then still counts it (README, "Known limits").
     pub moved_in: u64,
-    /// [`Fold::apply_batch_within_day`] stopped before this event of the
-    /// batch, the first of a later UTC day than the shard's changes not yet
-    /// taken: take them, then apply the rest from here.
-    pub next_day_at: Option<usize>,
+}
+
+impl BatchStats {
+    fn add(&mut self, other: BatchStats) {
+        self.applied += other.applied;
+        self.rejected += other.rejected;
+        self.skipped += other.skipped;
+        self.moved_in += other.moved_in;
+    }
 }
 
 pub struct Fold {
@@ -216,20 +213,43 @@ impl Fold {
 
     /// Folds a batch of raw event values. Bad events become dead letters.
     pub fn apply_batch(&mut self, batch: &EventBatch) -> BatchStats {
-        self.apply_from(batch, 0, false)
+        self.apply_from(batch, 0, false).0
     }
 
-    /// Folds a batch from its event `from` on, stopping before an event of
-    /// a later UTC day than the shard's changes not yet taken
-    /// ([`BatchStats::next_day_at`]). Taking the changes there makes each
-    /// write hold one day of the shard, so the `DAY#` items it files hold
-    /// the values at the end of that day, also when a backlog is read at
-    /// full speed.
-    pub fn apply_batch_within_day(&mut self, batch: &EventBatch, from: usize) -> BatchStats {
-        self.apply_from(batch, from, true)
+    /// Folds a batch as [`Fold::apply_batch`] does, but where the shard's
+    /// events reach a later UTC day than its changes not yet taken, takes
+    /// those changes and hands them to `day_end` first. Each write then
+    /// holds one day of the shard, so the `DAY#` items it files hold the
+    /// values at the end of that day, also when a backlog is read at full
+    /// speed. Fails as [`Fold::take_changes`] does.
+    pub fn apply_batch_by_day(
+        &mut self,
+        batch: &EventBatch,
+        mut day_end: impl FnMut(ShardChanges),
+    ) -> Result<BatchStats, FrameError> {
+        let mut stats = BatchStats::default();
+        let mut from = 0;
+        loop {
+            let (part, next_day_at) = self.apply_from(batch, from, true);
+            stats.add(part);
+            let Some(next) = next_day_at else {
+                return Ok(stats);
+            };
+            if let Some(changes) = self.take_shard_changes(batch.shard)? {
+                day_end(changes);
+            }
+            from = next;
+        }
     }
 
-    fn apply_from(&mut self, batch: &EventBatch, from: usize, within_day: bool) -> BatchStats {
+    /// Folds events `from` on; with `by_day`, stops before the first event
+    /// of a later UTC day than the shard's untaken changes, and says where.
+    fn apply_from(
+        &mut self,
+        batch: &EventBatch,
+        from: usize,
+        by_day: bool,
+    ) -> (BatchStats, Option<usize>) {
         let mut stats = BatchStats::default();
         let shard = self.shards.entry(batch.shard).or_default();
         let pos = position_slot(&mut shard.positions, &batch.stream);
@@ -242,14 +262,15 @@ impl Fold {
             }
             let decoded = decode(bytes, self.max_event_bytes);
             if let Ok(event) = &decoded
-                && within_day
-                && shard.applied_since_take
-                && shard.day.is_some_and(|d| utc_day(event.timestamp) > d)
+                && by_day
+                && shard
+                    .day
+                    .is_some_and(|d| utc_day_number(event.timestamp) > d)
+                && shard.positions.iter().any(|(_, _, moved)| *moved)
             {
                 // Before its position moves: the rest of the batch, and
                 // `upto`, wait for the caller.
-                stats.next_day_at = Some(i);
-                return stats;
+                return (stats, Some(i));
             }
             shard.positions[pos].1 = offset;
             shard.positions[pos].2 = true;
@@ -259,8 +280,7 @@ impl Fold {
                         stats.moved_in += 1;
                         shard.moved_in += 1;
                     }
-                    shard.day = shard.day.max(Some(utc_day(event.timestamp)));
-                    shard.applied_since_take = true;
+                    shard.day = shard.day.max(Some(utc_day_number(event.timestamp)));
                     stats.applied += 1;
                     true
                 }
@@ -285,7 +305,7 @@ impl Fold {
             shard.positions[pos].1 = batch.upto;
             shard.positions[pos].2 = true;
         }
-        stats
+        (stats, None)
     }
 
     /// Some shard's changes (dead letters, changed states and the archive
@@ -966,20 +986,21 @@ mod tests {
         let seller = || EntityKey::Seller("s1".into());
         let books = || EntityKey::Category("Books".into());
 
-        let first = fold.apply_batch_within_day(&b, 0);
-        assert_eq!((first.applied, first.next_day_at), (2, Some(2)));
-        let window = fold.take_changes().unwrap();
-        assert_eq!(window[0].positions[0].offset, 1, "nothing of the next day");
+        let mut day_ends = Vec::new();
+        let stats = fold
+            .apply_batch_by_day(&b, |c| day_ends.push(vec![c]))
+            .unwrap();
+        assert_eq!(stats.applied, 8);
+        // Two day ends: before event 2 (day 2) and before event 4 (day 3);
+        // the late events 3 and 5 start none.
+        assert_eq!(day_ends.len(), 2);
+        assert_eq!(day_ends[0][0].positions[0].offset, 1, "nothing of day 2");
         let end_of_day1 = (2, day1 + DAY - 1, day1 + DAY - 1);
-        assert_eq!(of(&window, seller()), Some(end_of_day1));
+        assert_eq!(of(&day_ends[0], seller()), Some(end_of_day1));
+        assert_eq!(day_ends[1][0].positions[0].offset, 3);
+        let end_of_day2 = (4, day1 + DAY, day1 + DAY);
+        assert_eq!(of(&day_ends[1], seller()), Some(end_of_day2));
 
-        let second = fold.apply_batch_within_day(&b, 2);
-        assert_eq!((second.applied, second.next_day_at), (2, Some(4)));
-        let window = fold.take_changes().unwrap();
-        assert_eq!(of(&window, seller()), Some((4, day1 + DAY, day1 + DAY)));
-
-        let third = fold.apply_batch_within_day(&b, 4);
-        assert_eq!((third.applied, third.next_day_at), (4, None));
         let window = fold.take_changes().unwrap();
         assert_eq!(
             window[0].positions[0].offset, 20,
@@ -1029,7 +1050,6 @@ mod tests {
                     rejected: 0,
                     skipped: 0,
                     moved_in: 0,
-                    next_day_at: None,
                 }
             );
             let lines: Vec<String> = fold
@@ -1141,7 +1161,6 @@ mod tests {
                 rejected: 1,
                 skipped: 0,
                 moved_in: 0,
-                next_day_at: None,
             }
         );
         let changes = fold.take_changes().unwrap();
@@ -1263,7 +1282,6 @@ mod tests {
                 rejected: 0,
                 skipped: 1,
                 moved_in: 0,
-                next_day_at: None,
             }
         );
     }

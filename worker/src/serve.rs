@@ -85,22 +85,12 @@ pub async fn serve(stream: UnixStream) -> Result<(), ServeError> {
             }
             ToWorker::Events(batch) => {
                 let c = configured_for(&mut configured, "Events")?;
-                let mut from = 0;
-                loop {
-                    let stats = c.fold.apply_batch_within_day(&batch, from);
-                    warn_of_moves(&mut moved_in, stats.moved_in);
-                    let Some(next_day) = stats.next_day_at else {
-                        break;
-                    };
-                    // The shard's events reach a new UTC day: what came
-                    // before is its end of the previous day.
-                    let changes = c
-                        .fold
-                        .take_shard_changes(batch.shard)
-                        .map_err(ServeError::EncodeChanges)?;
-                    seal_day(&mut c.sealed, changes);
-                    from = next_day;
-                }
+                let sealed = &mut c.sealed;
+                let stats = c
+                    .fold
+                    .apply_batch_by_day(&batch, |day_end| seal_day(sealed, day_end))
+                    .map_err(ServeError::EncodeChanges)?;
+                warn_of_moves(&mut moved_in, stats.moved_in);
                 if c.fold.changes_reach(SEAL_CHANGE_BYTES) {
                     let changes = c.fold.take_changes().map_err(ServeError::EncodeChanges)?;
                     c.sealed.push(changes);
@@ -177,10 +167,7 @@ fn crosses_power_of_ten(before: u64, after: u64) -> bool {
 /// ends of a worker's shards, which come close together, then make one
 /// write rather than one each (8 shards a worker made 56 writes of a 1M
 /// event run instead of 10, and the run 11% slower).
-fn seal_day(sealed: &mut Vec<Vec<proto::ShardChanges>>, changes: Option<proto::ShardChanges>) {
-    let Some(changes) = changes else {
-        return;
-    };
+fn seal_day(sealed: &mut Vec<Vec<proto::ShardChanges>>, changes: proto::ShardChanges) {
     match sealed.last_mut() {
         Some(window) if window.iter().all(|c| c.shard != changes.shard) => window.push(changes),
         _ => sealed.push(vec![changes]),

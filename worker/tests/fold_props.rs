@@ -10,7 +10,7 @@ use analytics_worker::records::{LowStockRecord, MetricRecord, Money};
 use proptest::prelude::*;
 use proto::{
     EntityKey, EntityTotals, EventBatch, LowStockChange, LowStockItem, Offset, Position, ProductId,
-    ProductState, Shard, ShardChanges, ShardState,
+    ProductState, Shard, ShardChanges, ShardState, utc_day_number,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -208,11 +208,8 @@ fn feed_by_day(
     range: std::ops::Range<usize>,
 ) {
     for b in batches(events, range).values() {
-        let mut from = 0;
-        while let Some(next_day) = fold.apply_batch_within_day(b, from).next_day_at {
-            sealed.extend(fold.take_shard_changes(b.shard).expect("changes encode"));
-            from = next_day;
-        }
+        fold.apply_batch_by_day(b, |day_end| sealed.push(day_end))
+            .expect("changes encode");
     }
 }
 
@@ -225,7 +222,7 @@ fn at_end_of_day(
     day: i64,
 ) -> Option<EntityTotals> {
     let end = (0..events.len())
-        .find(|&i| day_start(i).div_euclid(DAY) > day)
+        .find(|&i| utc_day_number(day_start(i)) > day)
         .unwrap_or(events.len());
     let mut fold = Fold::new(10, MAX_EVENT);
     feed(&mut fold, events, 0..end);
@@ -297,7 +294,7 @@ impl StoreModel {
                     .max(t.last_event_at);
                 if at >= 0 {
                     self.daily
-                        .insert((sc.shard, k.clone(), at.div_euclid(DAY)), t);
+                        .insert((sc.shard, k.clone(), utc_day_number(at)), t);
                 }
                 self.times.insert((sc.shard, k), t.last_event_at);
             }
