@@ -13,6 +13,8 @@
 //! - [`produce`]: `analytics produce`, publishing a file as the catalogue does.
 //! - [`query`]: `analytics query` and `analytics export` output.
 //! - [`logging`]: log format, level and child tagging for every process.
+//! - [`daily_parts`]: each shard's contribution to an entity at the end of
+//!   each day, which both stores sum into exact `DAY#` items.
 //! - [`aws_store`]: the same store on DynamoDB and S3 (DESIGN §5, §6): state
 //!   as a checkpoint log in S3 committed by a conditional pointer, entity
 //!   items summed from per-shard parts.
@@ -21,6 +23,7 @@ pub mod archive;
 pub mod aws_store;
 pub mod backend;
 pub mod config;
+pub mod daily_parts;
 pub mod dlq;
 pub mod logging;
 pub mod produce;

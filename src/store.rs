@@ -15,6 +15,9 @@
 //!   (bincode); replayed in order, the last state of a product wins. A
 //!   shard's log is merged into snapshot entries after 16 entries.
 //! - `contributions`: `(entity PK, shard)` → what the shard adds to the entity.
+//! - `daily_contributions`: `(entity PK, shard, UTC day number)` → the same
+//!   at the end of each recent day the shard wrote in: a `DAY#` item is
+//!   their sum as at the end of its day ([`crate::daily_parts`]).
 //! - `positions`: `(stream, shard)` → the last applied offset.
 //! - `meta`: small named values (the dead-letter file's committed length).
 //!
@@ -31,6 +34,7 @@
 //! storage process's time and dirtied most of the tree's leaves at every
 //! write. Stores of earlier versions are moved over when opened.
 
+use crate::daily_parts::DailyParts;
 use analytics_worker::records::{
     CategoryRecord, LowStockRecord, MetricRecord, Money, SellerRecord, sort_records,
 };
@@ -64,6 +68,10 @@ const LOG_COMPACT_AFTER: usize = 16;
 /// Products per log entry written by a compaction.
 const LOG_ENTRY_PRODUCTS: usize = 50_000;
 const CONTRIBUTIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("contributions");
+/// (entity PK, shard, UTC day number) → the shard's contribution at the end
+/// of that day ([`DailyParts`]).
+const DAILY_CONTRIBUTIONS: TableDefinition<(&str, u32, i64), &[u8]> =
+    TableDefinition::new("daily_contributions");
 const POSITIONS: TableDefinition<(&str, u32), i64> = TableDefinition::new("positions");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -225,6 +233,7 @@ impl EmbeddedStore {
             // Not an error if absent (`Ok(false)`).
             txn.delete_table(OLD_LOW_STOCK_INDEX)?;
             txn.open_table(CONTRIBUTIONS)?;
+            txn.open_table(DAILY_CONTRIBUTIONS)?;
             txn.open_table(POSITIONS)?;
             let mut meta = txn.open_table(META)?;
             let committed = meta
@@ -293,10 +302,11 @@ impl EmbeddedStore {
             let mut low_stock_items = txn.open_table(LOW_STOCK_ITEMS)?;
             let mut log = txn.open_table(PRODUCT_LOG)?;
             let mut contributions = txn.open_table(CONTRIBUTIONS)?;
+            let mut daily = txn.open_table(DAILY_CONTRIBUTIONS)?;
             let mut positions = txn.open_table(POSITIONS)?;
-            // Changed entities, with the newest event that changed them
-            // (`ShardChanges::changed_at`).
-            let mut changed: BTreeMap<String, (EntityKey, Option<i64>)> = BTreeMap::new();
+            // Changed entities, with the earliest day a change was filed
+            // under: that day's `DAY#` item and every later one are redone.
+            let mut changed: BTreeMap<String, (EntityKey, i64)> = BTreeMap::new();
             // Low-stock items to put (`Some`) or delete, of every shard.
             let mut low_stock: Vec<(&str, String, Option<Vec<u8>>)> = Vec::new();
 
@@ -343,12 +353,12 @@ impl EmbeddedStore {
 
                 for (i, (key, totals)) in sc.entities.iter().enumerate() {
                     let pk = entity_pk(key);
-                    contributions.insert(
-                        (pk.as_str(), sc.shard),
-                        encode("entity totals", totals)?.as_slice(),
-                    )?;
-                    let at = &mut changed.entry(pk).or_insert((key.clone(), None)).1;
-                    *at = (*at).max(sc.changed_at.get(i).copied());
+                    let bytes = encode("entity totals", totals)?;
+                    contributions.insert((pk.as_str(), sc.shard), bytes.as_slice())?;
+                    let day = part_day(totals, sc.changed_at.get(i).copied(), now_ms);
+                    daily.insert((pk.as_str(), sc.shard, day), bytes.as_slice())?;
+                    let earliest = &mut changed.entry(pk).or_insert((key.clone(), day)).1;
+                    *earliest = (*earliest).min(day);
                 }
 
                 for dl in &sc.dead_letters {
@@ -382,21 +392,38 @@ impl EmbeddedStore {
                 }
             }
 
-            for (pk, (key, changed_at)) in &changed {
+            for (pk, (key, earliest)) in &changed {
                 let mut sum = EntityTotals {
                     last_event_at: -1,
                     ..EntityTotals::default()
                 };
+                let mut days = DailyParts::from_entries(
+                    daily
+                        .range((pk.as_str(), 0u32, i64::MIN)..=(pk.as_str(), u32::MAX, i64::MAX))?
+                        .map(|entry| {
+                            let (k, v) = entry?;
+                            let (_, shard, day) = k.value();
+                            Ok(((shard, day), decode("entity totals", v.value())?))
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()?,
+                );
                 for entry in contributions.range((pk.as_str(), 0u32)..=(pk.as_str(), u32::MAX))? {
-                    let (_, v) = entry?;
-                    sum.merge(&decode::<EntityTotals>("entity totals", v.value())?);
+                    let (k, v) = entry?;
+                    let part = decode::<EntityTotals>("entity totals", v.value())?;
+                    sum.merge(&part);
+                    days.seed(k.value().1, &part);
                 }
-                let record = MetricRecord::entity(key, &sum);
-                let item = entity_item(&record, now_ms, ttl)?;
-                let day_ms = day_item_ms(sum.last_event_at, *changed_at, now_ms);
-                let day = format!("DAY#{}", utc_day(day_ms));
+                for (shard, day) in days.prune(self.retain_days()) {
+                    daily.remove((pk.as_str(), shard, day))?;
+                }
+                let item = entity_item(&MetricRecord::entity(key, &sum), now_ms, ttl)?;
                 items.insert((pk.as_str(), CURRENT), item.as_str())?;
-                items.insert((pk.as_str(), day.as_str()), item.as_str())?;
+                for day in days.days_from(*earliest) {
+                    let at_end = MetricRecord::entity(key, &days.at_end_of(day));
+                    let item = entity_item(&at_end, now_ms, ttl)?;
+                    let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
+                    items.insert((pk.as_str(), sk.as_str()), item.as_str())?;
+                }
                 stats.entities += 1;
             }
         }
@@ -599,6 +626,12 @@ impl EmbeddedStore {
 
     fn ttl_at(&self, now_ms: i64) -> i64 {
         now_ms.div_euclid(1000).saturating_add(self.ttl_secs)
+    }
+
+    /// Days of [`DailyParts`] kept behind the newest: as long as `DAY#`
+    /// items live.
+    fn retain_days(&self) -> i64 {
+        retain_days(self.ttl_secs)
     }
 
     fn dead_letter_error(&self, source: io::Error) -> StoreError {
@@ -1032,6 +1065,21 @@ pub fn day_item_ms(last_event_at: i64, changed_at: Option<i64>, now_ms: i64) -> 
         ms if ms >= 0 => ms,
         _ => now_ms,
     }
+}
+
+/// Milliseconds in a UTC day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// The UTC day number a shard's write files its part of an entity under
+/// ([`day_item_ms`] of the part's `lastEventAt` and the shard's change time).
+pub fn part_day(part: &EntityTotals, changed_at: Option<i64>, now_ms: i64) -> i64 {
+    proto::utc_day_number(day_item_ms(part.last_event_at, changed_at, now_ms))
+}
+
+/// Days of [`DailyParts`] to keep behind the newest for items that live
+/// `ttl_secs`.
+pub fn retain_days(ttl_secs: i64) -> i64 {
+    ttl_secs.div_euclid(86_400).saturating_add(1)
 }
 
 /// The UTC day (`YYYY-MM-DD`) of an epoch-millisecond time.
@@ -1529,6 +1577,49 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!((s.low_stock_puts, s.low_stock_deletes), (0, 1));
         assert!(keys(&store).is_empty());
+    }
+
+    /// Category values per day (DESIGN §6: "as at the end of that UTC
+    /// day"), summed over shards that reach midnight at different times.
+    pub(crate) fn shards_crossing_midnight_apart() -> Vec<ShardChanges> {
+        let books =
+            |products, last| vec![(cat("Books"), totals(products, products, 0, 0, 0, 0, last))];
+        vec![
+            // Shard 0 ends day 1 with 2 products, then reaches day 2 with 5.
+            entity_changes(0, 1, books(2, T0)),
+            entity_changes(0, 2, books(5, T0 + DAY)),
+            // Shard 1, read behind it, ends day 1 with 3, day 2 with 4.
+            entity_changes(1, 1, books(3, T0 + 10)),
+            entity_changes(1, 2, books(4, T0 + DAY + 10)),
+        ]
+    }
+
+    #[test]
+    fn a_categorys_daily_items_hold_every_shards_value_at_the_end_of_the_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let now = T0 + 2 * DAY;
+        let changes = shards_crossing_midnight_apart();
+        // One write at a time, in this order, then all again (replays).
+        for sc in changes.iter().chain(&changes) {
+            store.write(std::slice::from_ref(sc), now).unwrap();
+        }
+        let days = |store: &EmbeddedStore| -> Vec<(String, u64)> {
+            let (_, days) = store.category("Books", now).unwrap().unwrap();
+            days.into_iter()
+                .map(|(d, r)| match r {
+                    MetricRecord::Category(r) => (d, r.total_products),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        };
+        let want = vec![("2023-10-01".to_string(), 5), ("2023-10-02".to_string(), 9)];
+        assert_eq!(days(&store), want);
+        // The same in one write.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        store.write(&changes, now).unwrap();
+        assert_eq!(days(&store), want);
     }
 
     #[test]

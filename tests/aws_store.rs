@@ -570,6 +570,62 @@ async fn a_change_that_names_no_category_files_under_the_day_of_its_events() {
     );
 }
 
+/// A category's `DAY#` items hold every shard's value at the end of the
+/// day, also when one shard is read a day behind another and writes its
+/// earlier day last, and when the shards are written by two instances (two
+/// store clients) racing on the category's parts item.
+#[tokio::test]
+async fn a_categorys_daily_items_sum_shards_that_cross_midnight_apart() {
+    const DAY: i64 = 86_400_000;
+    let cfg = config("midnight");
+    let (_dir, mut emb) = oracle();
+    let books = |shard, offset, products, last| {
+        changes(
+            shard,
+            offset,
+            vec![],
+            vec![(cat("Books"), totals(products, products, 0, 0, 0, 0, last))],
+        )
+    };
+    // Shard 0 ends day 1 with 2 products and reaches day 2 with 5; shard 1,
+    // behind it, ends day 1 with 3 and day 2 with 4.
+    let order = [
+        books(0, 1, 2, T0),
+        books(0, 2, 5, T0 + DAY),
+        books(1, 1, 3, T0 + 10),
+        books(1, 2, 4, T0 + DAY + 10),
+    ];
+    let (mut a, mut b) = (connect(&cfg).await, connect(&cfg).await);
+    let now = T0 + 2 * DAY;
+    for sc in &order {
+        let instance = if sc.shard == 0 { &mut a } else { &mut b };
+        instance.write(std::slice::from_ref(sc), now).await.unwrap();
+        emb.write(std::slice::from_ref(sc), now).unwrap();
+    }
+    // Replays change nothing.
+    for sc in &order {
+        let instance = if sc.shard == 0 { &mut a } else { &mut b };
+        instance.write(std::slice::from_ref(sc), now).await.unwrap();
+    }
+
+    let (_, days) = a.category("Books", now).await.unwrap().unwrap();
+    let products: Vec<(String, u64)> = days
+        .iter()
+        .map(|(day, r)| match r {
+            MetricRecord::Category(c) => (day.clone(), c.total_products),
+            other => panic!("not a category: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        products,
+        [("2023-10-01".to_string(), 5), ("2023-10-02".to_string(), 9)]
+    );
+    assert_eq!(
+        a.category("Books", now).await.unwrap(),
+        emb.category("Books", now).unwrap()
+    );
+}
+
 #[tokio::test]
 async fn a_crash_between_commit_and_metric_writes_is_repaired() {
     let cfg = config("crash");

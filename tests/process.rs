@@ -629,12 +629,15 @@ fn run_with_defaults(data: &Path, input: &Path) -> Command {
 }
 
 /// A run that reads two days of events in one flush window still files
-/// each seller's `DAY#` item of the first day with the seller's values at
-/// the end of that day: a worker takes a shard's changes where its events
-/// reach a new UTC day (by event time). Without that, the item of a
-/// seller with events on both days was missing.
+/// each seller's and category's `DAY#` item of the first day with its
+/// values at the end of that day: a worker takes a shard's changes where
+/// its events reach a new UTC day (by event time), and a category's item
+/// sums every shard's value as it stood at its own day end (the shards of
+/// both workers reach midnight at different moments). Without the cut the
+/// item of a seller with events on both days was missing; without the
+/// daily parts a category's item mixed in other shards' second day.
 #[test]
-fn a_sellers_daily_item_holds_its_values_at_the_end_of_the_day() {
+fn daily_items_hold_their_values_at_the_end_of_the_day() {
     let dir = tempfile::tempdir().expect("tempdir");
     let generated = generate(dir.path(), 3_000, 0);
     // The events 1 s apart, crossing midnight half way.
@@ -660,22 +663,22 @@ fn a_sellers_daily_item_holds_its_values_at_the_end_of_the_day() {
     let data = dir.path().join("data");
     finish(
         run_with_defaults(&data, &both)
-            .args(["--flush-interval-ms", "600000"])
+            .args(["--flush-interval-ms", "600000", "--workers", "2"])
             .spawn()
             .expect("spawn run"),
     );
 
-    let mut sellers = 0;
+    let (mut sellers, mut categories) = (0, 0);
     for record in fold(&first).lines() {
         let want: serde_json::Value = serde_json::from_str(record).expect("fold JSON");
-        let Some(id) = want["sellerId"]
-            .as_str()
-            .filter(|_| want["type"] == "seller")
-        else {
-            continue;
+        let (kind, id) = match want["type"].as_str() {
+            Some("seller") => ("seller", &want["sellerId"]),
+            Some("category") => ("category", &want["category"]),
+            _ => continue,
         };
+        let id = id.as_str().expect("an id");
         let out = Command::new(ANALYTICS)
-            .args(["query", "--json", "seller", id, "--data-dir"])
+            .args(["query", "--json", kind, id, "--data-dir"])
             .arg(&data)
             .output()
             .expect("run query");
@@ -684,14 +687,17 @@ fn a_sellers_daily_item_holds_its_values_at_the_end_of_the_day() {
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("query JSON"))
             .find(|l| l["day"] == "2023-10-01")
-            .unwrap_or_else(|| panic!("no item of 2023-10-01 for {id}:\n{history}"));
+            .unwrap_or_else(|| panic!("no item of 2023-10-01 for {kind} {id}:\n{history}"));
         day.as_object_mut().expect("an object").remove("day");
-        assert_eq!(day, want, "{id} at the end of 2023-10-01");
-        sellers += 1;
+        assert_eq!(day, want, "{kind} {id} at the end of 2023-10-01");
+        match kind {
+            "seller" => sellers += 1,
+            _ => categories += 1,
+        }
     }
     assert!(
-        sellers > 100,
-        "only {sellers} sellers had events on the first day"
+        sellers > 100 && categories > 5,
+        "only {sellers} sellers and {categories} categories had events on the first day"
     );
 }
 

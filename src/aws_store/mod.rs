@@ -6,9 +6,10 @@
 //!
 //! **Metrics table** (default `analytics-metrics`, PK/SK strings, TTL on
 //! `TTL`): exactly DESIGN §6 and the embedded store's attributes:
-//! `SELLER#<id>` / `CATEGORY#<name>` × `CURRENT` / `DAY#YYYY-MM-DD` (the UTC
-//! day of the entity's `lastEventAt`), with `updatedAt` and `TTL` (write time
-//! plus the ttl); `LOWSTOCK#<seller>` / `PRODUCT#<id>` without TTL. Counts
+//! `SELLER#<id>` / `CATEGORY#<name>` × `CURRENT` / `DAY#YYYY-MM-DD` (the
+//! entity at the end of that UTC day: every shard's part as it stood then,
+//! see [`crate::daily_parts`]), with `updatedAt` and `TTL` (write time plus
+//! the ttl); `LOWSTOCK#<seller>` / `PRODUCT#<id>` without TTL. Counts
 //! and times are `N`; money is `N` holding the exact decimal (`120.00`:
 //! DynamoDB numbers are exact decimals of up to 38 digits, so sums stay exact
 //! and analysts can compare and add them); see [`item`].
@@ -17,8 +18,9 @@
 //! - `SHARD#<p>` / `CHECKPOINT`: the shard's commit pointer ([`state::Checkpoint`]):
 //!   `seq`, `applied`, the base object, the delta objects since, positions.
 //! - `PARTS#<entity PK>` / `PARTS`: every shard's contribution to one seller
-//!   or category, each tagged with the seq of the write that set it, and a
-//!   `version` for optimistic concurrency ([`state::Parts`]).
+//!   or category, each tagged with the seq of the write that set it, the
+//!   same at the end of each recent day it wrote in (for the `DAY#` items),
+//!   and a `version` for optimistic concurrency ([`state::Parts`]).
 //!
 //! **Bucket** (default `analytics-archive`):
 //! - `state/shard=<p>/<seq:020>-delta-<writer>.bin.gz`: what one write changed
@@ -48,7 +50,9 @@
 //!    redone): low-stock puts/deletes, then per changed entity a
 //!    read-modify-write of its parts item — this shard's part is replaced
 //!    only by a newer seq, the sum over parts is the entity's value — written
-//!    with its `CURRENT` and `DAY#` items in one `TransactWriteItems`
+//!    with its `CURRENT` item and the `DAY#` items of the days the write
+//!    filed parts under and every later day (a shard read behind the others
+//!    changes those sums too) in one `TransactWriteItems`
 //!    conditioned on the parts item's version. A conflict (another instance
 //!    updated the same category) re-reads and retries, so concurrent shards
 //!    sum exactly.
@@ -101,8 +105,8 @@ use crate::archive::{
     metric_snapshot_key,
 };
 use crate::store::{
-    CURRENT, History, LOW_STOCK_PREFIX, WriteStats, day_item_ms, entity_object, entity_pk,
-    low_stock_value, parse_item_value, utc_day,
+    CURRENT, DAY_MS, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk,
+    low_stock_value, parse_item_value, part_day, retain_days, utc_day,
 };
 use analytics_worker::records::{MetricRecord, low_stock_key, sort_records};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -959,18 +963,17 @@ impl AwsStore {
             }
         }
 
-        // Entities: every shard's update of each changed entity, and the
-        // newest event that changed it (`ShardChanges::changed_at`).
-        let mut pending: BTreeMap<EntityKey, Vec<(Shard, u64, EntityTotals)>> = BTreeMap::new();
-        let mut changed_at: BTreeMap<EntityKey, Option<i64>> = BTreeMap::new();
+        // Entities: every shard's update of each changed entity, with the
+        // day it is filed under (`ShardChanges::changed_at`, `part_day`).
+        let mut pending: BTreeMap<EntityKey, Vec<(Shard, u64, EntityTotals, i64)>> =
+            BTreeMap::new();
         for d in deltas {
             for (i, (key, totals)) in d.entities.iter().enumerate() {
+                let day = part_day(totals, d.changed_at.get(i).copied(), now_ms);
                 pending
                     .entry(key.clone())
                     .or_default()
-                    .push((d.shard, d.seq, *totals));
-                let at = changed_at.entry(key.clone()).or_default();
-                *at = (*at).max(d.changed_at.get(i).copied());
+                    .push((d.shard, d.seq, *totals, day));
             }
         }
         stats.entities = pending.len() as u64;
@@ -991,9 +994,11 @@ impl AwsStore {
             for (key, updates) in &pending {
                 let (version, mut parts) = stored.get(key).cloned().unwrap_or_default();
                 let mut fences = Vec::new();
-                for &(shard, seq, totals) in updates {
-                    if parts.apply(shard, seq, totals) {
+                let mut earliest = i64::MAX;
+                for &(shard, seq, totals, day) in updates {
+                    if parts.apply(shard, seq, totals, day) {
                         fences.push((shard, seq));
+                        earliest = earliest.min(day);
                     }
                 }
                 if fences.is_empty() {
@@ -1001,10 +1006,10 @@ impl AwsStore {
                     done.push(key.clone());
                     continue;
                 }
-                let at = changed_at.get(key).copied().flatten();
+                parts.settle_days(retain_days(self.ttl_secs));
                 ops.push((
                     key.clone(),
-                    self.entity_items(key, &parts, version, at, now_ms, ttl)?,
+                    self.entity_items(key, &parts, version, earliest, now_ms, ttl)?,
                     fences,
                 ));
             }
@@ -1053,24 +1058,21 @@ impl AwsStore {
         Ok(stats)
     }
 
-    /// The parts, CURRENT and DAY# items of one entity.
+    /// The parts and CURRENT items of one entity, and its `DAY#` items
+    /// from day number `earliest` on
+    /// ([`crate::daily_parts::DailyParts::days_from`]).
     fn entity_items(
         &self,
         key: &EntityKey,
         parts: &Parts,
         version: u64,
-        changed_at: Option<i64>,
+        earliest: i64,
         now_ms: i64,
         ttl: i64,
     ) -> Result<Vec<TransactWriteItem>, AwsStoreError> {
         let pk = entity_pk(key);
-        let sum = parts.sum();
-        let record = MetricRecord::entity(key, &sum);
+        let record = MetricRecord::entity(key, &parts.sum());
         let obj = entity_object(&record, now_ms, ttl).map_err(store_err)?;
-        let day = format!(
-            "DAY#{}",
-            utc_day(day_item_ms(sum.last_event_at, changed_at, now_ms))
-        );
         let mut parts_item = item::key(state::parts_pk(key), state::PARTS_SK);
         parts_item.insert("parts".into(), AttributeValue::B(parts.encode()?.into()));
         parts_item.insert("version".into(), item::n(version + 1));
@@ -1096,13 +1098,19 @@ impl AwsStore {
                 )
                 .build())
         };
-        Ok(vec![
+        let mut items = vec![
             TransactWriteItem::builder()
                 .put(parts_put.build().map_err(build_err)?)
                 .build(),
             put(item::to_item(&pk, CURRENT, &obj)?)?,
-            put(item::to_item(&pk, &day, &obj)?)?,
-        ])
+        ];
+        for day in parts.days.days_from(earliest) {
+            let at_end = MetricRecord::entity(key, &parts.days.at_end_of(day));
+            let obj = entity_object(&at_end, now_ms, ttl).map_err(store_err)?;
+            let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
+            items.push(put(item::to_item(&pk, &sk, &obj)?)?);
+        }
+        Ok(items)
     }
 
     /// Condition checks that each shard's checkpoint is still at our seq.

@@ -3,6 +3,7 @@
 
 use super::AwsStoreError;
 use super::item::{self, Item};
+use crate::daily_parts::DailyParts;
 use crate::store::{entity_pk, parse_entity_pk};
 use aws_sdk_dynamodb::types::AttributeValue;
 use flate2::Compression;
@@ -436,20 +437,41 @@ impl Checkpoint {
 pub struct Parts {
     /// shard → (seq of the write that set it, the shard's totals).
     pub parts: BTreeMap<Shard, (u64, EntityTotals)>,
+    /// Each shard's part at the end of every day it wrote in, for the
+    /// `DAY#` items (pruned to what they can still need).
+    pub days: DailyParts,
+}
+
+/// [`Parts`] as builds before the daily parts wrote them.
+#[derive(Deserialize)]
+struct PartsWithoutDays {
+    parts: BTreeMap<Shard, (u64, EntityTotals)>,
 }
 
 impl Parts {
-    /// Sets the shard's part unless what is stored is as new or newer, so a
-    /// replayed or stale write can neither count twice nor go backwards.
-    /// Returns whether the part changed.
-    pub fn apply(&mut self, shard: Shard, seq: u64, totals: EntityTotals) -> bool {
+    /// Sets the shard's part, filed under UTC day number `day`, unless what
+    /// is stored is as new or newer, so a replayed or stale write can
+    /// neither count twice nor go backwards. Returns whether the part
+    /// changed.
+    pub fn apply(&mut self, shard: Shard, seq: u64, totals: EntityTotals, day: i64) -> bool {
         match self.parts.get(&shard) {
             Some((stored, _)) if *stored >= seq => false,
             _ => {
                 self.parts.insert(shard, (seq, totals));
+                self.days.record(shard, day, totals);
                 true
             }
         }
+    }
+
+    /// Counts parts stored without days (by an earlier build) from the day
+    /// of their last event, and drops day entries no item can need again
+    /// ([`DailyParts::prune`]).
+    pub fn settle_days(&mut self, retain_days: i64) {
+        for (shard, (_, totals)) in &self.parts {
+            self.days.seed(*shard, totals);
+        }
+        self.days.prune(retain_days);
     }
 
     /// The entity's totals: the sum of every shard's part.
@@ -475,10 +497,20 @@ impl Parts {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Parts, AwsStoreError> {
-        proto::frame::decode(bytes).map_err(|e| AwsStoreError::Decode {
-            what: "entity parts",
-            detail: e.to_string(),
-        })
+        proto::frame::decode(bytes)
+            .or_else(|e| {
+                // Written before the days were kept: every byte is the map.
+                proto::frame::decode::<PartsWithoutDays>(bytes)
+                    .map(|old| Parts {
+                        parts: old.parts,
+                        days: DailyParts::default(),
+                    })
+                    .map_err(|_| e)
+            })
+            .map_err(|e| AwsStoreError::Decode {
+                what: "entity parts",
+                detail: e.to_string(),
+            })
     }
 }
 
@@ -551,22 +583,45 @@ mod tests {
     fn parts_sum_and_replace_only_with_newer_writes() {
         let mut p = Parts::default();
         assert_eq!(p.sum().last_event_at, -1);
-        assert!(p.apply(0, 5, totals(2, 1000, 10)));
-        assert!(p.apply(1, 1, totals(1, 500, 30)));
+        assert!(p.apply(0, 5, totals(2, 1000, 10), 0));
+        assert!(p.apply(1, 1, totals(1, 500, 30), 0));
         assert_eq!(p.sum(), {
             let mut t = totals(3, 1500, 30);
             t.price_sum_cents = 1500;
             t
         });
         // A replay (same seq) and a stale write (older seq) change nothing.
-        assert!(!p.apply(0, 5, totals(9, 9, 9)));
-        assert!(!p.apply(0, 4, totals(9, 9, 9)));
+        assert!(!p.apply(0, 5, totals(9, 9, 9), 1));
+        assert!(!p.apply(0, 4, totals(9, 9, 9), 1));
         assert_eq!(p.sum().products, 3);
+        assert_eq!(p.days.at_end_of(1).products, 3);
         // A newer write replaces the shard's part, never adds to it.
-        assert!(p.apply(0, 6, totals(1, 200, 40)));
+        assert!(p.apply(0, 6, totals(1, 200, 40), 1));
         let s = p.sum();
         assert_eq!((s.products, s.value_cents, s.last_event_at), (2, 700, 40));
+        assert_eq!(p.days.at_end_of(0).products, 3);
+        assert_eq!(p.days.at_end_of(1).products, 2);
         assert_eq!(Parts::decode(&p.encode().unwrap()).unwrap(), p);
+    }
+
+    #[test]
+    fn parts_written_without_days_count_from_their_last_event() {
+        #[derive(Serialize)]
+        struct Old {
+            parts: BTreeMap<Shard, (u64, EntityTotals)>,
+        }
+        const DAY: i64 = 86_400_000;
+        let old = Old {
+            parts: BTreeMap::from([(0, (3, totals(2, 100, 10 * DAY + 1)))]),
+        };
+        let mut bytes = Vec::new();
+        proto::frame::encode_into(&old, &mut bytes).unwrap();
+        let mut p = Parts::decode(&bytes[4..]).unwrap();
+        assert_eq!(p.days, DailyParts::default());
+        assert!(p.apply(1, 1, totals(5, 100, 11 * DAY), 11));
+        p.settle_days(30);
+        assert_eq!(p.days.at_end_of(10).products, 2);
+        assert_eq!(p.days.at_end_of(11).products, 7);
     }
 
     #[test]

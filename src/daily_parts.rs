@@ -1,0 +1,248 @@
+//! Each shard's contribution to one seller or category as it stood at the
+//! end of every UTC day it wrote in: what makes a category's `DAY#` item its
+//! value "as at the end of that UTC day" (DESIGN §6) although its
+//! partitions reach midnight at different times, and one partition may be
+//! read hours behind another.
+//!
+//! A worker cuts a shard's writes where its events reach a new UTC day, so
+//! the last write of a shard filed under day `d` holds that shard's
+//! contribution at the end of `d`. The entity's `DAY#d` item is then the sum,
+//! over shards, of each shard's latest entry at or before `d`. A shard that
+//! writes an earlier day after another shard wrote a later one changes the
+//! later day's sum too: [`DailyParts::days_from`] lists the items to redo.
+//!
+//! Both stores keep these entries: the embedded store in a table of its own,
+//! the AWS store inside the entity's parts item.
+
+use proto::{EntityTotals, Shard, utc_day_number};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A shard's contribution to one entity at the end of each day it wrote in,
+/// by (shard, UTC day number).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DailyParts {
+    entries: BTreeMap<(Shard, i64), EntityTotals>,
+}
+
+impl DailyParts {
+    pub fn from_entries(entries: impl IntoIterator<Item = ((Shard, i64), EntityTotals)>) -> Self {
+        DailyParts {
+            entries: entries.into_iter().collect(),
+        }
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&(Shard, i64), &EntityTotals)> {
+        self.entries.iter()
+    }
+
+    /// The shard's contribution after a write filed under `day`.
+    pub fn record(&mut self, shard: Shard, day: i64, totals: EntityTotals) {
+        self.entries.insert((shard, day), totals);
+    }
+
+    /// A shard whose current contribution predates this record (written by
+    /// a build that kept none) counts from the day of its last event.
+    pub fn seed(&mut self, shard: Shard, current: &EntityTotals) {
+        let known = self
+            .entries
+            .range((shard, i64::MIN)..=(shard, i64::MAX))
+            .next();
+        if known.is_none() {
+            let day = match current.last_event_at {
+                ms if ms >= 0 => utc_day_number(ms),
+                _ => i64::MIN,
+            };
+            self.entries.insert((shard, day), *current);
+        }
+    }
+
+    /// The entity's totals at the end of `day`: every shard's latest entry
+    /// at or before it.
+    pub fn at_end_of(&self, day: i64) -> EntityTotals {
+        let mut sum = EntityTotals {
+            last_event_at: -1,
+            ..EntityTotals::default()
+        };
+        let mut shard = None;
+        // Entries come by shard, then day: the last one of a shard at or
+        // before `day` is its value then.
+        let mut latest: Option<&EntityTotals> = None;
+        for (&(s, d), totals) in &self.entries {
+            if shard != Some(s) {
+                if let Some(t) = latest.take() {
+                    sum.merge(t);
+                }
+                shard = Some(s);
+            }
+            if d <= day {
+                latest = Some(totals);
+            }
+        }
+        if let Some(t) = latest {
+            sum.merge(t);
+        }
+        sum
+    }
+
+    /// The days at or after `day` that some shard wrote in: the `DAY#`
+    /// items a write filed under `day` changes.
+    pub fn days_from(&self, day: i64) -> BTreeSet<i64> {
+        self.entries
+            .keys()
+            .map(|&(_, d)| d)
+            .filter(|&d| d >= day)
+            .collect()
+    }
+
+    /// Drops entries no `DAY#` item can need again, and returns their keys.
+    /// A shard's writes never file under a day before its latest (an
+    /// entity's `lastEventAt` only grows), so days before every shard's
+    /// latest are final; past `retain_days` before the newest day the items
+    /// have expired anyway. Each shard keeps its newest entry before the
+    /// cut: its value for every day from then until its next entry.
+    ///
+    /// The one case this cannot see: a shard that never contributed to the
+    /// entity before, writing a day before the cut. Its own value counts
+    /// from that day on, but days before the other shards' kept entries
+    /// then lack theirs. That takes a partition that first touches a
+    /// category more than a day behind another one that touched it.
+    pub fn prune(&mut self, retain_days: i64) -> Vec<(Shard, i64)> {
+        let mut latest: BTreeMap<Shard, i64> = BTreeMap::new();
+        for &(s, d) in self.entries.keys() {
+            latest.insert(s, d);
+        }
+        let (Some(&oldest), Some(&newest)) = (latest.values().min(), latest.values().max()) else {
+            return Vec::new();
+        };
+        let cut = oldest.max(newest.saturating_sub(retain_days));
+        let mut dropped = Vec::new();
+        let mut previous: Option<(Shard, i64)> = None;
+        for &(s, d) in self.entries.keys() {
+            if d >= cut {
+                continue;
+            }
+            // Of a shard's entries before the cut only the newest stays.
+            if let Some(p) = previous
+                && p.0 == s
+            {
+                dropped.push(p);
+            }
+            previous = Some((s, d));
+        }
+        for key in &dropped {
+            self.entries.remove(key);
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn totals(products: u64, last_event_at: i64) -> EntityTotals {
+        EntityTotals {
+            products,
+            active: products,
+            deleted: 0,
+            value_cents: i128::from(products) * 100,
+            price_sum_cents: i128::from(products) * 100,
+            low_stock: 0,
+            last_event_at,
+        }
+    }
+
+    #[test]
+    fn a_lagging_shard_counts_its_own_day_in_every_later_day() {
+        let mut p = DailyParts::default();
+        // Shard 0 wrote days 10 and 11; shard 1, behind, then writes day 10.
+        p.record(0, 10, totals(2, 10 * DAY + 5));
+        p.record(0, 11, totals(3, 11 * DAY + 5));
+        p.record(1, 10, totals(7, 10 * DAY + 9));
+        assert_eq!(p.at_end_of(10).products, 9);
+        assert_eq!(p.at_end_of(10).last_event_at, 10 * DAY + 9);
+        assert_eq!(p.at_end_of(11).products, 10);
+        assert_eq!(p.at_end_of(9).products, 0);
+        assert_eq!(p.at_end_of(9).last_event_at, -1);
+        assert_eq!(p.days_from(10), BTreeSet::from([10, 11]));
+        assert_eq!(p.days_from(11), BTreeSet::from([11]));
+    }
+
+    #[test]
+    fn a_shard_without_entries_counts_from_its_last_event() {
+        let mut p = DailyParts::default();
+        p.record(0, 11, totals(3, 11 * DAY));
+        p.seed(1, &totals(4, 10 * DAY + 1));
+        p.seed(0, &totals(99, 11 * DAY));
+        assert_eq!(p.at_end_of(10).products, 4);
+        assert_eq!(p.at_end_of(11).products, 7);
+    }
+
+    #[test]
+    fn pruning_keeps_each_shards_value_before_the_cut() {
+        let mut p = DailyParts::default();
+        for d in [1, 2, 3, 4] {
+            p.record(0, d, totals(d as u64, d * DAY));
+        }
+        p.record(1, 2, totals(10, 2 * DAY));
+        // Shard 1 is at day 2: nothing from day 2 on may go, and shard 0's
+        // day 1 is its value at the end of day 1 only.
+        assert_eq!(p.prune(30), vec![]);
+        p.record(1, 4, totals(20, 4 * DAY));
+        // Both at day 4: shard 0 keeps day 3 (its value until day 4),
+        // shard 1 keeps day 2.
+        assert_eq!(p.prune(30), vec![(0, 1), (0, 2)]);
+        assert_eq!(p.at_end_of(3).products, 13);
+        assert_eq!(p.at_end_of(4).products, 24);
+        // Past the retention a stalled shard no longer holds entries back.
+        let mut q = DailyParts::default();
+        for d in [1, 10, 50, 60] {
+            q.record(0, d, totals(1, d * DAY));
+        }
+        q.record(1, 1, totals(1, DAY));
+        assert_eq!(q.prune(30), vec![(0, 1)]);
+    }
+
+    proptest! {
+        /// Shards write their days in order, interleaved in any way, and
+        /// pruning happens after any write: every day's sum equals the sum
+        /// of each shard's last write of that day or before.
+        #[test]
+        fn every_days_sum_is_each_shards_value_at_its_end(
+            writes in prop::collection::vec((0u32..4, 0i64..3, 1u64..50), 1..60),
+            retain in 2i64..6,
+        ) {
+            let mut parts = DailyParts::default();
+            let mut day_of: BTreeMap<Shard, i64> = BTreeMap::new();
+            // Every write of each shard: (day, products).
+            let mut history: BTreeMap<Shard, Vec<(i64, u64)>> = BTreeMap::new();
+            // Every shard is known from the first day (see `prune`).
+            for shard in 0..4 {
+                parts.record(shard, 100, totals(0, 100 * DAY));
+                day_of.insert(shard, 100);
+            }
+            for (shard, step, products) in writes {
+                let day = day_of.entry(shard).or_insert(100);
+                *day += step;
+                parts.record(shard, *day, totals(products, *day * DAY));
+                history.entry(shard).or_default().push((*day, products));
+                parts.prune(retain);
+            }
+            let newest = day_of.values().copied().max().unwrap_or(100);
+            let oldest = day_of.values().copied().min().unwrap_or(100);
+            // Exact for every day a shard could still write in, and for
+            // every day within the retention.
+            for day in oldest.max(newest - retain)..=newest + 1 {
+                let want: u64 = history
+                    .values()
+                    .filter_map(|w| w.iter().rev().find(|(d, _)| *d <= day).map(|(_, p)| *p))
+                    .sum();
+                prop_assert_eq!(parts.at_end_of(day).products, want, "day {}", day);
+            }
+        }
+    }
+}
