@@ -34,6 +34,8 @@ pub struct Telemetry {
     storage_restarts: AtomicU64,
     buffered_bytes: AtomicU64,
     writes_pending: AtomicU64,
+    /// Unix time in ms of storage's last acknowledged write (0: none yet).
+    last_write_ms: AtomicU64,
     flush: Mutex<Histogram>,
     ready: AtomicBool,
     stopping: AtomicBool,
@@ -136,6 +138,11 @@ impl Telemetry {
 
     pub fn set_writes_pending(&self, n: usize) {
         self.writes_pending.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Storage acknowledged a write at `now_ms` (Unix time).
+    pub fn write_acknowledged(&self, now_ms: u64) {
+        self.last_write_ms.store(now_ms, Ordering::Relaxed);
     }
 
     pub fn flush_completed(&self, took: Duration) {
@@ -281,6 +288,19 @@ impl Telemetry {
         );
         header(
             &mut out,
+            "analytics_storage_last_write_timestamp_seconds",
+            "Unix time of storage's last acknowledged write, 0 before the first: far behind time() while events are buffered means the pipeline is stuck.",
+            "gauge",
+        );
+        let ms = self.last_write_ms.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "analytics_storage_last_write_timestamp_seconds {}.{:03}",
+            ms / 1000,
+            ms % 1000
+        );
+        header(
+            &mut out,
             "analytics_ready",
             "1 once the consumer, workers and storage are up, 0 before and while stopping.",
             "gauge",
@@ -404,10 +424,23 @@ mod tests {
         ]);
         t.storage_requests(&[("DynamoDB.BatchWriteItem".into(), 3)]);
         t.products_moved_in(2);
+        assert_eq!(
+            sample(
+                &t.render(),
+                "analytics_storage_last_write_timestamp_seconds"
+            )
+            .as_deref(),
+            Some("0.000")
+        );
+        t.write_acknowledged(1_796_000_000_042);
         let text = t.render();
         assert_eq!(
             sample(&text, "analytics_products_moved_in_total").as_deref(),
             Some("2")
+        );
+        assert_eq!(
+            sample(&text, "analytics_storage_last_write_timestamp_seconds").as_deref(),
+            Some("1796000000.042")
         );
         assert_eq!(
             sample(

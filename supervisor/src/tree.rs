@@ -1051,6 +1051,11 @@ impl Tree {
                 let removed = self.writes.remove(&id);
                 telemetry.set_writes_pending(self.writes.len());
                 if let Some(w) = removed {
+                    telemetry.write_acknowledged(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64),
+                    );
                     let mut acked = 0;
                     for (shard, positions) in &w.positions {
                         acked += self.ledger.ack(*shard, positions);
