@@ -20,35 +20,64 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// A shard's contribution to one entity at the end of each day it wrote in,
 /// by (shard, UTC day number).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DailyParts {
     entries: BTreeMap<(Shard, i64), EntityTotals>,
+    /// The first day whose sum is still exact: [`prune`](Self::prune)
+    /// dropped what days before it need. Only grows.
+    exact_from: i64,
+}
+
+impl Default for DailyParts {
+    fn default() -> Self {
+        DailyParts {
+            entries: BTreeMap::new(),
+            exact_from: i64::MIN,
+        }
+    }
 }
 
 impl DailyParts {
-    pub fn from_entries(entries: impl IntoIterator<Item = ((Shard, i64), EntityTotals)>) -> Self {
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = ((Shard, i64), EntityTotals)>,
+        exact_from: i64,
+    ) -> Self {
         DailyParts {
             entries: entries.into_iter().collect(),
+            exact_from,
         }
+    }
+
+    pub fn exact_from(&self) -> i64 {
+        self.exact_from
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&(Shard, i64), &EntityTotals)> {
         self.entries.iter()
     }
 
-    /// The shard's contribution after a write filed under `day`.
-    pub fn record(&mut self, shard: Shard, day: i64, totals: EntityTotals) {
+    /// The shard's contribution after a write filed under `day`, or under
+    /// the shard's latest day when that is later; returns the day used.
+    /// (A late event can file under an earlier day after a restart, which
+    /// forgets the change times; a shard's days must not go back.)
+    pub fn record(&mut self, shard: Shard, day: i64, totals: EntityTotals) -> i64 {
+        let day = self.latest_day(shard).map_or(day, |latest| latest.max(day));
         self.entries.insert((shard, day), totals);
+        day
+    }
+
+    fn latest_day(&self, shard: Shard) -> Option<i64> {
+        self.entries
+            .range((shard, i64::MIN)..=(shard, i64::MAX))
+            .next_back()
+            .map(|(&(_, d), _)| d)
     }
 
     /// A shard whose current contribution predates this record (written by
-    /// a build that kept none) counts from the day of its last event.
+    /// a build that kept none) counts from the day of its last event. Call
+    /// it before the shard's next part replaces that contribution.
     pub fn seed(&mut self, shard: Shard, current: &EntityTotals) {
-        let known = self
-            .entries
-            .range((shard, i64::MIN)..=(shard, i64::MAX))
-            .next();
-        if known.is_none() {
+        if self.latest_day(shard).is_none() {
             let day = match current.last_event_at {
                 ms if ms >= 0 => utc_day_number(ms),
                 _ => i64::MIN,
@@ -85,9 +114,12 @@ impl DailyParts {
         sum
     }
 
-    /// The days at or after `day` that some shard wrote in: the `DAY#`
-    /// items a write filed under `day` changes.
+    /// The `DAY#` items a write filed under `day` changes: the days at or
+    /// after it that some shard wrote in, from the first exact day on
+    /// (before it the other shards' values are no longer kept, and such a
+    /// day's item keeps what it had). A store writes them before it prunes.
     pub fn days_from(&self, day: i64) -> BTreeSet<i64> {
+        let day = day.max(self.exact_from);
         self.entries
             .keys()
             .map(|&(_, d)| d)
@@ -96,17 +128,20 @@ impl DailyParts {
     }
 
     /// Drops entries no `DAY#` item can need again, and returns their keys.
-    /// A shard's writes never file under a day before its latest (an
-    /// entity's `lastEventAt` only grows), so days before every shard's
-    /// latest are final; past `retain_days` before the newest day the items
-    /// have expired anyway. Each shard keeps its newest entry before the
-    /// cut: its value for every day from then until its next entry.
+    /// A shard never files a part under a day before its latest (see
+    /// [`record`](Self::record)), so the days before every shard's latest
+    /// are final, and so are those more than `retain_days` before the
+    /// newest (a shard that stopped touching the entity would otherwise
+    /// hold every other shard's entries for ever). Each shard keeps its
+    /// newest entry before that cut: its value for every day from then
+    /// until its next entry; the days before it are no longer exact.
     ///
-    /// The one case this cannot see: a shard that never contributed to the
-    /// entity before, writing a day before the cut. Its own value counts
-    /// from that day on, but days before the other shards' kept entries
-    /// then lack theirs. That takes a partition that first touches a
-    /// category more than a day behind another one that touched it.
+    /// What is lost: a shard more than `retain_days` behind the newest no
+    /// longer updates the items of its days; and a shard that never
+    /// contributed to the entity, writing a day before another shard's
+    /// kept entries, counts only in the items from those entries on (a
+    /// partition that first touches a category more than a day behind
+    /// another one that did).
     pub fn prune(&mut self, retain_days: i64) -> Vec<(Shard, i64)> {
         let mut latest: BTreeMap<Shard, i64> = BTreeMap::new();
         for &(s, d) in self.entries.keys() {
@@ -127,6 +162,7 @@ impl DailyParts {
                 && p.0 == s
             {
                 dropped.push(p);
+                self.exact_from = self.exact_from.max(d);
             }
             previous = Some((s, d));
         }
@@ -170,6 +206,10 @@ mod tests {
         assert_eq!(p.at_end_of(9).last_event_at, -1);
         assert_eq!(p.days_from(10), BTreeSet::from([10, 11]));
         assert_eq!(p.days_from(11), BTreeSet::from([11]));
+        // A late event after a restart cannot take shard 0 back to day 10.
+        assert_eq!(p.record(0, 10, totals(4, 10 * DAY + 7)), 11);
+        assert_eq!(p.at_end_of(10).products, 9);
+        assert_eq!(p.at_end_of(11).products, 11);
     }
 
     #[test]
@@ -196,6 +236,7 @@ mod tests {
         // Both at day 4: shard 0 keeps day 3 (its value until day 4),
         // shard 1 keeps day 2.
         assert_eq!(p.prune(30), vec![(0, 1), (0, 2)]);
+        assert_eq!(p.exact_from(), 3);
         assert_eq!(p.at_end_of(3).products, 13);
         assert_eq!(p.at_end_of(4).products, 24);
         // Past the retention a stalled shard no longer holds entries back.
@@ -205,6 +246,14 @@ mod tests {
         }
         q.record(1, 1, totals(1, DAY));
         assert_eq!(q.prune(30), vec![(0, 1)]);
+        // Shard 1, far behind, writes day 2: day 2's item would need shard
+        // 0's pruned day 1, so only days from shard 0's day 10 on are redone.
+        q.record(1, 2, totals(1, 2 * DAY));
+        assert_eq!(q.days_from(2), BTreeSet::from([10, 50, 60]));
+        // A new shard with an early day cannot make the lost days exact again.
+        q.record(2, 1, totals(1, DAY));
+        q.prune(30);
+        assert_eq!(q.days_from(1), BTreeSet::from([10, 50, 60]));
     }
 
     proptest! {
@@ -220,28 +269,46 @@ mod tests {
             let mut day_of: BTreeMap<Shard, i64> = BTreeMap::new();
             // Every write of each shard: (day, products).
             let mut history: BTreeMap<Shard, Vec<(i64, u64)>> = BTreeMap::new();
-            // Every shard is known from the first day (see `prune`).
-            for shard in 0..4 {
+            // Shards 0–2 are known from the first day; shard 3 may first
+            // contribute at any time, behind the others (see `prune`).
+            for shard in 0..3 {
                 parts.record(shard, 100, totals(0, 100 * DAY));
                 day_of.insert(shard, 100);
             }
+            // The `DAY#` items, written as the stores write them.
+            let mut items: BTreeMap<i64, u64> = BTreeMap::new();
             for (shard, step, products) in writes {
                 let day = day_of.entry(shard).or_insert(100);
-                *day += step;
-                parts.record(shard, *day, totals(products, *day * DAY));
-                history.entry(shard).or_default().push((*day, products));
+                // A step of 0 now and then files a late event's day.
+                let filed = *day + step - i64::from(step == 0 && products % 2 == 0);
+                let filed = parts.record(shard, filed, totals(products, filed * DAY));
+                *day = filed;
+                history.entry(shard).or_default().push((filed, products));
+                for d in parts.days_from(filed) {
+                    items.insert(d, parts.at_end_of(d).products);
+                }
                 parts.prune(retain);
             }
             let newest = day_of.values().copied().max().unwrap_or(100);
             let oldest = day_of.values().copied().min().unwrap_or(100);
-            // Exact for every day a shard could still write in, and for
-            // every day within the retention.
-            for day in oldest.max(newest - retain)..=newest + 1 {
-                let want: u64 = history
+            let truth = |day: i64| -> u64 {
+                history
                     .values()
                     .filter_map(|w| w.iter().rev().find(|(d, _)| *d <= day).map(|(_, p)| *p))
-                    .sum();
-                prop_assert_eq!(parts.at_end_of(day).products, want, "day {}", day);
+                    .sum()
+            };
+            // Exact for every day a shard could still write in, and for
+            // every day within the retention.
+            if !history.contains_key(&3) {
+                prop_assert!(parts.exact_from() <= oldest.max(newest - retain));
+            }
+            for day in parts.exact_from().max(99)..=newest + 1 {
+                prop_assert_eq!(parts.at_end_of(day).products, truth(day), "day {}", day);
+            }
+            // Every item of an exact day holds that day's end (before, a
+            // shard more than `retain` days behind no longer updates them).
+            for (day, products) in items.range(parts.exact_from()..) {
+                prop_assert_eq!(*products, truth(*day), "item of day {}", day);
             }
         }
     }

@@ -17,7 +17,8 @@
 //! - `contributions`: `(entity PK, shard)` → what the shard adds to the entity.
 //! - `daily_contributions`: `(entity PK, shard, UTC day number)` → the same
 //!   at the end of each recent day the shard wrote in: a `DAY#` item is
-//!   their sum as at the end of its day ([`crate::daily_parts`]).
+//!   their sum as at the end of its day ([`crate::daily_parts`]);
+//!   `daily_exact_from`: entity PK → the first day they still hold exactly.
 //! - `positions`: `(stream, shard)` → the last applied offset.
 //! - `meta`: small named values (the dead-letter file's committed length).
 //!
@@ -44,7 +45,7 @@ use proto::{
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -72,6 +73,9 @@ const CONTRIBUTIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new(
 /// of that day ([`DailyParts`]).
 const DAILY_CONTRIBUTIONS: TableDefinition<(&str, u32, i64), &[u8]> =
     TableDefinition::new("daily_contributions");
+/// Entity PK → the first day whose sum its daily contributions still hold
+/// exactly ([`DailyParts::exact_from`]); absent: every day.
+const DAILY_EXACT_FROM: TableDefinition<&str, i64> = TableDefinition::new("daily_exact_from");
 const POSITIONS: TableDefinition<(&str, u32), i64> = TableDefinition::new("positions");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -234,6 +238,7 @@ impl EmbeddedStore {
             txn.delete_table(OLD_LOW_STOCK_INDEX)?;
             txn.open_table(CONTRIBUTIONS)?;
             txn.open_table(DAILY_CONTRIBUTIONS)?;
+            txn.open_table(DAILY_EXACT_FROM)?;
             txn.open_table(POSITIONS)?;
             let mut meta = txn.open_table(META)?;
             let committed = meta
@@ -303,10 +308,14 @@ impl EmbeddedStore {
             let mut log = txn.open_table(PRODUCT_LOG)?;
             let mut contributions = txn.open_table(CONTRIBUTIONS)?;
             let mut daily = txn.open_table(DAILY_CONTRIBUTIONS)?;
+            let mut daily_exact = txn.open_table(DAILY_EXACT_FROM)?;
             let mut positions = txn.open_table(POSITIONS)?;
-            // Changed entities, with the earliest day a change was filed
-            // under: that day's `DAY#` item and every later one are redone.
-            let mut changed: BTreeMap<String, (EntityKey, i64)> = BTreeMap::new();
+            // Changed entities: their daily parts (read before this write
+            // replaces a contribution), the entries to store, and the
+            // earliest day a change was filed under: that day's `DAY#` item
+            // and every later one are redone.
+            let mut changed: BTreeMap<String, ChangedEntity> = BTreeMap::new();
+            let retain = self.retain_days();
             // Low-stock items to put (`Some`) or delete, of every shard.
             let mut low_stock: Vec<(&str, String, Option<Vec<u8>>)> = Vec::new();
 
@@ -353,12 +362,26 @@ impl EmbeddedStore {
 
                 for (i, (key, totals)) in sc.entities.iter().enumerate() {
                     let pk = entity_pk(key);
+                    if !changed.contains_key(&pk) {
+                        let (days, seeded) =
+                            read_daily_parts(&daily, &daily_exact, &contributions, &pk)?;
+                        let entity = ChangedEntity {
+                            key: key.clone(),
+                            days,
+                            to_store: seeded,
+                            earliest: i64::MAX,
+                        };
+                        changed.insert(pk.clone(), entity);
+                    }
+                    let Some(entity) = changed.get_mut(&pk) else {
+                        continue;
+                    };
+                    let day = part_day(totals, sc.changed_at.get(i).copied(), now_ms);
+                    let day = entity.days.record(sc.shard, day, *totals);
+                    entity.to_store.insert((sc.shard, day));
+                    entity.earliest = entity.earliest.min(day);
                     let bytes = encode("entity totals", totals)?;
                     contributions.insert((pk.as_str(), sc.shard), bytes.as_slice())?;
-                    let day = part_day(totals, sc.changed_at.get(i).copied(), now_ms);
-                    daily.insert((pk.as_str(), sc.shard, day), bytes.as_slice())?;
-                    let earliest = &mut changed.entry(pk).or_insert((key.clone(), day)).1;
-                    *earliest = (*earliest).min(day);
                 }
 
                 for dl in &sc.dead_letters {
@@ -392,29 +415,19 @@ impl EmbeddedStore {
                 }
             }
 
-            for (pk, (key, earliest)) in &changed {
+            for (pk, entity) in &mut changed {
+                let ChangedEntity {
+                    key,
+                    days,
+                    to_store,
+                    earliest,
+                } = entity;
                 let mut sum = EntityTotals {
                     last_event_at: -1,
                     ..EntityTotals::default()
                 };
-                let mut days = DailyParts::from_entries(
-                    daily
-                        .range((pk.as_str(), 0u32, i64::MIN)..=(pk.as_str(), u32::MAX, i64::MAX))?
-                        .map(|entry| {
-                            let (k, v) = entry?;
-                            let (_, shard, day) = k.value();
-                            Ok(((shard, day), decode("entity totals", v.value())?))
-                        })
-                        .collect::<Result<Vec<_>, StoreError>>()?,
-                );
                 for entry in contributions.range((pk.as_str(), 0u32)..=(pk.as_str(), u32::MAX))? {
-                    let (k, v) = entry?;
-                    let part = decode::<EntityTotals>("entity totals", v.value())?;
-                    sum.merge(&part);
-                    days.seed(k.value().1, &part);
-                }
-                for (shard, day) in days.prune(self.retain_days()) {
-                    daily.remove((pk.as_str(), shard, day))?;
+                    sum.merge(&decode::<EntityTotals>("entity totals", entry?.1.value())?);
                 }
                 let item = entity_item(&MetricRecord::entity(key, &sum), now_ms, ttl)?;
                 items.insert((pk.as_str(), CURRENT), item.as_str())?;
@@ -423,6 +436,20 @@ impl EmbeddedStore {
                     let item = entity_item(&at_end, now_ms, ttl)?;
                     let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
                     items.insert((pk.as_str(), sk.as_str()), item.as_str())?;
+                }
+                let exact_from = days.exact_from();
+                for (shard, day) in days.prune(retain) {
+                    to_store.remove(&(shard, day));
+                    daily.remove((pk.as_str(), shard, day))?;
+                }
+                if days.exact_from() != exact_from {
+                    daily_exact.insert(pk.as_str(), days.exact_from())?;
+                }
+                for (&(shard, day), totals) in days.entries() {
+                    if to_store.contains(&(shard, day)) {
+                        let bytes = encode("entity totals", totals)?;
+                        daily.insert((pk.as_str(), shard, day), bytes.as_slice())?;
+                    }
                 }
                 stats.entities += 1;
             }
@@ -1067,6 +1094,49 @@ pub fn day_item_ms(last_event_at: i64, changed_at: Option<i64>, now_ms: i64) -> 
     }
 }
 
+/// An entity a write changes (see [`EmbeddedStore::write`]).
+struct ChangedEntity {
+    key: EntityKey,
+    days: DailyParts,
+    /// Entries of `days` that are new or changed.
+    to_store: BTreeSet<(Shard, i64)>,
+    earliest: i64,
+}
+
+/// An entity's daily parts as stored, with every shard whose contribution
+/// has none yet (stored by an earlier build) seeded from it; and the
+/// entries seeded.
+fn read_daily_parts(
+    daily: &redb::Table<(&str, u32, i64), &[u8]>,
+    daily_exact: &redb::Table<&str, i64>,
+    contributions: &redb::Table<(&str, u32), &[u8]>,
+    pk: &str,
+) -> Result<(DailyParts, BTreeSet<(Shard, i64)>), StoreError> {
+    let exact_from = daily_exact.get(pk)?.map_or(i64::MIN, |g| g.value());
+    let mut days = DailyParts::from_entries(
+        daily
+            .range((pk, 0u32, i64::MIN)..=(pk, u32::MAX, i64::MAX))?
+            .map(|entry| {
+                let (k, v) = entry?;
+                let (_, shard, day) = k.value();
+                Ok(((shard, day), decode("entity totals", v.value())?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?,
+        exact_from,
+    );
+    let stored: BTreeSet<(Shard, i64)> = days.entries().map(|(k, _)| *k).collect();
+    for entry in contributions.range((pk, 0u32)..=(pk, u32::MAX))? {
+        let (k, v) = entry?;
+        days.seed(k.value().1, &decode("entity totals", v.value())?);
+    }
+    let seeded = days
+        .entries()
+        .map(|(k, _)| *k)
+        .filter(|k| !stored.contains(k))
+        .collect();
+    Ok((days, seeded))
+}
+
 /// Milliseconds in a UTC day.
 pub const DAY_MS: i64 = 86_400_000;
 
@@ -1076,11 +1146,21 @@ pub fn part_day(part: &EntityTotals, changed_at: Option<i64>, now_ms: i64) -> i6
     proto::utc_day_number(day_item_ms(part.last_event_at, changed_at, now_ms))
 }
 
-/// Days of [`DailyParts`] to keep behind the newest for items that live
-/// `ttl_secs`.
+/// Days of [`DailyParts`] kept behind the newest: as long as `DAY#` items
+/// live (`ttl_secs`), at most [`DAILY_PARTS_MAX_DAYS`].
 pub fn retain_days(ttl_secs: i64) -> i64 {
-    ttl_secs.div_euclid(86_400).saturating_add(1)
+    ttl_secs
+        .div_euclid(86_400)
+        .saturating_add(1)
+        .min(DAILY_PARTS_MAX_DAYS)
 }
+
+/// How far behind the newest day a shard's write still updates a `DAY#`
+/// item. Bounds the parts an entity keeps: a shard that stopped touching
+/// a category makes the others keep up to this many days each, and the
+/// AWS store writes them all in the entity's parts item at every change
+/// (and its `DAY#` items for these days in one transaction).
+pub const DAILY_PARTS_MAX_DAYS: i64 = 7;
 
 /// The UTC day (`YYYY-MM-DD`) of an epoch-millisecond time.
 pub fn utc_day(ms: i64) -> String {
@@ -1620,6 +1700,49 @@ pub(crate) mod tests {
         let mut store = open(dir.path());
         store.write(&changes, now).unwrap();
         assert_eq!(days(&store), want);
+    }
+
+    /// A data directory of the build before daily contributions: each
+    /// shard's stored contribution counts at the end of its own day, also
+    /// after the shard's next part replaces it.
+    #[test]
+    fn contributions_stored_without_days_keep_their_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path());
+        let now = T0 + 2 * DAY;
+        let books = |shard, offset, products, last| {
+            entity_changes(
+                shard,
+                offset,
+                vec![(cat("Books"), totals(products, products, 0, 0, 0, 0, last))],
+            )
+        };
+        store
+            .write(&[books(0, 1, 2, T0), books(1, 1, 3, T0 + 5)], now)
+            .unwrap();
+        // What the earlier build left: no daily contributions.
+        let txn = store.db.begin_write().unwrap();
+        txn.delete_table(DAILY_CONTRIBUTIONS).unwrap();
+        txn.commit().unwrap();
+        store.write(&[books(1, 2, 4, T0 + DAY)], now).unwrap();
+        store.write(&[books(0, 2, 1, T0 + DAY)], now).unwrap();
+        // A shard read behind them needs both old parts at day 1's end.
+        store.write(&[books(2, 1, 10, T0 + 9)], now).unwrap();
+        let (_, days) = store.category("Books", now).unwrap().unwrap();
+        let products: Vec<(String, u64)> = days
+            .into_iter()
+            .map(|(d, r)| match r {
+                MetricRecord::Category(r) => (d, r.total_products),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            products,
+            vec![
+                ("2023-10-01".to_string(), 15),
+                ("2023-10-02".to_string(), 15)
+            ]
+        );
     }
 
     #[test]

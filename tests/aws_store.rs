@@ -572,8 +572,8 @@ async fn a_change_that_names_no_category_files_under_the_day_of_its_events() {
 
 /// A category's `DAY#` items hold every shard's value at the end of the
 /// day, also when one shard is read a day behind another and writes its
-/// earlier day last, and when the shards are written by two instances (two
-/// store clients) racing on the category's parts item.
+/// earlier day last, with the shards written by two instances (two store
+/// clients, one after the other) through the category's parts item.
 #[tokio::test]
 async fn a_categorys_daily_items_sum_shards_that_cross_midnight_apart() {
     const DAY: i64 = 86_400_000;

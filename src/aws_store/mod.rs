@@ -993,10 +993,11 @@ impl AwsStore {
             let mut done = Vec::new();
             for (key, updates) in &pending {
                 let (version, mut parts) = stored.get(key).cloned().unwrap_or_default();
+                parts.seed_days();
                 let mut fences = Vec::new();
                 let mut earliest = i64::MAX;
                 for &(shard, seq, totals, day) in updates {
-                    if parts.apply(shard, seq, totals, day) {
+                    if let Some(day) = parts.apply(shard, seq, totals, day) {
                         fences.push((shard, seq));
                         earliest = earliest.min(day);
                     }
@@ -1006,10 +1007,31 @@ impl AwsStore {
                     done.push(key.clone());
                     continue;
                 }
-                parts.settle_days(retain_days(self.ttl_secs));
+                // Every day from the earliest filed on, before pruning (see
+                // `DailyParts::days_from`).
+                let mut days: Vec<(i64, EntityTotals)> = (parts.days)
+                    .days_from(earliest)
+                    .into_iter()
+                    .map(|day| (day, parts.days.at_end_of(day)))
+                    .collect();
+                // One transaction holds the entity's parts, CURRENT and
+                // DAY# items and its fences. Only a shard far behind on an
+                // entity of very many partitions makes more: then its
+                // oldest days keep what they had.
+                let room = TRANSACT_MAX.saturating_sub(2 + fences.len());
+                if days.len() > room {
+                    tracing::warn!(
+                        entity = %entity_pk(key),
+                        days = days.len(),
+                        written = room,
+                        "too many daily items to redo in one transaction; the oldest keep their values"
+                    );
+                    days.drain(..days.len() - room);
+                }
+                parts.days.prune(self.retain_days());
                 ops.push((
                     key.clone(),
-                    self.entity_items(key, &parts, version, earliest, now_ms, ttl)?,
+                    self.entity_items(key, &parts, version, &days, now_ms, ttl)?,
                     fences,
                 ));
             }
@@ -1058,15 +1080,14 @@ impl AwsStore {
         Ok(stats)
     }
 
-    /// The parts and CURRENT items of one entity, and its `DAY#` items
-    /// from day number `earliest` on
-    /// ([`crate::daily_parts::DailyParts::days_from`]).
+    /// The parts and CURRENT items of one entity, and its `DAY#` items of
+    /// `days` (day number, the entity at its end).
     fn entity_items(
         &self,
         key: &EntityKey,
         parts: &Parts,
         version: u64,
-        earliest: i64,
+        days: &[(i64, EntityTotals)],
         now_ms: i64,
         ttl: i64,
     ) -> Result<Vec<TransactWriteItem>, AwsStoreError> {
@@ -1104,8 +1125,8 @@ impl AwsStore {
                 .build(),
             put(item::to_item(&pk, CURRENT, &obj)?)?,
         ];
-        for day in parts.days.days_from(earliest) {
-            let at_end = MetricRecord::entity(key, &parts.days.at_end_of(day));
+        for (day, totals) in days {
+            let at_end = MetricRecord::entity(key, totals);
             let obj = entity_object(&at_end, now_ms, ttl).map_err(store_err)?;
             let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
             items.push(put(item::to_item(&pk, &sk, &obj)?)?);
@@ -1681,6 +1702,11 @@ impl AwsStore {
     }
 
     /// How long items live after their last write.
+    /// Days of daily parts kept behind the newest ([`retain_days`]).
+    fn retain_days(&self) -> i64 {
+        retain_days(self.ttl_secs)
+    }
+
     pub fn ttl_secs(&self) -> i64 {
         self.ttl_secs
     }

@@ -451,27 +451,24 @@ struct PartsWithoutDays {
 impl Parts {
     /// Sets the shard's part, filed under UTC day number `day`, unless what
     /// is stored is as new or newer, so a replayed or stale write can
-    /// neither count twice nor go backwards. Returns whether the part
-    /// changed.
-    pub fn apply(&mut self, shard: Shard, seq: u64, totals: EntityTotals, day: i64) -> bool {
+    /// neither count twice nor go backwards. Returns the day the part was
+    /// filed under ([`DailyParts::record`]) when it changed.
+    pub fn apply(&mut self, shard: Shard, seq: u64, totals: EntityTotals, day: i64) -> Option<i64> {
         match self.parts.get(&shard) {
-            Some((stored, _)) if *stored >= seq => false,
+            Some((stored, _)) if *stored >= seq => None,
             _ => {
                 self.parts.insert(shard, (seq, totals));
-                self.days.record(shard, day, totals);
-                true
+                Some(self.days.record(shard, day, totals))
             }
         }
     }
 
     /// Counts parts stored without days (by an earlier build) from the day
-    /// of their last event, and drops day entries no item can need again
-    /// ([`DailyParts::prune`]).
-    pub fn settle_days(&mut self, retain_days: i64) {
+    /// of their last event: call it as read, before parts are applied.
+    pub fn seed_days(&mut self) {
         for (shard, (_, totals)) in &self.parts {
             self.days.seed(*shard, totals);
         }
-        self.days.prune(retain_days);
     }
 
     /// The entity's totals: the sum of every shard's part.
@@ -583,20 +580,20 @@ mod tests {
     fn parts_sum_and_replace_only_with_newer_writes() {
         let mut p = Parts::default();
         assert_eq!(p.sum().last_event_at, -1);
-        assert!(p.apply(0, 5, totals(2, 1000, 10), 0));
-        assert!(p.apply(1, 1, totals(1, 500, 30), 0));
+        assert_eq!(p.apply(0, 5, totals(2, 1000, 10), 0), Some(0));
+        assert_eq!(p.apply(1, 1, totals(1, 500, 30), 0), Some(0));
         assert_eq!(p.sum(), {
             let mut t = totals(3, 1500, 30);
             t.price_sum_cents = 1500;
             t
         });
         // A replay (same seq) and a stale write (older seq) change nothing.
-        assert!(!p.apply(0, 5, totals(9, 9, 9), 1));
-        assert!(!p.apply(0, 4, totals(9, 9, 9), 1));
+        assert_eq!(p.apply(0, 5, totals(9, 9, 9), 1), None);
+        assert_eq!(p.apply(0, 4, totals(9, 9, 9), 1), None);
         assert_eq!(p.sum().products, 3);
         assert_eq!(p.days.at_end_of(1).products, 3);
         // A newer write replaces the shard's part, never adds to it.
-        assert!(p.apply(0, 6, totals(1, 200, 40), 1));
+        assert_eq!(p.apply(0, 6, totals(1, 200, 40), 1), Some(1));
         let s = p.sum();
         assert_eq!((s.products, s.value_cents, s.last_event_at), (2, 700, 40));
         assert_eq!(p.days.at_end_of(0).products, 3);
@@ -611,17 +608,29 @@ mod tests {
             parts: BTreeMap<Shard, (u64, EntityTotals)>,
         }
         const DAY: i64 = 86_400_000;
+        // Shards 0 and 1 were last written on day 10 by the earlier build.
         let old = Old {
-            parts: BTreeMap::from([(0, (3, totals(2, 100, 10 * DAY + 1)))]),
+            parts: BTreeMap::from([
+                (0, (3, totals(2, 100, 10 * DAY + 1))),
+                (1, (4, totals(6, 100, 10 * DAY + 2))),
+            ]),
         };
         let mut bytes = Vec::new();
         proto::frame::encode_into(&old, &mut bytes).unwrap();
         let mut p = Parts::decode(&bytes[4..]).unwrap();
         assert_eq!(p.days, DailyParts::default());
-        assert!(p.apply(1, 1, totals(5, 100, 11 * DAY), 11));
-        p.settle_days(30);
-        assert_eq!(p.days.at_end_of(10).products, 2);
+        // Shard 1 reaches day 11; shard 0's part stays where it was.
+        p.seed_days();
+        assert_eq!(p.apply(1, 5, totals(5, 100, 11 * DAY), 11), Some(11));
+        assert_eq!(p.days.at_end_of(10).products, 8);
         assert_eq!(p.days.at_end_of(11).products, 7);
+        // Stored and read again, shard 0 then writes day 11 too: day 10
+        // keeps both old parts.
+        let mut p = Parts::decode(&p.encode().unwrap()).unwrap();
+        p.seed_days();
+        assert_eq!(p.apply(0, 4, totals(1, 100, 11 * DAY + 3), 11), Some(11));
+        assert_eq!(p.days.at_end_of(10).products, 8);
+        assert_eq!(p.days.at_end_of(11).products, 6);
     }
 
     #[test]
