@@ -1659,6 +1659,17 @@ pub(crate) mod tests {
         assert!(keys(&store).is_empty());
     }
 
+    /// A category's products by day, as its `DAY#` items hold them.
+    fn category_days(store: &EmbeddedStore, name: &str, now: i64) -> Vec<(String, u64)> {
+        let (_, days) = store.category(name, now).unwrap().unwrap();
+        days.into_iter()
+            .map(|(d, r)| match r {
+                MetricRecord::Category(r) => (d, r.total_products),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
     /// Category values per day (DESIGN §6: "as at the end of that UTC
     /// day"), summed over shards that reach midnight at different times.
     pub(crate) fn shards_crossing_midnight_apart() -> Vec<ShardChanges> {
@@ -1684,15 +1695,7 @@ pub(crate) mod tests {
         for sc in changes.iter().chain(&changes) {
             store.write(std::slice::from_ref(sc), now).unwrap();
         }
-        let days = |store: &EmbeddedStore| -> Vec<(String, u64)> {
-            let (_, days) = store.category("Books", now).unwrap().unwrap();
-            days.into_iter()
-                .map(|(d, r)| match r {
-                    MetricRecord::Category(r) => (d, r.total_products),
-                    other => panic!("unexpected {other:?}"),
-                })
-                .collect()
-        };
+        let days = |store: &EmbeddedStore| category_days(store, "Books", now);
         let want = vec![("2023-10-01".to_string(), 5), ("2023-10-02".to_string(), 9)];
         assert_eq!(days(&store), want);
         // The same in one write.
@@ -1728,16 +1731,8 @@ pub(crate) mod tests {
         store.write(&[books(0, 2, 1, T0 + DAY)], now).unwrap();
         // A shard read behind them needs both old parts at day 1's end.
         store.write(&[books(2, 1, 10, T0 + 9)], now).unwrap();
-        let (_, days) = store.category("Books", now).unwrap().unwrap();
-        let products: Vec<(String, u64)> = days
-            .into_iter()
-            .map(|(d, r)| match r {
-                MetricRecord::Category(r) => (d, r.total_products),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
         assert_eq!(
-            products,
+            category_days(&store, "Books", now),
             vec![
                 ("2023-10-01".to_string(), 15),
                 ("2023-10-02".to_string(), 15)
