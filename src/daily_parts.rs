@@ -18,6 +18,16 @@ use proto::{EntityTotals, Shard, utc_day_number};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// What [`DailyParts::apply`] did.
+pub struct Applied {
+    /// The day the part was filed under.
+    pub day: i64,
+    /// (day number, the entity at the end of that day): its `DAY#` items.
+    pub items: Vec<(i64, EntityTotals)>,
+    /// The entries pruned.
+    pub dropped: Vec<(Shard, i64)>,
+}
+
 /// A shard's contribution to one entity at the end of each day it wrote in,
 /// by (shard, UTC day number).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +66,32 @@ impl DailyParts {
         self.entries.iter()
     }
 
+    /// One shard's new part, filed under `day` ([`record`](Self::record)),
+    /// then the `DAY#` items it changes ([`days_from`](Self::days_from)),
+    /// then a [`prune`](Self::prune). A store applies the changes of a
+    /// write one by one, in order, so its items do not depend on how the
+    /// changes were batched into writes; a later item of a day replaces an
+    /// earlier one.
+    pub fn apply(
+        &mut self,
+        shard: Shard,
+        day: i64,
+        totals: EntityTotals,
+        retain_days: i64,
+    ) -> Applied {
+        let day = self.record(shard, day, totals);
+        let items = self
+            .days_from(day)
+            .into_iter()
+            .map(|d| (d, self.at_end_of(d)))
+            .collect();
+        Applied {
+            day,
+            items,
+            dropped: self.prune(retain_days),
+        }
+    }
+
     /// The shard's contribution after a write filed under `day`, or under
     /// the shard's latest day when that is later; returns the day used.
     /// (A late event can file under an earlier day after a restart, which
@@ -75,7 +111,9 @@ impl DailyParts {
 
     /// A shard whose current contribution predates this record (written by
     /// a build that kept none) counts from the day of its last event. Call
-    /// it before the shard's next part replaces that contribution.
+    /// it before the shard's next part replaces that contribution. Its
+    /// values before that day are unknown, so the days before are no
+    /// longer exact.
     pub fn seed(&mut self, shard: Shard, current: &EntityTotals) {
         if self.latest_day(shard).is_none() {
             let day = match current.last_event_at {
@@ -83,6 +121,7 @@ impl DailyParts {
                 _ => i64::MIN,
             };
             self.entries.insert((shard, day), *current);
+            self.exact_from = self.exact_from.max(day);
         }
     }
 
@@ -281,13 +320,14 @@ mod tests {
                 let day = day_of.entry(shard).or_insert(100);
                 // A step of 0 now and then files a late event's day.
                 let filed = *day + step - i64::from(step == 0 && products % 2 == 0);
-                let filed = parts.record(shard, filed, totals(products, filed * DAY));
+                // A shard's days never go back (`record`).
+                let filed = filed.max(*day);
+                let applied = parts.apply(shard, filed, totals(products, filed * DAY), retain);
                 *day = filed;
                 history.entry(shard).or_default().push((filed, products));
-                for d in parts.days_from(filed) {
-                    items.insert(d, parts.at_end_of(d).products);
+                for (d, t) in applied.items {
+                    items.insert(d, t.products);
                 }
-                parts.prune(retain);
             }
             let newest = day_of.values().copied().max().unwrap_or(100);
             let oldest = day_of.values().copied().min().unwrap_or(100);
@@ -305,10 +345,12 @@ mod tests {
             for day in parts.exact_from().max(99)..=newest + 1 {
                 prop_assert_eq!(parts.at_end_of(day).products, truth(day), "day {}", day);
             }
-            // Every item of an exact day holds that day's end (before, a
-            // shard more than `retain` days behind no longer updates them).
-            for (day, products) in items.range(parts.exact_from()..) {
-                prop_assert_eq!(*products, truth(*day), "item of day {}", day);
+            // Every day a shard wrote in since the first exact day has an
+            // item, holding that day's end (before, a shard more than
+            // `retain` days behind no longer updates them).
+            let written: BTreeSet<i64> = history.values().flatten().map(|(d, _)| *d).collect();
+            for day in written.range(parts.exact_from()..) {
+                prop_assert_eq!(items.get(day).copied(), Some(truth(*day)), "item of day {}", day);
             }
         }
     }

@@ -367,9 +367,11 @@ impl EmbeddedStore {
                             read_daily_parts(&daily, &daily_exact, &contributions, &pk)?;
                         let entity = ChangedEntity {
                             key: key.clone(),
+                            exact_from: days.exact_from(),
                             days,
                             to_store: seeded,
-                            earliest: i64::MAX,
+                            dropped: BTreeSet::new(),
+                            items: BTreeMap::new(),
                         };
                         changed.insert(pk.clone(), entity);
                     }
@@ -377,9 +379,13 @@ impl EmbeddedStore {
                         continue;
                     };
                     let day = part_day(totals, sc.changed_at.get(i).copied(), now_ms);
-                    let day = entity.days.record(sc.shard, day, *totals);
-                    entity.to_store.insert((sc.shard, day));
-                    entity.earliest = entity.earliest.min(day);
+                    let applied = entity.days.apply(sc.shard, day, *totals, retain);
+                    entity.to_store.insert((sc.shard, applied.day));
+                    for key in applied.dropped {
+                        entity.to_store.remove(&key);
+                        entity.dropped.insert(key);
+                    }
+                    entity.items.extend(applied.items);
                     let bytes = encode("entity totals", totals)?;
                     contributions.insert((pk.as_str(), sc.shard), bytes.as_slice())?;
                 }
@@ -419,8 +425,10 @@ impl EmbeddedStore {
                 let ChangedEntity {
                     key,
                     days,
+                    exact_from,
                     to_store,
-                    earliest,
+                    dropped,
+                    items: day_items,
                 } = entity;
                 let mut sum = EntityTotals {
                     last_event_at: -1,
@@ -431,18 +439,15 @@ impl EmbeddedStore {
                 }
                 let item = entity_item(&MetricRecord::entity(key, &sum), now_ms, ttl)?;
                 items.insert((pk.as_str(), CURRENT), item.as_str())?;
-                for day in days.days_from(*earliest) {
-                    let at_end = MetricRecord::entity(key, &days.at_end_of(day));
-                    let item = entity_item(&at_end, now_ms, ttl)?;
+                for (day, totals) in day_items.iter() {
+                    let item = entity_item(&MetricRecord::entity(key, totals), now_ms, ttl)?;
                     let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
                     items.insert((pk.as_str(), sk.as_str()), item.as_str())?;
                 }
-                let exact_from = days.exact_from();
-                for (shard, day) in days.prune(retain) {
-                    to_store.remove(&(shard, day));
-                    daily.remove((pk.as_str(), shard, day))?;
+                for (shard, day) in dropped.iter() {
+                    daily.remove((pk.as_str(), *shard, *day))?;
                 }
-                if days.exact_from() != exact_from {
+                if days.exact_from() != *exact_from {
                     daily_exact.insert(pk.as_str(), days.exact_from())?;
                 }
                 for (&(shard, day), totals) in days.entries() {
@@ -1098,9 +1103,13 @@ pub fn day_item_ms(last_event_at: i64, changed_at: Option<i64>, now_ms: i64) -> 
 struct ChangedEntity {
     key: EntityKey,
     days: DailyParts,
-    /// Entries of `days` that are new or changed.
+    /// `days.exact_from()` as stored.
+    exact_from: i64,
+    /// Entries of `days` that are new or changed, and those pruned.
     to_store: BTreeSet<(Shard, i64)>,
-    earliest: i64,
+    dropped: BTreeSet<(Shard, i64)>,
+    /// The `DAY#` items to write: day number → the entity at its end.
+    items: BTreeMap<i64, EntityTotals>,
 }
 
 /// An entity's daily parts as stored, with every shard whose contribution
@@ -1703,6 +1712,44 @@ pub(crate) mod tests {
         let mut store = open(dir.path());
         store.write(&changes, now).unwrap();
         assert_eq!(days(&store), want);
+    }
+
+    /// The same changes written one per write or all in one write give the
+    /// same items, also when pruning falls between them (a shard 9 days
+    /// behind, then one that first contributes behind the others).
+    #[test]
+    fn daily_items_do_not_depend_on_how_changes_are_batched() {
+        let books = |shard, offset, products, day: i64| {
+            entity_changes(
+                shard,
+                offset,
+                vec![(
+                    cat("Books"),
+                    totals(products, products, 0, 0, 0, 0, T0 + day * DAY),
+                )],
+            )
+        };
+        let changes = [
+            books(0, 1, 1, 0),
+            books(0, 2, 2, 1),
+            books(1, 1, 3, 0),
+            books(0, 3, 4, 9),
+            books(1, 2, 5, 9),
+            books(2, 1, 6, 0),
+            books(1, 3, 7, 1),
+        ];
+        let now = T0 + 10 * DAY;
+        let (one, all) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut one_by_one, mut at_once) = (open(one.path()), open(all.path()));
+        for sc in &changes {
+            one_by_one.write(std::slice::from_ref(sc), now).unwrap();
+        }
+        at_once.write(&changes, now).unwrap();
+        assert_eq!(one_by_one.dump_items(), at_once.dump_items());
+        assert_eq!(
+            category_days(&at_once, "Books", now).last(),
+            Some(&("2023-10-10".to_string(), 17))
+        );
     }
 
     /// A data directory of the build before daily contributions: each

@@ -995,11 +995,14 @@ impl AwsStore {
                 let (version, mut parts) = stored.get(key).cloned().unwrap_or_default();
                 parts.seed_days();
                 let mut fences = Vec::new();
-                let mut earliest = i64::MAX;
+                // The DAY# items the updates change, one by one in order
+                // (`DailyParts::apply`): a later item of a day replaces an
+                // earlier one.
+                let mut day_items: BTreeMap<i64, EntityTotals> = BTreeMap::new();
                 for &(shard, seq, totals, day) in updates {
-                    if let Some(day) = parts.apply(shard, seq, totals, day) {
+                    if let Some(items) = parts.apply(shard, seq, totals, day, self.retain_days()) {
                         fences.push((shard, seq));
-                        earliest = earliest.min(day);
+                        day_items.extend(items);
                     }
                 }
                 if fences.is_empty() {
@@ -1007,13 +1010,7 @@ impl AwsStore {
                     done.push(key.clone());
                     continue;
                 }
-                // Every day from the earliest filed on, before pruning (see
-                // `DailyParts::days_from`).
-                let mut days: Vec<(i64, EntityTotals)> = (parts.days)
-                    .days_from(earliest)
-                    .into_iter()
-                    .map(|day| (day, parts.days.at_end_of(day)))
-                    .collect();
+                let mut days: Vec<(i64, EntityTotals)> = day_items.into_iter().collect();
                 // One transaction holds the entity's parts, CURRENT and
                 // DAY# items and its fences. Only a shard far behind on an
                 // entity of very many partitions makes more: then its
@@ -1028,7 +1025,6 @@ impl AwsStore {
                     );
                     days.drain(..days.len() - room);
                 }
-                parts.days.prune(self.retain_days());
                 ops.push((
                     key.clone(),
                     self.entity_items(key, &parts, version, &days, now_ms, ttl)?,

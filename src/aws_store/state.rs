@@ -451,14 +451,22 @@ struct PartsWithoutDays {
 impl Parts {
     /// Sets the shard's part, filed under UTC day number `day`, unless what
     /// is stored is as new or newer, so a replayed or stale write can
-    /// neither count twice nor go backwards. Returns the day the part was
-    /// filed under ([`DailyParts::record`]) when it changed.
-    pub fn apply(&mut self, shard: Shard, seq: u64, totals: EntityTotals, day: i64) -> Option<i64> {
+    /// neither count twice nor go backwards. When it changed, returns the
+    /// `DAY#` items it changes ([`DailyParts::apply`], keeping
+    /// `retain_days`).
+    pub fn apply(
+        &mut self,
+        shard: Shard,
+        seq: u64,
+        totals: EntityTotals,
+        day: i64,
+        retain_days: i64,
+    ) -> Option<Vec<(i64, EntityTotals)>> {
         match self.parts.get(&shard) {
             Some((stored, _)) if *stored >= seq => None,
             _ => {
                 self.parts.insert(shard, (seq, totals));
-                Some(self.days.record(shard, day, totals))
+                Some(self.days.apply(shard, day, totals, retain_days).items)
             }
         }
     }
@@ -580,20 +588,21 @@ mod tests {
     fn parts_sum_and_replace_only_with_newer_writes() {
         let mut p = Parts::default();
         assert_eq!(p.sum().last_event_at, -1);
-        assert_eq!(p.apply(0, 5, totals(2, 1000, 10), 0), Some(0));
-        assert_eq!(p.apply(1, 1, totals(1, 500, 30), 0), Some(0));
+        assert!(p.apply(0, 5, totals(2, 1000, 10), 0, 7).is_some());
+        assert!(p.apply(1, 1, totals(1, 500, 30), 0, 7).is_some());
         assert_eq!(p.sum(), {
             let mut t = totals(3, 1500, 30);
             t.price_sum_cents = 1500;
             t
         });
         // A replay (same seq) and a stale write (older seq) change nothing.
-        assert_eq!(p.apply(0, 5, totals(9, 9, 9), 1), None);
-        assert_eq!(p.apply(0, 4, totals(9, 9, 9), 1), None);
+        assert_eq!(p.apply(0, 5, totals(9, 9, 9), 1, 7), None);
+        assert_eq!(p.apply(0, 4, totals(9, 9, 9), 1, 7), None);
         assert_eq!(p.sum().products, 3);
         assert_eq!(p.days.at_end_of(1).products, 3);
         // A newer write replaces the shard's part, never adds to it.
-        assert_eq!(p.apply(0, 6, totals(1, 200, 40), 1), Some(1));
+        let items = p.apply(0, 6, totals(1, 200, 40), 1, 7).unwrap();
+        assert_eq!(items.iter().map(|(d, _)| *d).collect::<Vec<_>>(), [1]);
         let s = p.sum();
         assert_eq!((s.products, s.value_cents, s.last_event_at), (2, 700, 40));
         assert_eq!(p.days.at_end_of(0).products, 3);
@@ -621,14 +630,14 @@ mod tests {
         assert_eq!(p.days, DailyParts::default());
         // Shard 1 reaches day 11; shard 0's part stays where it was.
         p.seed_days();
-        assert_eq!(p.apply(1, 5, totals(5, 100, 11 * DAY), 11), Some(11));
+        assert!(p.apply(1, 5, totals(5, 100, 11 * DAY), 11, 7).is_some());
         assert_eq!(p.days.at_end_of(10).products, 8);
         assert_eq!(p.days.at_end_of(11).products, 7);
         // Stored and read again, shard 0 then writes day 11 too: day 10
         // keeps both old parts.
         let mut p = Parts::decode(&p.encode().unwrap()).unwrap();
         p.seed_days();
-        assert_eq!(p.apply(0, 4, totals(1, 100, 11 * DAY + 3), 11), Some(11));
+        assert!(p.apply(0, 4, totals(1, 100, 11 * DAY + 3), 11, 7).is_some());
         assert_eq!(p.days.at_end_of(10).products, 8);
         assert_eq!(p.days.at_end_of(11).products, 6);
     }
