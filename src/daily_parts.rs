@@ -18,16 +18,6 @@ use proto::{EntityTotals, Shard, utc_day_number};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// What [`DailyParts::apply`] did.
-pub struct Applied {
-    /// The day the part was filed under.
-    pub day: i64,
-    /// (day number, the entity at the end of that day): its `DAY#` items.
-    pub items: Vec<(i64, EntityTotals)>,
-    /// The entries pruned.
-    pub dropped: Vec<(Shard, i64)>,
-}
-
 /// A shard's contribution to one entity at the end of each day it wrote in,
 /// by (shard, UTC day number).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,30 +56,32 @@ impl DailyParts {
         self.entries.iter()
     }
 
+    pub fn get(&self, key: &(Shard, i64)) -> Option<&EntityTotals> {
+        self.entries.get(key)
+    }
+
     /// One shard's new part, filed under `day` ([`record`](Self::record)),
-    /// then the `DAY#` items it changes ([`days_from`](Self::days_from)),
-    /// then a [`prune`](Self::prune). A store applies the changes of a
-    /// write one by one, in order, so its items do not depend on how the
-    /// changes were batched into writes; a later item of a day replaces an
-    /// earlier one.
+    /// then a [`prune`](Self::prune); returns the `DAY#` items it changes,
+    /// (day number, the entity at the end of that day) for each of
+    /// [`days_from`](Self::days_from), taken before the prune. A store
+    /// applies the changes of a write one by one, in order, so its items do
+    /// not depend on how the changes were batched into writes; a later item
+    /// of a day replaces an earlier one.
     pub fn apply(
         &mut self,
         shard: Shard,
         day: i64,
         totals: EntityTotals,
         retain_days: i64,
-    ) -> Applied {
+    ) -> Vec<(i64, EntityTotals)> {
         let day = self.record(shard, day, totals);
         let items = self
             .days_from(day)
             .into_iter()
             .map(|d| (d, self.at_end_of(d)))
             .collect();
-        Applied {
-            day,
-            items,
-            dropped: self.prune(retain_days),
-        }
+        self.prune(retain_days);
+        items
     }
 
     /// The shard's contribution after a write filed under `day`, or under
@@ -322,10 +314,10 @@ mod tests {
                 let filed = *day + step - i64::from(step == 0 && products % 2 == 0);
                 // A shard's days never go back (`record`).
                 let filed = filed.max(*day);
-                let applied = parts.apply(shard, filed, totals(products, filed * DAY), retain);
+                let changed = parts.apply(shard, filed, totals(products, filed * DAY), retain);
                 *day = filed;
                 history.entry(shard).or_default().push((filed, products));
-                for (d, t) in applied.items {
+                for (d, t) in changed {
                     items.insert(d, t.products);
                 }
             }

@@ -45,7 +45,7 @@ use proto::{
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -310,10 +310,8 @@ impl EmbeddedStore {
             let mut daily = txn.open_table(DAILY_CONTRIBUTIONS)?;
             let mut daily_exact = txn.open_table(DAILY_EXACT_FROM)?;
             let mut positions = txn.open_table(POSITIONS)?;
-            // Changed entities: their daily parts (read before this write
-            // replaces a contribution), the entries to store, and the
-            // earliest day a change was filed under: that day's `DAY#` item
-            // and every later one are redone.
+            // Changed entities, with their daily parts as read (before this
+            // write replaces a contribution) and as the write leaves them.
             let mut changed: BTreeMap<String, ChangedEntity> = BTreeMap::new();
             let retain = self.retain_days();
             // Low-stock items to put (`Some`) or delete, of every shard.
@@ -363,14 +361,19 @@ impl EmbeddedStore {
                 for (i, (key, totals)) in sc.entities.iter().enumerate() {
                     let pk = entity_pk(key);
                     if !changed.contains_key(&pk) {
-                        let (days, seeded) =
-                            read_daily_parts(&daily, &daily_exact, &contributions, &pk)?;
+                        let stored = read_daily_parts(&daily, &daily_exact, &pk)?;
+                        let mut days = stored.clone();
+                        // Contributions stored by a build without daily parts.
+                        for entry in
+                            contributions.range((pk.as_str(), 0u32)..=(pk.as_str(), u32::MAX))?
+                        {
+                            let (k, v) = entry?;
+                            days.seed(k.value().1, &decode("entity totals", v.value())?);
+                        }
                         let entity = ChangedEntity {
                             key: key.clone(),
-                            exact_from: days.exact_from(),
+                            stored,
                             days,
-                            to_store: seeded,
-                            dropped: BTreeSet::new(),
                             items: BTreeMap::new(),
                         };
                         changed.insert(pk.clone(), entity);
@@ -379,13 +382,7 @@ impl EmbeddedStore {
                         continue;
                     };
                     let day = part_day(totals, sc.changed_at.get(i).copied(), now_ms);
-                    let applied = entity.days.apply(sc.shard, day, *totals, retain);
-                    entity.to_store.insert((sc.shard, applied.day));
-                    for key in applied.dropped {
-                        entity.to_store.remove(&key);
-                        entity.dropped.insert(key);
-                    }
-                    entity.items.extend(applied.items);
+                    (entity.items).extend(entity.days.apply(sc.shard, day, *totals, retain));
                     let bytes = encode("entity totals", totals)?;
                     contributions.insert((pk.as_str(), sc.shard), bytes.as_slice())?;
                 }
@@ -421,13 +418,11 @@ impl EmbeddedStore {
                 }
             }
 
-            for (pk, entity) in &mut changed {
+            for (pk, entity) in &changed {
                 let ChangedEntity {
                     key,
+                    stored,
                     days,
-                    exact_from,
-                    to_store,
-                    dropped,
                     items: day_items,
                 } = entity;
                 let mut sum = EntityTotals {
@@ -439,22 +434,24 @@ impl EmbeddedStore {
                 }
                 let item = entity_item(&MetricRecord::entity(key, &sum), now_ms, ttl)?;
                 items.insert((pk.as_str(), CURRENT), item.as_str())?;
-                for (day, totals) in day_items.iter() {
+                for (day, totals) in day_items {
                     let item = entity_item(&MetricRecord::entity(key, totals), now_ms, ttl)?;
-                    let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
-                    items.insert((pk.as_str(), sk.as_str()), item.as_str())?;
+                    items.insert((pk.as_str(), day_sk(*day).as_str()), item.as_str())?;
                 }
-                for (shard, day) in dropped.iter() {
-                    daily.remove((pk.as_str(), *shard, *day))?;
-                }
-                if days.exact_from() != *exact_from {
-                    daily_exact.insert(pk.as_str(), days.exact_from())?;
+                // What the write changed of the daily parts.
+                for (&(shard, day), _) in stored.entries() {
+                    if days.get(&(shard, day)).is_none() {
+                        daily.remove((pk.as_str(), shard, day))?;
+                    }
                 }
                 for (&(shard, day), totals) in days.entries() {
-                    if to_store.contains(&(shard, day)) {
+                    if stored.get(&(shard, day)) != Some(totals) {
                         let bytes = encode("entity totals", totals)?;
                         daily.insert((pk.as_str(), shard, day), bytes.as_slice())?;
                     }
+                }
+                if days.exact_from() != stored.exact_from() {
+                    daily_exact.insert(pk.as_str(), days.exact_from())?;
                 }
                 stats.entities += 1;
             }
@@ -1087,42 +1084,24 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m as u32, d as u32)
 }
 
-/// The time whose UTC day files an entity's `DAY#` item: its
-/// `lastEventAt`, or the latest event that changed it
-/// (`ShardChanges::changed_at`) when that is later (an update that changes
-/// a category without naming it must not rewrite an earlier day's item),
-/// or, with neither, `now_ms`.
-pub fn day_item_ms(last_event_at: i64, changed_at: Option<i64>, now_ms: i64) -> i64 {
-    match changed_at.map_or(last_event_at, |c| c.max(last_event_at)) {
-        ms if ms >= 0 => ms,
-        _ => now_ms,
-    }
-}
-
 /// An entity a write changes (see [`EmbeddedStore::write`]).
 struct ChangedEntity {
     key: EntityKey,
+    /// Its daily parts as stored, and as the write leaves them.
+    stored: DailyParts,
     days: DailyParts,
-    /// `days.exact_from()` as stored.
-    exact_from: i64,
-    /// Entries of `days` that are new or changed, and those pruned.
-    to_store: BTreeSet<(Shard, i64)>,
-    dropped: BTreeSet<(Shard, i64)>,
     /// The `DAY#` items to write: day number → the entity at its end.
     items: BTreeMap<i64, EntityTotals>,
 }
 
-/// An entity's daily parts as stored, with every shard whose contribution
-/// has none yet (stored by an earlier build) seeded from it; and the
-/// entries seeded.
+/// An entity's daily parts as stored.
 fn read_daily_parts(
     daily: &redb::Table<(&str, u32, i64), &[u8]>,
     daily_exact: &redb::Table<&str, i64>,
-    contributions: &redb::Table<(&str, u32), &[u8]>,
     pk: &str,
-) -> Result<(DailyParts, BTreeSet<(Shard, i64)>), StoreError> {
+) -> Result<DailyParts, StoreError> {
     let exact_from = daily_exact.get(pk)?.map_or(i64::MIN, |g| g.value());
-    let mut days = DailyParts::from_entries(
+    Ok(DailyParts::from_entries(
         daily
             .range((pk, 0u32, i64::MIN)..=(pk, u32::MAX, i64::MAX))?
             .map(|entry| {
@@ -1132,27 +1111,26 @@ fn read_daily_parts(
             })
             .collect::<Result<Vec<_>, StoreError>>()?,
         exact_from,
-    );
-    let stored: BTreeSet<(Shard, i64)> = days.entries().map(|(k, _)| *k).collect();
-    for entry in contributions.range((pk, 0u32)..=(pk, u32::MAX))? {
-        let (k, v) = entry?;
-        days.seed(k.value().1, &decode("entity totals", v.value())?);
-    }
-    let seeded = days
-        .entries()
-        .map(|(k, _)| *k)
-        .filter(|k| !stored.contains(k))
-        .collect();
-    Ok((days, seeded))
+    ))
 }
 
-/// Milliseconds in a UTC day.
-pub const DAY_MS: i64 = 86_400_000;
+/// The sort key of an entity's `DAY#` item of a UTC day number.
+pub fn day_sk(day: i64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("DAY#{y:04}-{m:02}-{d:02}")
+}
 
-/// The UTC day number a shard's write files its part of an entity under
-/// ([`day_item_ms`] of the part's `lastEventAt` and the shard's change time).
+/// The UTC day number a shard's write files its part of an entity under:
+/// the day of the part's `lastEventAt`, or of the latest event that
+/// changed it (`ShardChanges::changed_at`) when that is later (an update
+/// that changes a category without naming it must not rewrite an earlier
+/// day's item), or, with neither, of `now_ms`.
 pub fn part_day(part: &EntityTotals, changed_at: Option<i64>, now_ms: i64) -> i64 {
-    proto::utc_day_number(day_item_ms(part.last_event_at, changed_at, now_ms))
+    let ms = match changed_at.map_or(part.last_event_at, |c| c.max(part.last_event_at)) {
+        ms if ms >= 0 => ms,
+        _ => now_ms,
+    };
+    utc_day_number(ms)
 }
 
 /// Days of [`DailyParts`] kept behind the newest: as long as `DAY#` items

@@ -105,8 +105,8 @@ use crate::archive::{
     metric_snapshot_key,
 };
 use crate::store::{
-    CURRENT, DAY_MS, History, LOW_STOCK_PREFIX, WriteStats, entity_object, entity_pk,
-    low_stock_value, parse_item_value, part_day, retain_days, utc_day,
+    CURRENT, History, LOW_STOCK_PREFIX, WriteStats, day_sk, entity_object, entity_pk,
+    low_stock_value, parse_item_value, part_day, retain_days,
 };
 use analytics_worker::records::{MetricRecord, low_stock_key, sort_records};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -1124,8 +1124,7 @@ impl AwsStore {
         for (day, totals) in days {
             let at_end = MetricRecord::entity(key, totals);
             let obj = entity_object(&at_end, now_ms, ttl).map_err(store_err)?;
-            let sk = format!("DAY#{}", utc_day(day.saturating_mul(DAY_MS)));
-            items.push(put(item::to_item(&pk, &sk, &obj)?)?);
+            items.push(put(item::to_item(&pk, &day_sk(*day), &obj)?)?);
         }
         Ok(items)
     }
@@ -1697,12 +1696,12 @@ impl AwsStore {
         self.ttl_refresher().refresh(now_ms).await
     }
 
-    /// How long items live after their last write.
     /// Days of daily parts kept behind the newest ([`retain_days`]).
     fn retain_days(&self) -> i64 {
         retain_days(self.ttl_secs)
     }
 
+    /// How long items live after their last write.
     pub fn ttl_secs(&self) -> i64 {
         self.ttl_secs
     }

@@ -466,7 +466,7 @@ impl Parts {
             Some((stored, _)) if *stored >= seq => None,
             _ => {
                 self.parts.insert(shard, (seq, totals));
-                Some(self.days.apply(shard, day, totals, retain_days).items)
+                Some(self.days.apply(shard, day, totals, retain_days))
             }
         }
     }
